@@ -1,0 +1,1 @@
+"""Evaluation of searched architectures: the evaluation network, RFS-style training, few-shot testing."""
