@@ -55,6 +55,8 @@ def run_cli(body: Callable[[], int | None]) -> int:
     try:
         code = body()
         return 0 if code is None else int(code)
+    except SystemExit as exc:  # argparse: --help (0) or a flag error already printed on one line (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except ToolkitError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         logging.getLogger("metantknas").debug("error details", exc_info=True)

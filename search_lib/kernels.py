@@ -1,0 +1,220 @@
+"""Kernels that score architectures: the empirical NTK, the analytical MetaNTK, condition numbers.
+
+Per-sample gradients come from Opacus 1.x (`GradSampleModule`, with ``loss_reduction="sum"`` on the
+summed logits, which yields the raw per-sample gradients). The NTK is accumulated layer by layer as
+sum_l G_l G_l^T in float64 (G_l = per-sample gradients of layer l, flattened), so the full Jacobian is
+never materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+
+log = logging.getLogger("metantknas.kernels")
+
+KAPPA_SENTINEL = 100000.0  # condition number reported for a singular / non-finite kernel (as the original)
+INFINITE_TIME = 1000.0  # inner_lr_time >= this is treated as infinite training time
+PARAMS_TYPES = ("w", "wb")
+
+
+def kernel_parameters(model: nn.Module, params_types: str = "w") -> list[nn.Parameter]:
+    """Weights (and with "wb" biases) of every Conv and Linear layer; norm-layer parameters excluded."""
+    if params_types not in PARAMS_TYPES:
+        raise ValueError(f"params_types must be one of {PARAMS_TYPES}, got {params_types!r}")
+    params = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            params.append(m.weight)
+            if params_types == "wb" and m.bias is not None:
+                params.append(m.bias)
+    return params
+
+
+@contextmanager
+def per_sample_gradients(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[GradSampleModule]:
+    """Attach Opacus to `model` for the parameters `params` only; detach everything on exit.
+
+    Other parameters (norm layers, unused classifiers) get ``requires_grad=False`` while attached, so
+    Opacus neither hooks nor computes them. On exit the hooks, the ``grad_sample`` attributes and the
+    ``.grad`` left by backward are removed and ``requires_grad`` is restored: the model can be scored
+    again or trained as if nothing happened.
+    """
+    wanted = {id(p) for p in params}
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+    try:
+        yield gsm
+    finally:
+        gsm._close()  # removes hooks and every attribute Opacus put on the parameters
+        for m in model.modules():
+            if hasattr(m, "activations"):
+                del m.activations
+        for p, req, grad in saved:
+            p.requires_grad_(req)
+            p.grad = grad
+
+
+def _logits(out) -> torch.Tensor:
+    return out[-1] if isinstance(out, (tuple, list)) else out
+
+
+def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
+                  groups: dict[str, Sequence[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """One forward/backward of sum(logits); returns {group: sum over its params of G G^T} (float64, n x n).
+
+    A parameter whose module did not run (a pruned op) contributes nothing.
+    """
+    for p in gsm._module.parameters():
+        p.grad = None
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+    with torch.enable_grad(), warnings.catch_warnings():
+        # The input needs no gradient, so PyTorch notes that the first module's full backward hook
+        # fires with respect to its outputs; that is exactly what Opacus needs.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        _logits(gsm(inputs)).sum().backward()
+    n = inputs.shape[0]
+    grams = {}
+    for name, params in groups.items():
+        K = torch.zeros(n, n, dtype=torch.float64, device=inputs.device)
+        for p in params:
+            g = getattr(p, "grad_sample", None)
+            if g is None:
+                continue
+            g = g.reshape(n, -1).to(torch.float64)
+            K.addmm_(g, g.T)
+        grams[name] = K
+    for p in gsm._module.parameters():
+        p.grad = None
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+    return grams
+
+
+def empirical_ntk(model: nn.Module, inputs: torch.Tensor, params_types: str = "w") -> torch.Tensor:
+    """Empirical NTK (n x n, float64): Gram matrix of per-sample gradients of the sum of the logits.
+
+    If the model returns a tuple its last element is taken as the logits. Gradients are over the
+    weights ("w") or weights and biases ("wb") of every Conv and Linear layer. The model must not hold
+    BatchNorm (replace it first, see `search_lib.supernet.replace_norm`).
+    """
+    params = kernel_parameters(model, params_types)
+    with per_sample_gradients(model, params) as gsm:
+        return gram_by_group(gsm, inputs, {"all": params})["all"]
+
+
+class MetaNTKModel(nn.Module):
+    """Backbone's pooled features (its first output) followed by a fresh linear head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, n_ways: int, seed: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, n_ways)
+        if seed is not None:  # default PyTorch init, drawn from a private seeded generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                fresh = nn.Linear(feature_dim, n_ways)
+            with torch.no_grad():
+                self.head.weight.copy_(fresh.weight)
+                self.head.bias.copy_(fresh.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        return self.head(out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def metantk_kernel_groups(model: MetaNTKModel, params_types: str = "w") -> dict[str, list[nn.Parameter]]:
+    """Parameter groups of the MetaNTK pass: all (backbone's used layers + head) and the head alone.
+
+    The backbone's own classifier is not part of the meta-model's output, so it is left out.
+    """
+    head = kernel_parameters(model.head, params_types)
+    unused = {id(p) for p in getattr(model.backbone, "classifier", nn.Identity()).parameters()}
+    backbone = [p for p in kernel_parameters(model.backbone, params_types) if id(p) not in unused]
+    return {"theta": backbone + head, "head": head}
+
+
+def metantk_kernels(model: MetaNTKModel, inputs: torch.Tensor, params_types: str = "w"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Θ (backbone + head NTK) and the head-only kernel from one per-sample-gradient pass."""
+    groups = metantk_kernel_groups(model, params_types)
+    with per_sample_gradients(model, groups["theta"]) as gsm:
+        grams = gram_by_group(gsm, inputs, groups)
+    return grams["theta"], grams["head"]
+
+
+def _t_operator(K_ss: torch.Tensor, inner_lr_time: float, reg_coef: float) -> torch.Tensor:
+    """T(K) = (K + λI)^+ (I - exp(-τK)); τ >= 1000 means τ = ∞ (the exponential vanishes)."""
+    eye = torch.eye(K_ss.shape[0], dtype=K_ss.dtype, device=K_ss.device)
+    inv = torch.linalg.pinv(K_ss + reg_coef * eye, hermitian=True)
+    if inner_lr_time >= INFINITE_TIME or math.isinf(inner_lr_time):
+        return inv
+    return inv @ (eye - torch.linalg.matrix_exp(-inner_lr_time * K_ss))
+
+
+def analytical_metantk(ntk: torch.Tensor, k: torch.Tensor, n_tasks: int, n_queries: int, n_support: int,
+                       inner_lr_time: float = math.inf, reg_coef: float = 1e-3) -> torch.Tensor:
+    """The analytical MetaNTK Φ, (n_tasks*n_queries)^2, float64 (REFERENCE.md section 2).
+
+    `ntk` (Θ) and `k` are kernels over samples ordered queries first (task-major), then supports
+    (task-major); `n_queries` / `n_support` are per task. `k` is Θ itself for MAML and the head-only
+    kernel for ANIL. Φ_ij = Θ(q_i,q_j) - A_i Θ(s_i,q_j) - Θ(q_i,s_j) A_j^T + A_i Θ(s_i,s_j) A_j^T with
+    A_i = K(q_i,s_i) T(K(s_i,s_i)).
+    """
+    ntk = ntk.to(torch.float64)
+    k = k.to(torch.float64)
+    nq, ns = n_tasks * n_queries, n_tasks * n_support
+    if ntk.shape != (nq + ns, nq + ns) or k.shape != ntk.shape:
+        raise ValueError(f"kernels must be {(nq + ns, nq + ns)} for {n_tasks} tasks x ({n_queries} queries + "
+                         f"{n_support} supports), got {tuple(ntk.shape)} and {tuple(k.shape)}")
+    A = torch.zeros(nq, ns, dtype=torch.float64, device=ntk.device)  # block-diagonal over tasks
+    for i in range(n_tasks):
+        q = slice(i * n_queries, (i + 1) * n_queries)
+        s = slice(nq + i * n_support, nq + (i + 1) * n_support)
+        A[q, s.start - nq:s.stop - nq] = k[q, s] @ _t_operator(k[s, s], inner_lr_time, reg_coef)
+    t_qq, t_qs, t_ss = ntk[:nq, :nq], ntk[:nq, nq:], ntk[nq:, nq:]
+    phi = t_qq - A @ t_qs.T - t_qs @ A.T + A @ t_ss @ A.T
+    return (phi + phi.T) / 2  # exact symmetry (rounding only)
+
+
+def condition_number(K: torch.Tensor, context: str = "") -> float:
+    """λ_max / λ_min of a symmetric kernel (float64 eigvalsh).
+
+    A kernel with NaN/Inf entries, or whose smallest eigenvalue is not positive and finite, gets
+    `KAPPA_SENTINEL` (100000, the original's value) and a logged warning, never an exception.
+    """
+    K = K.detach().to(torch.float64)
+    where = f" ({context})" if context else ""
+    if not torch.isfinite(K).all():
+        log.warning("kernel has NaN/Inf entries%s; condition number set to %g", where, KAPPA_SENTINEL)
+        return KAPPA_SENTINEL
+    try:
+        eig = torch.linalg.eigvalsh((K + K.T) / 2)
+    except RuntimeError as exc:  # the eigen-solver failed to converge
+        log.warning("eigen-solver failed%s (%s); condition number set to %g", where, exc, KAPPA_SENTINEL)
+        return KAPPA_SENTINEL
+    lo, hi = eig[0].item(), eig[-1].item()
+    kappa = hi / lo if lo > 0 else math.nan
+    if not math.isfinite(kappa) or lo <= 0:
+        log.warning("kernel is singular%s (λ_min=%.3g, λ_max=%.3g); condition number set to %g",
+                    where, lo, hi, KAPPA_SENTINEL)
+        return KAPPA_SENTINEL
+    return kappa
+
+
+def is_sentinel(kappa: float) -> bool:
+    return kappa == KAPPA_SENTINEL
+
+
+__all__ = ["empirical_ntk", "analytical_metantk", "condition_number", "metantk_kernels", "MetaNTKModel",
+           "kernel_parameters", "per_sample_gradients", "gram_by_group", "KAPPA_SENTINEL"]

@@ -1,0 +1,492 @@
+"""The pruning-based search (REFERENCE.md section 4), resumable round by round.
+
+Each round scores every remaining op on every edge that still has a choice: the supernet without that
+op is compared with the full supernet through Δκ = (κ_full - κ_without) / κ_full (the condition number
+of the NTK or MetaNTK) and ΔR = (R_full - R_without) / R_full (linear regions). Unlike the original:
+
+* Common random numbers. A repeat's initialisation seed and data batch are drawn once per round; the
+  full network is scored once per repeat and every candidate of that repeat reuses the same weights
+  and batch. Weights do not depend on the architecture parameters, so a candidate is scored by only
+  swapping alphas: one kernel per candidate, not two, and no init noise in the ranking.
+* Scoring a candidate is a pure function of (alphas, repeat seed, batch) (`CandidateScorer.score`).
+* The state is saved atomically after every round, so a killed search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import scipy.stats
+import torch
+from tqdm import tqdm
+
+from .config import SearchConfig
+from .data import SplitData, build_transform, canonical_dataset, load_split, sample_batch, sample_meta_batch
+from .errors import DataError, RunFailure, UsageError
+from .genotypes import PRUNED_ALPHA, Genotype, edge_groups, edge_keys, genotype_from_alphas
+from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_by_group,
+                      kernel_parameters, metantk_kernel_groups, per_sample_gradients)
+from .linear_regions import LinearRegionScorer, sample_crops
+from .ops import space_ops
+from .supernet import Supernet, init_weights, replace_norm
+from .utils import atomic_write_json, atomic_write_text, resolve_device
+
+log = logging.getLogger("metantknas.search")
+
+CELLS = ("normal", "reduce")
+STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def repeat_seed(base_seed: int, round_idx: int, rep: int) -> int:
+    """The seed of one repeat of one round (initialisation and batch), derived, never stateful."""
+    return int(np.random.SeedSequence([base_seed, round_idx, rep]).generate_state(1)[0])
+
+
+def round_sig(x: float, digits: int) -> float:
+    """Round to `digits` significant digits."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def dense_rank(values: Iterable[float], descending: bool = False) -> list[int]:
+    """Ranks from 0 with ties sharing a rank and no gaps (the original's ranking)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if descending:
+        arr = -arr
+    return [int(r) - 1 for r in scipy.stats.rankdata(arr, method="dense")]
+
+
+def alphas_from_alive(alive: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """alive: bool (2, edges, ops) -> architecture parameters (0 alive, PRUNED_ALPHA pruned)."""
+    a = torch.where(torch.as_tensor(alive), 0.0, PRUNED_ALPHA).to(torch.float32)
+    return a[0].clone(), a[1].clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def search_transform(cfg: SearchConfig):
+    return build_transform(cfg.transform, train=True, image_size=cfg.image_size, dataset=canonical_dataset(cfg.dataset))
+
+
+@dataclass
+class Candidate:
+    cell: int  # 0 normal, 1 reduce
+    edge: int
+    op: int | None  # None: the whole edge (final edge-group phase)
+
+    def without(self, alive: np.ndarray) -> np.ndarray:
+        out = alive.copy()
+        if self.op is None:
+            out[self.cell, self.edge, :] = False
+        else:
+            out[self.cell, self.edge, self.op] = False
+        return out
+
+
+class CandidateScorer:
+    """Holds the kernel and linear-region networks; scores alphas for one repeat at a time."""
+
+    def __init__(self, cfg: SearchConfig, split: SplitData, device: torch.device, num_classes: int):
+        self.cfg, self.split, self.device = cfg, split, device
+        self.transform = search_transform(cfg)
+        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.search_space_name, cfg.max_nodes,
+                       cfg.ntk_stemm, cfg.ntk_fsr)
+        replace_norm(net, cfg.norm_type)
+        self.supernet = net
+        self.model = MetaNTKModel(net, net.feature_dim, cfg.n_ways) if cfg.meta else net
+        self.model.to(device).train(cfg.bn_mode == "train")
+        if cfg.meta:
+            self.groups = metantk_kernel_groups(self.model, cfg.params_types)
+        else:
+            self.groups = {"theta": kernel_parameters(self.model, cfg.params_types)}
+        # Linear regions: a pool of resized training images, cropped anew in every repeat.
+        pool_rng = np.random.default_rng([cfg.rand_seed, 7])
+        n_pool = min(len(split), 1000)
+        pool_idx = np.sort(pool_rng.choice(len(split), size=n_pool, replace=False))
+        lr_tf = build_transform("TENAS", train=False, dataset=canonical_dataset(cfg.dataset))
+        self.lr_pool = torch.stack([lr_tf(split.images[i]) for i in pool_idx])
+        self.lr = LinearRegionScorer(sample_crops(self.lr_pool, 1, 1, cfg.lr_crop), cfg.search_space_name,
+                                     cfg.max_nodes, device, train_mode=cfg.bn_mode == "train")
+        self._stack: ExitStack | None = None
+        self._inputs: torch.Tensor | None = None
+
+    # ---- one repeat ----
+    def begin_repeat(self, seed: int) -> None:
+        cfg = self.cfg
+        gen = np.random.default_rng(seed)
+        if cfg.meta:
+            x, _ = sample_meta_batch(self.split, cfg.effective_batch_size, cfg.n_ways, cfg.n_shots, cfg.n_queries,
+                                     self.transform, gen)
+        else:
+            x, _ = sample_batch(self.split, cfg.effective_batch_size, self.transform, gen)
+        self._inputs = x.to(self.device)
+        self.lr.crops = [c.to(self.device) for c in
+                         sample_crops(self.lr_pool, cfg.lr_batches, cfg.lr_batch_size, cfg.lr_crop, seed)]
+        init_weights(self.supernet, mode=cfg.init_mode, seed=seed)
+        if cfg.meta:  # a fresh head, PyTorch's default init, seeded by the repeat
+            fresh = MetaNTKModel(torch.nn.Identity(), self.supernet.feature_dim, cfg.n_ways, seed=seed)
+            self.model.head.load_state_dict(fresh.head.state_dict())
+        self.lr.reinit(seed)
+        self._stack = ExitStack()
+        if not cfg.only_lrs:
+            self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
+
+    def end_repeat(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
+
+    def kappa(self, alive: np.ndarray, context: str) -> float:
+        cfg = self.cfg
+        if cfg.only_lrs:
+            return float("nan")
+        self.supernet.set_alphas(*alphas_from_alive(alive))
+        grams = gram_by_group(self._gsm, self._inputs, self.groups)
+        theta = grams["theta"]
+        if cfg.meta:
+            per_task = cfg.n_ways
+            k = theta if cfg.algorithm == "MAML" else grams["head"]
+            theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
+                                       per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
+        return condition_number(theta, context)
+
+    def regions(self, alive: np.ndarray) -> int:
+        return self.lr.score(*alphas_from_alive(alive))
+
+
+# --------------------------------------------------------------------------------------------------
+# The search
+
+
+class PruningSearch:
+    def __init__(self, cfg: SearchConfig):
+        self.cfg = cfg
+        self.ops = space_ops(cfg.search_space_name)
+        self.keys = edge_keys(cfg.max_nodes)
+        self.save_dir = Path(cfg.save_dir)
+        self.device = resolve_device(cfg.device)
+
+    # ---- state ----
+    def initial_alive(self) -> np.ndarray:
+        alive = np.ones((2, len(self.keys), len(self.ops)), dtype=bool)
+        if "none" in self.ops:
+            alive[:, :, self.ops.index("none")] = False
+        return alive
+
+    def save_state(self, state: dict) -> None:
+        path = self.save_dir / STATE_FILE
+        if path.exists():
+            shutil.copyfile(path, self.save_dir / STATE_PREV)
+        atomic_write_json(path, state)
+        atomic_write_text(self.save_dir / "history.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
+
+    def load_state(self) -> dict | None:
+        for name in (STATE_FILE, STATE_PREV):
+            path = self.save_dir / name
+            if not path.exists():
+                continue
+            try:
+                state = json.loads(path.read_text())
+                if state.get("version") != STATE_VERSION or not {"round", "alive", "history"} <= set(state):
+                    raise ValueError("missing keys")
+                return state
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                log.warning("search state %s is unreadable (%s); trying the previous one", path, exc)
+        return None
+
+    # ---- one round ----
+    def score_round(self, scorer: CandidateScorer, alive: np.ndarray, candidates: list[Candidate],
+                    round_idx: int, phase: str) -> dict:
+        cfg = self.cfg
+        reps = cfg.repeat
+        kfull, rfull = [], []
+        dk = np.zeros((reps, len(candidates)))
+        dr = np.zeros((reps, len(candidates)))
+        kappas = np.zeros((reps, len(candidates)))
+        regions = np.zeros((reps, len(candidates)), dtype=np.int64)
+        sentinels: list[str] = []
+        bar = tqdm(total=reps * (len(candidates) + 1), desc=f"round {round_idx} ({phase})", leave=False,
+                   dynamic_ncols=True, disable=None)
+        for rep in range(reps):
+            seed = repeat_seed(cfg.rand_seed, round_idx, rep)
+            scorer.begin_repeat(seed)
+            try:
+                k0 = scorer.kappa(alive, f"round {round_idx} repeat {rep} full network")
+                r0 = scorer.regions(alive)
+                bar.update()
+                if k0 == KAPPA_SENTINEL:
+                    sentinels.append(f"repeat {rep} full network")
+                for c, cand in enumerate(candidates):
+                    label = self.describe(cand)
+                    kc = scorer.kappa(cand.without(alive), f"round {round_idx} repeat {rep} without {label}")
+                    rc = scorer.regions(cand.without(alive))
+                    if kc == KAPPA_SENTINEL:
+                        sentinels.append(f"repeat {rep} without {label}")
+                    kappas[rep, c], regions[rep, c] = kc, rc
+                    dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if not cfg.only_lrs else 0.0
+                    dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
+                    bar.update()
+            finally:
+                scorer.end_repeat()
+            kfull.append(k0)
+            rfull.append(r0)
+        bar.close()
+        mean_dk = [round_sig(float(v), cfg.precision) for v in dk.mean(axis=0)]
+        mean_dr = [round_sig(float(v), cfg.precision) for v in dr.mean(axis=0)]
+        rank_k = dense_rank(mean_dk, descending=True) if not cfg.only_lrs else [0] * len(candidates)
+        rank_r = dense_rank(mean_dr)
+        records = []
+        for c, cand in enumerate(candidates):
+            records.append({
+                "cell": CELLS[cand.cell], "edge": self.keys[cand.edge],
+                "op": None if cand.op is None else self.ops[cand.op],
+                "kappa": [None if cfg.only_lrs else float(v) for v in kappas[:, c]],
+                "regions": [int(v) for v in regions[:, c]],
+                "d_kappa": mean_dk[c], "d_regions": mean_dr[c],
+                "rank_kappa": rank_k[c], "rank_regions": rank_r[c], "rank_sum": rank_k[c] + rank_r[c],
+            })
+        for s in sentinels:
+            log.warning("round %d: singular or non-finite kernel (%s); κ set to %g", round_idx, s, KAPPA_SENTINEL)
+        if len(candidates) > 1 and len({r["rank_sum"] for r in records}) == 1:
+            log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
+        return {"round": round_idx, "phase": phase,
+                "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
+                "regions_full": [int(v) for v in rfull], "candidates": records,
+                "sentinel_events": len(sentinels)}
+
+    def describe(self, cand: Candidate) -> str:
+        what = "edge" if cand.op is None else self.ops[cand.op]
+        return f"{CELLS[cand.cell]} {self.keys[cand.edge]} {what}"
+
+    def op_candidates(self, alive: np.ndarray) -> list[Candidate]:
+        return [Candidate(c, e, o) for c in range(2) for e in range(len(self.keys)) if alive[c, e].sum() > 1
+                for o in range(len(self.ops)) if alive[c, e, o]]
+
+    def edge_candidates(self, alive: np.ndarray) -> list[Candidate]:
+        out = []
+        for c in range(2):
+            for start, end in edge_groups(self.cfg.max_nodes):
+                live = [e for e in range(start, end) if alive[c, e].any()]
+                if len(live) > 2:
+                    out.extend(Candidate(c, e, None) for e in live)
+        return out
+
+    def prune_ops(self, alive: np.ndarray, candidates: list[Candidate], record: dict) -> np.ndarray:
+        alive = alive.copy()
+        by_edge: dict[tuple[int, int], list[int]] = {}
+        for i, cand in enumerate(candidates):
+            by_edge.setdefault((cand.cell, cand.edge), []).append(i)
+        pruned = []
+        for (c, e), idxs in by_edge.items():
+            n = min(self.cfg.prune_number, int(alive[c, e].sum()) - 1)
+            for i in sorted(idxs, key=lambda i: record["candidates"][i]["rank_sum"])[:n]:
+                alive[c, e, candidates[i].op] = False
+                record["candidates"][i]["pruned"] = True
+                pruned.append(self.describe(candidates[i]))
+        record["pruned"] = pruned
+        return alive
+
+    def prune_edges(self, alive: np.ndarray, candidates: list[Candidate], record: dict) -> np.ndarray:
+        alive = alive.copy()
+        groups = edge_groups(self.cfg.max_nodes)
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, cand in enumerate(candidates):
+            g = next(k for k, (s, t) in enumerate(groups) if s <= cand.edge < t)
+            by_group.setdefault((cand.cell, g), []).append(i)
+        pruned = []
+        for idxs in by_group.values():
+            keep = sorted(idxs, key=lambda i: -record["candidates"][i]["rank_sum"])[:2]
+            for i in idxs:
+                if i not in keep:
+                    alive[candidates[i].cell, candidates[i].edge] = False
+                    record["candidates"][i]["pruned"] = True
+                    pruned.append(self.describe(candidates[i]))
+        record["pruned"] = pruned
+        return alive
+
+    # ---- the whole search ----
+    def run(self, state: dict | None = None) -> Genotype:
+        cfg = self.cfg
+        split = load_split(cfg.dataset, cfg.data_path, "train")
+        num_classes = len(split.class_ids)
+        scorer = CandidateScorer(cfg, split, self.device, num_classes)
+        if state is None:
+            state = {"version": STATE_VERSION, "round": 0, "phase": "ops",
+                     "alive": self.initial_alive().tolist(), "history": []}
+        alive = np.array(state["alive"], dtype=bool)
+        while state["phase"] != "done":
+            t0 = time.time()
+            r = state["round"]
+            if state["phase"] == "ops":
+                cands = self.op_candidates(alive)
+                if not cands:
+                    state["phase"] = "edges"
+                    continue
+                record = self.score_round(scorer, alive, cands, r, "ops")
+                alive = self.prune_ops(alive, cands, record)
+            else:
+                cands = self.edge_candidates(alive)
+                if not cands:
+                    state["phase"] = "done"
+                    continue
+                record = self.score_round(scorer, alive, cands, r, "edges")
+                alive = self.prune_edges(alive, cands, record)
+            record["ops_left"] = int(alive.sum())
+            state["history"].append(record)
+            state["round"] = r + 1
+            state["alive"] = alive.tolist()
+            self.save_state(state)
+            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels",
+                     r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], time.time() - t0,
+                     record["sentinel_events"])
+        self.save_state(state)
+        return genotype_from_alphas(*alphas_from_alive(alive), cfg.search_space_name, cfg.max_nodes)
+
+
+# --------------------------------------------------------------------------------------------------
+# A run directory: config, resume, done marker, outputs
+
+DONE_FILE = "done"
+SEARCH_OUTPUTS = (STATE_FILE, STATE_PREV, "history.jsonl", "genotype.json", DONE_FILE, "config.json")
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    save_dir: Path
+    seed: int
+    resumed_from_round: int
+    already_done: bool
+
+
+@dataclass
+class _LogSetup:
+    handlers: list
+
+    def close(self) -> None:
+        root = logging.getLogger("metantknas")
+        for h in self.handlers:
+            root.removeHandler(h)
+            h.close()
+
+
+def setup_logging(log_file: Path | None) -> _LogSetup:
+    """Console (INFO) and, when given, a log file (DEBUG) for the "metantknas" loggers."""
+    root = logging.getLogger("metantknas")
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    handlers.append(console)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(fh)
+    for h in handlers:
+        root.addHandler(h)
+    return _LogSetup(handlers)
+
+
+def genotype_record(geno: Genotype, cfg: SearchConfig) -> dict:
+    return {"genotype": geno.to_dict(), "string": str(geno), "search_space": cfg.search_space_name,
+            "max_nodes": cfg.max_nodes, "rand_seed": cfg.rand_seed}
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _check_inputs(cfg: SearchConfig) -> SplitData:
+    """Load the data and draw one throwaway batch, so bad inputs fail before anything is written."""
+    split = load_split(cfg.dataset, cfg.data_path, "train")
+    gen = np.random.default_rng(0)
+    tf = search_transform(cfg)
+    if cfg.meta:
+        sample_meta_batch(split, 1, cfg.n_ways, cfg.n_shots, cfg.n_queries, tf, gen)
+    else:
+        if cfg.effective_batch_size > len(split):
+            raise DataError(f"--batch_size {cfg.effective_batch_size} exceeds the {len(split)} training images of "
+                            f"{cfg.dataset}; lower --batch_size")
+        sample_batch(split, 2, tf, gen)
+    return split
+
+
+def run_search(cfg: SearchConfig) -> SearchResult:
+    """Validate, set up (or resume) the run directory, search, write the outputs."""
+    cfg.validate()
+    resolve_device(cfg.device)
+    save_dir = Path(cfg.save_dir)
+    old_cfg = None
+    if (save_dir / "config.json").exists() and not cfg.overwrite:
+        try:
+            old_cfg = json.loads((save_dir / "config.json").read_text())
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"{save_dir}/config.json is unreadable ({exc}); use --overwrite or another --save_dir") \
+                from None
+        if cfg.rand_seed == -1:
+            cfg.rand_seed = int(old_cfg.get("rand_seed", -1))
+        diff = _config_diff(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict())
+        if diff:
+            raise UsageError(f"--save_dir {save_dir} holds a search with a different config ({'; '.join(diff)}); "
+                             "use another --save_dir or --overwrite")
+        if (save_dir / DONE_FILE).exists():
+            try:
+                geno = Genotype.from_json((save_dir / "genotype.json").read_text())
+            except OSError as exc:
+                raise RunFailure(f"{save_dir} is marked done but genotype.json is unreadable ({exc.strerror}); "
+                                 "re-run with --overwrite") from None
+            print(f"search already finished in {save_dir} (use --overwrite to recompute)")
+            print(f"genotype: {geno}")
+            return SearchResult(geno, save_dir, cfg.rand_seed, -1, True)
+    _check_inputs(cfg)
+    if cfg.rand_seed == -1:
+        cfg.rand_seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(save_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise RunFailure(f"cannot write --save_dir {save_dir}: {exc.strerror}; choose a writable folder") from None
+    if cfg.overwrite:
+        for name in SEARCH_OUTPUTS:
+            (save_dir / name).unlink(missing_ok=True)
+    atomic_write_json(save_dir / "config.json", cfg.to_dict())
+    logs = setup_logging(save_dir / "search.log")
+    try:
+        search = PruningSearch(cfg)
+        state = search.load_state() if old_cfg is not None else None
+        start = state["round"] if state else 0
+        log.info("search: %s, %s (%s), seed %d, device %s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
+                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed, search.device, save_dir,
+                 f", resuming at round {start}" if state else "")
+        geno = search.run(state)
+        atomic_write_json(save_dir / "genotype.json", genotype_record(geno, cfg))
+        atomic_write_text(save_dir / DONE_FILE, "")
+        log.info("genotype: %s", geno)
+        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log)", save_dir)
+        return SearchResult(geno, save_dir, cfg.rand_seed, start, False)
+    finally:
+        logs.close()
