@@ -123,8 +123,6 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         return run(config_from_args(args))
 
     return run_cli(body)
@@ -134,6 +132,8 @@ def run(cfg) -> int:
     """Train and test (or only test) as `cfg` says; print the results table."""
     from eval_lib.train import format_results_table, train_and_evaluate
 
+    if not logging.getLogger().handlers:  # console logging unless the caller set up its own
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = train_and_evaluate(cfg)
     if results.get("status") == "stopped":
         print(f"stopped after epoch {results['epoch']}; re-run the same command to resume "

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, GenotypeError, RunFailure, UsageError
-from search_lib.utils import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl,
+from search_lib.utils import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text,
                               resolve_device, rng_state, set_rng_state, set_seed)
 
 from .fewshot import canonical_classifier, meta_test
@@ -230,7 +230,41 @@ def resolve_architecture(cfg: TrainConfig):
         return random_genotype(space=cfg.arch_space, max_nodes=cfg.arch_max_nodes, seed=cfg.arch_seed)
     if not cfg.genotype:
         raise UsageError("no architecture given; pass --genotype or --random_arch")
-    return resolve_genotype(cfg.genotype)
+    genotype = resolve_genotype(cfg.genotype)
+    space, max_nodes = _recorded_space(cfg.genotype)
+    if space is not None:  # a search's genotype.json: its genotype must fit the space and nodes it records
+        genotype.validate(space, max_nodes)
+    _check_single_space(genotype)
+    return genotype
+
+
+def _recorded_space(spec: str) -> tuple[str | None, int | None]:
+    """(search_space, max_nodes) recorded in a search's genotype.json (a path or inline JSON), else Nones."""
+    text = spec.strip()
+    if not text.startswith("{"):
+        try:
+            text = Path(text).read_text() if Path(text).is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            return None, None
+    try:
+        record = json.loads(text) if text.lstrip().startswith("{") else None
+    except ValueError:
+        return None, None
+    if not isinstance(record, dict) or not isinstance(record.get("search_space"), str):
+        return None, None
+    nodes = record.get("max_nodes")
+    return record["search_space"], nodes if isinstance(nodes, int) else None
+
+
+def _check_single_space(genotype) -> None:
+    from search_lib.ops import SEARCH_SPACES
+
+    ops = {op for cell in (genotype.normal, genotype.reduce) for node in cell for op, _ in node}
+    if not any(ops <= set(names) for names in SEARCH_SPACES.values()):
+        spaces = "; ".join(f"{name}: {', '.join(op for op in names if op != 'none')}"
+                           for name, names in SEARCH_SPACES.items())
+        raise GenotypeError(f"genotype mixes operations of different search spaces ({', '.join(sorted(ops))}); "
+                            f"use the operations of one space ({spaces})")
 
 
 def arch_label(cfg: TrainConfig, genotype) -> str:
@@ -386,11 +420,16 @@ def load_latest_checkpoint(save_dir: Path) -> dict | None:
             aside = path.with_name(path.name + ".corrupt")
             logger.warning("checkpoint %s is unusable (%s); moved it to %s and trying the previous one",
                            path, " ".join(str(exc).split(";")[0].split()), aside.name)
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
             continue
         if name != "checkpoint.pt":
-            logger.info("resuming from %s", path)
+            logger.warning("resuming from %s (epoch %d)", path, int(ckpt["epoch"]))
         return ckpt
+    if any((save_dir / f"{n}.corrupt").exists() for n in ("checkpoint.pt", "checkpoint_prev.pt")):
+        logger.warning("no usable checkpoint in %s; training starts again from epoch 1", save_dir)
     return None
 
 
@@ -552,14 +591,35 @@ def _clear_run(save_dir: Path) -> None:
             raise RunFailure(f"cannot remove {save_dir / name} for --overwrite: {exc.strerror}") from None
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric records of epochs that the resumed checkpoint does not contain (they will be redone)."""
-    if not path.exists():
-        return
-    records = read_jsonl(path)
-    kept = [r for r in records if int(r.get("epoch", 0)) <= epochs_done]
-    if len(kept) != len(records):
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+def _truncate_metrics(path: Path, epochs_done: int, last: dict | None = None) -> None:
+    """Make metrics.jsonl hold exactly the epochs of the resumed checkpoint.
+
+    Records of later epochs (they will be redone) and a line torn by a kill are dropped; the record of the
+    checkpoint's own epoch is restored from the checkpoint when the run was killed between writing the
+    checkpoint and appending its line. Unreadable lines are dropped with a warning, never a traceback.
+    """
+    original, records = None, []
+    if path.exists():
+        try:
+            original = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            logger.warning("metrics %s are unreadable (%s); rewriting them", path, _reason(exc))
+        lines = (original or "").splitlines()
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = None
+                if i < len(lines) - 1:
+                    logger.warning("metrics %s: line %d is unreadable; dropped", path, i + 1)
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
+    kept = [r for r in records if r["epoch"] <= epochs_done]
+    if last and last.get("epoch") == epochs_done > 0 and all(r["epoch"] != epochs_done for r in kept):
+        kept.append(dict(last))
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    if (original != text) if path.exists() else bool(text):
+        atomic_write_text(path, text)
 
 
 def _input_shape(dataset) -> tuple[int, ...]:
@@ -674,7 +734,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype, device: torch.device, save_d
         if start_epoch < cfg.epochs:
             logger.info("resuming at epoch %d of %d", start_epoch + 1, cfg.epochs)
     metrics_path = save_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_epoch)
+    _truncate_metrics(metrics_path, start_epoch, last)
 
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,

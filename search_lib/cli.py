@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -50,6 +50,11 @@ def make_parser(prog: str | None = None, description: str | None = None) -> argp
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+_OOM_MESSAGE = ("the GPU ran out of memory; lower --batch_size (or --ntk_channels for the search), or run with "
+                "--device cpu; re-running the same command resumes")
+_OOM_WORDS = ("out of memory", "not_enough_memory", "cublas_status_alloc_failed")
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run an entry point's body; map user errors to one line on stderr and the documented exit code."""
     try:
@@ -62,8 +67,12 @@ def run_cli(body: Callable[[], int | None]) -> int:
         logging.getLogger("metantknas").debug("error details", exc_info=True)
         return exc.exit_code
     except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory; lower --batch_size (or --ntk_channels for the search), "
-              "or run with --device cpu", file=sys.stderr)
+        print(f"error: {_OOM_MESSAGE}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except RuntimeError as exc:  # cuDNN / cuBLAS allocation failures are plain RuntimeErrors
+        if not any(word in str(exc).lower() for word in _OOM_WORDS):
+            raise
+        print(f"error: {_OOM_MESSAGE}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)

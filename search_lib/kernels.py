@@ -12,7 +12,7 @@ import logging
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -119,14 +119,12 @@ class MetaNTKModel(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, n_ways: int, seed: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, n_ways)
-        if seed is not None:  # default PyTorch init, drawn from a private seeded generator
+        if seed is None:
+            self.head = nn.Linear(feature_dim, n_ways)
+        else:  # default PyTorch init from a private seeded stream; the global RNG is left alone
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                fresh = nn.Linear(feature_dim, n_ways)
-            with torch.no_grad():
-                self.head.weight.copy_(fresh.weight)
-                self.head.bias.copy_(fresh.bias)
+                self.head = nn.Linear(feature_dim, n_ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(x)

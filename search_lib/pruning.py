@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .config import SearchConfig
 from .data import SplitData, build_transform, canonical_dataset, load_split, sample_batch, sample_meta_batch
-from .errors import DataError, RunFailure, UsageError
+from .errors import DataError, GenotypeError, RunFailure, UsageError
 from .genotypes import PRUNED_ALPHA, Genotype, edge_groups, edge_keys, genotype_from_alphas
 from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_by_group,
                       kernel_parameters, metantk_kernel_groups, per_sample_gradients)
@@ -164,8 +164,15 @@ class CandidateScorer:
         if cfg.meta:
             per_task = cfg.n_ways
             k = theta if cfg.algorithm == "MAML" else grams["head"]
-            theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
-                                       per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
+            if not (torch.isfinite(theta).all() and torch.isfinite(k).all()):
+                return condition_number(theta, context)  # NaN/Inf: the sentinel, logged (the solvers would fail)
+            try:
+                theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
+                                           per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
+            except RuntimeError as exc:  # torch.linalg failed to converge (a singular, ill-conditioned kernel)
+                log.warning("MetaNTK failed (%s): %s; condition number set to %g", context,
+                            " ".join(str(exc).split())[:100], KAPPA_SENTINEL)
+                return KAPPA_SENTINEL
         return condition_number(theta, context)
 
     def regions(self, alive: np.ndarray) -> int:
@@ -192,26 +199,57 @@ class PruningSearch:
         return alive
 
     def save_state(self, state: dict) -> None:
+        """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it."""
         path = self.save_dir / STATE_FILE
         if path.exists():
-            shutil.copyfile(path, self.save_dir / STATE_PREV)
+            try:
+                os.replace(path, self.save_dir / STATE_PREV)  # atomic: a kill leaves one good file either way
+            except OSError as exc:
+                raise RunFailure(f"cannot rotate {path}: {exc.strerror}; check the permissions of "
+                                 f"{self.save_dir}") from None
         atomic_write_json(path, state)
         atomic_write_text(self.save_dir / "history.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
 
     def load_state(self) -> dict | None:
+        """The newest readable state (state.json, else state.prev.json); None to start from round 0.
+
+        An unreadable file (truncated, not JSON, wrong shape) is reported, moved aside as ``*.corrupt``
+        (so it is never rotated over the good previous one) and the previous one is tried.
+        """
         for name in (STATE_FILE, STATE_PREV):
             path = self.save_dir / name
             if not path.exists():
                 continue
             try:
                 state = json.loads(path.read_text())
-                if state.get("version") != STATE_VERSION or not {"round", "alive", "history"} <= set(state):
-                    raise ValueError("missing keys")
+                self._check_state(state)
+                if name != STATE_FILE:
+                    log.warning("resuming from %s (round %d)", path, state["round"])
                 return state
             except (ValueError, OSError, UnicodeDecodeError) as exc:
-                log.warning("search state %s is unreadable (%s); trying the previous one", path, exc)
+                aside = path.with_name(path.name + ".corrupt")
+                log.warning("search state %s is unreadable (%s); moved it to %s and trying the previous one",
+                            path, " ".join(str(exc).split())[:120], aside.name)
+                try:
+                    os.replace(path, aside)
+                except OSError:
+                    pass
+        if any((self.save_dir / n).exists() for n in (STATE_FILE + ".corrupt", STATE_PREV + ".corrupt")):
+            log.warning("no readable search state in %s; starting again from round 0", self.save_dir)
         return None
+
+    def _check_state(self, state) -> None:
+        """ValueError unless `state` is a state dict of this search (version, keys, shapes, phase)."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("not a search state of this version")
+        if not {"round", "phase", "alive", "history"} <= set(state):
+            raise ValueError("missing keys")
+        shape = (2, len(self.keys), len(self.ops))
+        if (state["phase"] not in ("ops", "edges", "done") or not isinstance(state["round"], int)
+                or not isinstance(state["history"], list) or len(state["history"]) != state["round"]
+                or np.asarray(state["alive"]).shape != shape):
+            raise ValueError(f"inconsistent round, phase, history or alive (expected shape {shape})")
 
     # ---- one round ----
     def score_round(self, scorer: CandidateScorer, alive: np.ndarray, candidates: list[Candidate],
@@ -266,12 +304,13 @@ class PruningSearch:
             })
         for s in sentinels:
             log.warning("round %d: singular or non-finite kernel (%s); κ set to %g", round_idx, s, KAPPA_SENTINEL)
-        if len(candidates) > 1 and len({r["rank_sum"] for r in records}) == 1:
+        all_tied = len(candidates) > 1 and len({r["rank_sum"] for r in records}) == 1
+        if all_tied:
             log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
         return {"round": round_idx, "phase": phase,
                 "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
                 "regions_full": [int(v) for v in rfull], "candidates": records,
-                "sentinel_events": len(sentinels)}
+                "sentinel_events": len(sentinels), "all_tied": all_tied}
 
     def describe(self, cand: Candidate) -> str:
         what = "edge" if cand.op is None else self.ops[cand.op]
@@ -355,9 +394,9 @@ class PruningSearch:
             state["round"] = r + 1
             state["alive"] = alive.tolist()
             self.save_state(state)
-            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels",
+            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels%s",
                      r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], time.time() - t0,
-                     record["sentinel_events"])
+                     record["sentinel_events"], ", all scores tied" if record["all_tied"] else "")
         self.save_state(state)
         return genotype_from_alphas(*alphas_from_alive(alive), cfg.search_space_name, cfg.max_nodes)
 
@@ -366,7 +405,8 @@ class PruningSearch:
 # A run directory: config, resume, done marker, outputs
 
 DONE_FILE = "done"
-SEARCH_OUTPUTS = (STATE_FILE, STATE_PREV, "history.jsonl", "genotype.json", DONE_FILE, "config.json")
+SEARCH_OUTPUTS = (STATE_FILE, STATE_PREV, STATE_FILE + ".corrupt", STATE_PREV + ".corrupt", "history.jsonl",
+                  "genotype.json", DONE_FILE, "config.json")
 
 
 @dataclass
@@ -381,19 +421,23 @@ class SearchResult:
 @dataclass
 class _LogSetup:
     handlers: list
+    propagate: bool
+    level: int
 
     def close(self) -> None:
         root = logging.getLogger("metantknas")
         for h in self.handlers:
             root.removeHandler(h)
             h.close()
+        root.propagate, root.level = self.propagate, self.level
 
 
 def setup_logging(log_file: Path | None) -> _LogSetup:
     """Console (INFO) and, when given, a log file (DEBUG) for the "metantknas" loggers."""
     root = logging.getLogger("metantknas")
+    saved = _LogSetup([], root.propagate, root.level)
     root.setLevel(logging.DEBUG)
-    root.propagate = False
+    root.propagate = False  # while attached: no duplicate lines through a root handler
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler()
     console.setLevel(logging.INFO)
@@ -406,7 +450,8 @@ def setup_logging(log_file: Path | None) -> _LogSetup:
         handlers.append(fh)
     for h in handlers:
         root.addHandler(h)
-    return _LogSetup(handlers)
+    saved.handlers = handlers
+    return saved
 
 
 def genotype_record(geno: Genotype, cfg: SearchConfig) -> dict:
@@ -419,8 +464,18 @@ def _config_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _check_network(cfg: SearchConfig) -> None:
+    """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
+    normalisation cannot divide fail here, before anything is written, not when the scorer is built."""
+    with torch.device("meta"):
+        replace_norm(Supernet(cfg.ntk_channels, cfg.ntk_layers, 2, cfg.search_space_name, cfg.max_nodes,
+                              cfg.ntk_stemm, cfg.ntk_fsr), cfg.norm_type)
+
+
 def _check_inputs(cfg: SearchConfig) -> SplitData:
-    """Load the data and draw one throwaway batch, so bad inputs fail before anything is written."""
+    """Check the network and load the data and draw one throwaway batch, so bad inputs fail before anything
+    is written."""
+    _check_network(cfg)
     split = load_split(cfg.dataset, cfg.data_path, "train")
     gen = np.random.default_rng(0)
     tf = search_transform(cfg)
@@ -443,11 +498,14 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     if (save_dir / "config.json").exists() and not cfg.overwrite:
         try:
             old_cfg = json.loads((save_dir / "config.json").read_text())
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"{save_dir}/config.json is unreadable ({exc}); use --overwrite or another --save_dir") \
-                from None
-        if cfg.rand_seed == -1:
-            cfg.rand_seed = int(old_cfg.get("rand_seed", -1))
+            if not isinstance(old_cfg, dict):
+                raise ValueError(f"a JSON {type(old_cfg).__name__}, not an object")
+            old_seed = int(old_cfg.get("rand_seed", -1))
+        except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{save_dir}/config.json is unreadable ({' '.join(str(exc).split())[:100]}); "
+                             "use --overwrite or another --save_dir") from None
+        if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
+            cfg.rand_seed = old_seed
         diff = _config_diff(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict())
         if diff:
             raise UsageError(f"--save_dir {save_dir} holds a search with a different config ({'; '.join(diff)}); "
@@ -455,21 +513,25 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         if (save_dir / DONE_FILE).exists():
             try:
                 geno = Genotype.from_json((save_dir / "genotype.json").read_text())
-            except OSError as exc:
-                raise RunFailure(f"{save_dir} is marked done but genotype.json is unreadable ({exc.strerror}); "
-                                 "re-run with --overwrite") from None
-            print(f"search already finished in {save_dir} (use --overwrite to recompute)")
-            print(f"genotype: {geno}")
-            return SearchResult(geno, save_dir, cfg.rand_seed, -1, True)
+            except (OSError, UnicodeDecodeError, GenotypeError) as exc:
+                # the state says where the search ended: finishing it again only rewrites genotype.json
+                print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
+                      f"({' '.join(str(exc).split())[:100]}); rebuilding it from the saved state", file=sys.stderr)
+            else:
+                print(f"search already finished in {save_dir} (use --overwrite to recompute)")
+                print(f"genotype: {geno}")
+                return SearchResult(geno, save_dir, cfg.rand_seed, -1, True)
     _check_inputs(cfg)
-    if cfg.rand_seed == -1:
+    drawn = cfg.rand_seed == -1
+    if drawn:
         cfg.rand_seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(save_dir, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
-        raise RunFailure(f"cannot write --save_dir {save_dir}: {exc.strerror}; choose a writable folder") from None
+        raise RunFailure(f"cannot write --save_dir {save_dir}: {exc.strerror or exc}; choose a writable folder") \
+            from None
     if cfg.overwrite:
         for name in SEARCH_OUTPUTS:
             (save_dir / name).unlink(missing_ok=True)
@@ -479,8 +541,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         search = PruningSearch(cfg)
         state = search.load_state() if old_cfg is not None else None
         start = state["round"] if state else 0
-        log.info("search: %s, %s (%s), seed %d, device %s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
-                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed, search.device, save_dir,
+        log.info("search: %s, %s (%s), seed %d%s, device %s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
+                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
+                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device, save_dir,
                  f", resuming at round {start}" if state else "")
         geno = search.run(state)
         atomic_write_json(save_dir / "genotype.json", genotype_record(geno, cfg))

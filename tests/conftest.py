@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from search_lib.synthetic import write_synthetic
+
+# The tests use tiny networks, for which thread start-up costs more than it saves; on a busy 2-core
+# machine OpenMP threads spinning against each other made single steps 50x slower. Subprocesses
+# started by tests inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # ---- synthetic data in the RFS file formats (session-wide; treat the folders as read-only) ----------------
 

@@ -12,14 +12,6 @@ import eval_searched_arch as cli
 from eval_lib.train import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 TINY = ["--init_channels", "4", "--layers", "3", "--image_size", "16", "--epochs", "2", "--batch_size", "16",
         "--learning_rate", "0.05", "--lr_decay_epochs", "1", "--n_shots", "1", "--n_queries", "3",
         "--n_test_runs", "2", "--n_aug_support_samples", "1", "--eval_splits", "test", "--num_workers", "0",

@@ -14,14 +14,6 @@ from search_lib.errors import UsageError
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and 2-thread OpenMP stalls badly when the cores are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 def _separated(n_ways=5, n_support=5, n_query=15, dim=32, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_ways, dim)) * 10.0

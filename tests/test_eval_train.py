@@ -16,14 +16,6 @@ from search_lib.utils import read_jsonl
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and 2-thread OpenMP stalls badly when the cores are shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 def _cfg(data_path, save_dir, **kw) -> TrainConfig:
     base = dict(genotype="mini-5cell-1", dataset="MiniImageNet", data_path=str(data_path), image_size=16,
                 init_channels=4, layers=3, epochs=3, batch_size=16, learning_rate=0.05, lr_decay_epochs=[2],

@@ -1,0 +1,37 @@
+# Quickstart:  make demo   (set up, then search + train + few-shot test on the built-in digits data)
+#              make test   (set up, then the test suite; what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-slow bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch $(STAMP)
+
+# A MetaNTK (MAML) search on a small supernet, then a short training of the found genotype and its
+# 1-shot / 5-shot test on the novel digit classes. About 10 minutes on 2 CPU cores.
+demo: $(STAMP)
+	$(PY) prune_metantknas.py --dataset MetaDigits --save_dir $(DEMO_DIR) --rand_seed 0 \
+	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 1 --prune_number 2 --lr_batch_size 300 \
+	  --train_after_search --aug_init_channels 8 --aug_layers 5 --aug_epochs 10 --aug_batch_size 64 \
+	  --aug_learning_rate 0.05 --aug_lr_decay_epochs 7 --aug_drop_path_prob 0.1 \
+	  --aug_n_test_runs 100 --aug_n_queries 15 --aug_num_workers 0
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_search --channels 16 --layers 5 --image_size 32
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,31 @@
+"""CUDA checks: skipped on machines without a GPU (CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search_lib.kernels import empirical_ntk
+from search_lib.supernet import Supernet, init_weights, replace_norm
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_empirical_ntk_on_cuda_matches_cpu():
+    net = replace_norm(Supernet(4, 5, 10), "groupnorm16").double()
+    init_weights(net, "fan_out", seed=0)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    cpu = empirical_ntk(net, x)
+    gpu = empirical_ntk(net.cuda(), x.cuda())
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(cpu, gpu.cpu(), rtol=1e-8, atol=1e-10)
+
+
+def test_tiny_search_runs_on_cuda(tmp_path):
+    import prune_metantknas
+
+    code = prune_metantknas.main(["--dataset", "MetaDigits", "--ntk_channels", "4", "--image_size", "8",
+                                  "--batch_size", "2", "--repeat", "1", "--prune_number", "6",
+                                  "--lr_batch_size", "50", "--lr_batches", "1", "--device", "cuda",
+                                  "--rand_seed", "0", "--save_dir", str(tmp_path / "s")])
+    assert code == 0 and (tmp_path / "s" / "done").exists()
