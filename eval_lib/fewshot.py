@@ -181,7 +181,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     accs: list[float] = []
     ways = shots = queries = None
     try:
-        bar = tqdm(loader, total=n_episodes, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, total=n_episodes, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
         for support_xs, support_ys, query_xs, query_ys in bar:
             sx_img, qx_img = _as_images(support_xs), _as_images(query_xs)
             sy, qy = _as_labels(support_ys), _as_labels(query_ys)

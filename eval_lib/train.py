@@ -234,7 +234,7 @@ def resolve_architecture(cfg: TrainConfig):
     space, max_nodes = _recorded_space(cfg.genotype)
     if space is not None:  # a search's genotype.json: its genotype must fit the space and nodes it records
         genotype.validate(space, max_nodes)
-    _check_single_space(genotype)
+    genotype.space()  # refuses a genotype that mixes the ops of two search spaces
     return genotype
 
 
@@ -254,17 +254,6 @@ def _recorded_space(spec: str) -> tuple[str | None, int | None]:
         return None, None
     nodes = record.get("max_nodes")
     return record["search_space"], nodes if isinstance(nodes, int) else None
-
-
-def _check_single_space(genotype) -> None:
-    from search_lib.ops import SEARCH_SPACES
-
-    ops = {op for cell in (genotype.normal, genotype.reduce) for node in cell for op, _ in node}
-    if not any(ops <= set(names) for names in SEARCH_SPACES.values()):
-        spaces = "; ".join(f"{name}: {', '.join(op for op in names if op != 'none')}"
-                           for name, names in SEARCH_SPACES.items())
-        raise GenotypeError(f"genotype mixes operations of different search spaces ({', '.join(sorted(ops))}); "
-                            f"use the operations of one space ({spaces})")
 
 
 def arch_label(cfg: TrainConfig, genotype) -> str:
@@ -422,8 +411,8 @@ def load_latest_checkpoint(save_dir: Path) -> dict | None:
                            path, " ".join(str(exc).split(";")[0].split()), aside.name)
             try:
                 os.replace(path, aside)
-            except OSError:
-                pass
+            except OSError as move_exc:  # still usable: the next save replaces the bad file
+                logger.warning("could not move %s aside (%s)", path, move_exc.strerror)
             continue
         if name != "checkpoint.pt":
             logger.warning("resuming from %s (epoch %d)", path, int(ckpt["epoch"]))
@@ -454,7 +443,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
     model.train()
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         logits = model(images)
@@ -742,7 +731,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype, device: torch.device, save_d
                                          generator=generator, pin_memory=device.type == "cuda")
 
     epoch_bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="epochs",
-                     disable=not cfg.progress, dynamic_ncols=True)
+                     disable=None if cfg.progress else True, dynamic_ncols=True)
     for epoch in epoch_bar:
         if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
             epoch_bar.close()

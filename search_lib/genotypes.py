@@ -187,12 +187,15 @@ class Genotype:
         return self
 
     def space(self) -> str:
-        """The first search space holding every op of this genotype (UsageError-free guess)."""
+        """The first search space holding every op of this genotype; GenotypeError if none holds them all."""
         ops = {op for cell in (self.normal, self.reduce) for node in cell for op, _ in node}
         for name, names in SEARCH_SPACES.items():
             if ops <= set(names):
                 return name
-        raise GenotypeError(f"genotype ops {sorted(ops)} belong to no single search space")
+        spaces = "; ".join(f"{name}: {', '.join(op for op in names if op != 'none')}"
+                           for name, names in SEARCH_SPACES.items())
+        raise GenotypeError(f"genotype mixes operations of different search spaces ({', '.join(sorted(ops))}); "
+                            f"use the operations of one space ({spaces})")
 
 
 def _clip(text: str, n: int = 80) -> str:

@@ -91,8 +91,8 @@ def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
-            g = g.reshape(n, -1).to(torch.float64)
-            K.addmm_(g, g.T)
+            g = g.reshape(n, -1)
+            K += (g @ g.T).to(torch.float64)  # the n x n product in the gradients' dtype, summed in float64
         grams[name] = K
     for p in gsm._module.parameters():
         p.grad = None

@@ -233,8 +233,8 @@ class PruningSearch:
                             path, " ".join(str(exc).split())[:120], aside.name)
                 try:
                     os.replace(path, aside)
-                except OSError:
-                    pass
+                except OSError as move_exc:  # still usable: the next save replaces the bad file
+                    log.warning("could not move %s aside (%s)", path, move_exc.strerror)
         if any((self.save_dir / n).exists() for n in (STATE_FILE + ".corrupt", STATE_PREV + ".corrupt")):
             log.warning("no readable search state in %s; starting again from round 0", self.save_dir)
         return None
@@ -375,20 +375,16 @@ class PruningSearch:
         while state["phase"] != "done":
             t0 = time.time()
             r = state["round"]
-            if state["phase"] == "ops":
-                cands = self.op_candidates(alive)
-                if not cands:
-                    state["phase"] = "edges"
-                    continue
-                record = self.score_round(scorer, alive, cands, r, "ops")
-                alive = self.prune_ops(alive, cands, record)
-            else:
-                cands = self.edge_candidates(alive)
-                if not cands:
-                    state["phase"] = "done"
-                    continue
-                record = self.score_round(scorer, alive, cands, r, "edges")
-                alive = self.prune_edges(alive, cands, record)
+            phase = state["phase"]
+            # ops rounds until every edge has one op, then one round choosing two input edges per node
+            candidates, prune, next_phase = ((self.op_candidates, self.prune_ops, "edges") if phase == "ops"
+                                             else (self.edge_candidates, self.prune_edges, "done"))
+            cands = candidates(alive)
+            if not cands:
+                state["phase"] = next_phase
+                continue
+            record = self.score_round(scorer, alive, cands, r, phase)
+            alive = prune(alive, cands, record)
             record["ops_left"] = int(alive.sum())
             state["history"].append(record)
             state["round"] = r + 1

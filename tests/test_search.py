@@ -54,7 +54,7 @@ def test_metantk_search_on_synthetic_rfs_files(tmp_path, synthetic_mini):
 
 
 def test_ntk_search_on_digits_and_same_seed_same_genotype(tmp_path):
-    fast = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6"]
+    fast = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6", "--ntk_layers", "2"]
     a, _ = _search(tmp_path, "a", *fast)
     b, _ = _search(tmp_path, "b", *fast)
     _check_valid(a)
@@ -64,7 +64,7 @@ def test_ntk_search_on_digits_and_same_seed_same_genotype(tmp_path):
 
 def test_anil_finite_time_and_only_lrs_and_darts_space(tmp_path):
     geno, _ = _search(tmp_path, "anil", "--dataset", "MetaDigits", "--algorithm", "ANIL", "--inner_lr_time", "1",
-                      "--prune_number", "6")
+                      "--prune_number", "6", "--ntk_layers", "2")
     _check_valid(geno)
     geno, _ = _search(tmp_path, "lrs", "--dataset", "MetaDigits", "--only_lrs", "true", "--prune_number", "6",
                       "--search_space_name", "darts", "--max_nodes", "4")
