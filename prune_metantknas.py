@@ -89,7 +89,6 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def run(cfg: SearchConfig) -> int:
-    cfg.validate()  # flag errors first, before the search's heavier imports (run_search validates again)
     from search_lib.pruning import run_search
 
     result = run_search(cfg)  # logs the genotype and where the outputs are
