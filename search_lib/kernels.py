@@ -113,18 +113,20 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor, params_types: str = "w
         return gram_by_group(gsm, inputs, {"all": params})["all"]
 
 
+def seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
+    """nn.Linear with PyTorch's default init drawn from a private seeded stream (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(in_features, out_features)
+
+
 class MetaNTKModel(nn.Module):
     """Backbone's pooled features (its first output) followed by a fresh linear head."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, n_ways: int, seed: int | None = None):
         super().__init__()
         self.backbone = backbone
-        if seed is None:
-            self.head = nn.Linear(feature_dim, n_ways)
-        else:  # default PyTorch init from a private seeded stream; the global RNG is left alone
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.head = nn.Linear(feature_dim, n_ways)
+        self.head = nn.Linear(feature_dim, n_ways) if seed is None else seeded_linear(feature_dim, n_ways, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(x)

@@ -35,7 +35,7 @@ from .data import SplitData, build_transform, canonical_dataset, load_split, sam
 from .errors import DataError, GenotypeError, RunFailure, UsageError
 from .genotypes import PRUNED_ALPHA, Genotype, edge_groups, edge_keys, genotype_from_alphas
 from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_by_group,
-                      kernel_parameters, metantk_kernel_groups, per_sample_gradients)
+                      kernel_parameters, metantk_kernel_groups, per_sample_gradients, seeded_linear)
 from .linear_regions import LinearRegionScorer, sample_crops
 from .ops import space_ops
 from .supernet import Supernet, init_weights, replace_norm
@@ -142,8 +142,8 @@ class CandidateScorer:
                          sample_crops(self.lr_pool, cfg.lr_batches, cfg.lr_batch_size, cfg.lr_crop, seed)]
         init_weights(self.supernet, mode=cfg.init_mode, seed=seed)
         if cfg.meta:  # a fresh head, PyTorch's default init, seeded by the repeat
-            fresh = MetaNTKModel(torch.nn.Identity(), self.supernet.feature_dim, cfg.n_ways, seed=seed)
-            self.model.head.load_state_dict(fresh.head.state_dict())
+            fresh = seeded_linear(self.supernet.feature_dim, cfg.n_ways, seed)
+            self.model.head.load_state_dict(fresh.state_dict())
         self.lr.reinit(seed)
         self._stack = ExitStack()
         if not cfg.only_lrs:

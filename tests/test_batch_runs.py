@@ -143,19 +143,25 @@ def _error_line(stderr: str) -> str:
 # reference runs (started in the background by the first test that needs them)
 
 
+def _reference_run(tmp_path_factory, name: str, make_cmd):
+    """Start a run in the background; `get()` waits for it (once) and returns its folder."""
+    root = tmp_path_factory.mktemp(f"{name}_ref")
+    bg = _Background(make_cmd(root / "run"), root, name)
+    finished = []
+
+    def get() -> Path:
+        if not finished:
+            assert bg.wait() == 0, bg.stderr()[-2000:]
+            finished.append(True)
+        return root / "run"
+
+    return bg, get
+
+
 @pytest.fixture(scope="module")
 def search_ref(synthetic_mini, tmp_path_factory):
     """An uninterrupted fast search (treat its folder as read-only)."""
-    root = tmp_path_factory.mktemp("search_ref")
-    bg = _Background(_search_cmd(synthetic_mini, root / "run"), root, "search")
-    state = {}
-
-    def get() -> Path:
-        if "dir" not in state:
-            assert bg.wait() == 0, bg.stderr()[-2000:]
-            state["dir"] = root / "run"
-        return state["dir"]
-
+    bg, get = _reference_run(tmp_path_factory, "search", lambda out: _search_cmd(synthetic_mini, out))
     yield get
     bg.kill()
 
@@ -163,16 +169,7 @@ def search_ref(synthetic_mini, tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_ref(tmp_path_factory):
     """An uninterrupted tiny training + few-shot test (treat its folder as read-only)."""
-    root = tmp_path_factory.mktemp("train_ref")
-    bg = _Background(_train_cmd(root / "run"), root, "train")
-    state = {}
-
-    def get() -> Path:
-        if "dir" not in state:
-            assert bg.wait() == 0, bg.stderr()[-2000:]
-            state["dir"] = root / "run"
-        return state["dir"]
-
+    bg, get = _reference_run(tmp_path_factory, "train", _train_cmd)
     yield get
     bg.kill()
 
