@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, GenotypeError, RunFailure, UsageError
-from search_lib.utils import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text,
+from search_lib.utils import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, config_diff,
                               resolve_device, rng_state, set_rng_state, set_seed)
 
 from .fewshot import canonical_classifier, meta_test
@@ -542,10 +542,6 @@ class _RunLog:
         return False
 
 
-def _mismatches(old: dict, new: dict, keys) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def _normalised(cfg: TrainConfig) -> dict:
     """The config dict with the defaults resolved and names canonical (for comparisons and files)."""
     from search_lib.data import canonical_dataset
@@ -670,7 +666,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype, device: torch.device, save_d
     ckpt = load_latest_checkpoint(save_dir)
     if ckpt is not None:
         old = dict(ckpt["config"])
-        diff = _mismatches(old, conf, keys)
+        diff = config_diff(old, conf, keys)
         if diff:
             raise UsageError(f"{save_dir} holds a run with other settings ({'; '.join(diff[:3])}); "
                              f"use --overwrite to replace it or choose another --save_dir")
@@ -682,7 +678,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype, device: torch.device, save_d
     cached = _read_json(save_dir / "results.json") if done.exists() else None
     if cached is not None and ckpt is not None and int(ckpt["epoch"]) >= cfg.epochs:
         cached_conf = cached.get("config", {})
-        if not _mismatches(cached_conf, conf, keys + EVAL_KEYS):
+        if not config_diff(cached_conf, conf, keys + EVAL_KEYS):
             logger.info("run in %s is already finished; returning its results (use --overwrite to recompute)",
                         save_dir)
             cached["status"] = "cached"

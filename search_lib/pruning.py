@@ -39,7 +39,7 @@ from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, conditio
 from .linear_regions import LinearRegionScorer, sample_crops
 from .ops import space_ops
 from .supernet import Supernet, init_weights, replace_norm
-from .utils import atomic_write_json, atomic_write_text, resolve_device
+from .utils import atomic_write_json, atomic_write_text, config_diff, resolve_device
 
 log = logging.getLogger("metantknas.search")
 
@@ -455,11 +455,6 @@ def genotype_record(geno: Genotype, cfg: SearchConfig) -> dict:
             "max_nodes": cfg.max_nodes, "rand_seed": cfg.rand_seed}
 
 
-def _config_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def _check_network(cfg: SearchConfig) -> None:
     """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
     normalisation cannot divide fail here, before anything is written, not when the scorer is built."""
@@ -502,7 +497,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                              "use --overwrite or another --save_dir") from None
         if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
             cfg.rand_seed = old_seed
-        diff = _config_diff(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict())
+        diff = config_diff(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict())
         if diff:
             raise UsageError(f"--save_dir {save_dir} holds a search with a different config ({'; '.join(diff)}); "
                              "use another --save_dir or --overwrite")

@@ -59,6 +59,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def config_diff(old: dict, new: dict, keys=None) -> list[str]:
+    """"key: old -> new" for each key (default: all keys of both, sorted) whose values differ."""
+    if keys is None:
+        keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def _atomic_write(path: Path, write_fn, mode: str) -> None:
     path = Path(path)
     try:
