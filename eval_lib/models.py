@@ -1,4 +1,4 @@
-"""The evaluation network built from a genotype (MetaNAS-style "AugmentCNN", REFERENCE.md section 1).
+"""The evaluation network built from a genotype (MetaNAS-style "AugmentCNN", docs/method.md §1).
 
 Same macro layout and operations as the search supernet (`search_lib.ops` builds every op), but each
 edge holds only the genotype's op, non-identity ops are followed by drop-path, and the network ends

@@ -3,18 +3,24 @@
 `run_cli` turns the typed errors of `search_lib.errors` into a one-line message and an exit code, so
 that no user error ends in a traceback; `add_bool_flag` gives flags that accept ``--flag``,
 ``--no-flag`` and the original code's ``--flag true|false`` words.
+
+Command lines are generated from the typed configs: a config field declared with ``field(...,
+metadata=flag(help, ...))`` becomes ``--<name>`` (`add_config_flags`), with the field's default, a type
+taken from the default (or given), its choices and its help. The dataclass is the one source of every
+flag's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .errors import EXIT_RUNTIME, EXIT_USAGE, RunFailure, ToolkitError
+from .errors import EXIT_RUNTIME, EXIT_USAGE, RunFailure, ToolkitError, one_line
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -34,7 +40,8 @@ def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, hel
     dest = name.lstrip("-").replace("-", "_")
     flag = "--" + name.lstrip("-")
     parser.add_argument(flag, dest=dest, nargs="?", const=True, default=default, type=str2bool,
-                        metavar="true|false", help=f"{help} (default: {default})")
+                        metavar="true|false",
+                        help=help if help == argparse.SUPPRESS else f"{help} (default: {default})")
     parser.add_argument("--no-" + name.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
 
 
@@ -63,7 +70,7 @@ def run_cli(body: Callable[[], int | None]) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a flag error already printed on one line (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except ToolkitError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         logging.getLogger("metantknas").debug("error details", exc_info=True)
         return exc.exit_code
     except torch.cuda.OutOfMemoryError:
@@ -82,8 +89,69 @@ def run_cli(body: Callable[[], int | None]) -> int:
         return EXIT_RUNTIME
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+# --------------------------------------------------------------------------------------------------
+# flags generated from config dataclasses
+
+_FLAG = "cli"
 
 
-__all__ = ["add_bool_flag", "make_parser", "run_cli", "str2bool", "RunFailure"]
+def flag(help: str, *, type: Callable[[str], Any] | None = None, choices: Iterable[str] | None = None,
+         group: str | None = None, metavar: str | None = None, hidden: bool = False, **extra) -> dict:
+    """Field metadata that makes a config field a command-line flag (see `add_config_flags`).
+
+    ``type`` defaults to the type of the field's default (int, float, str; bool gives a true/false flag);
+    a field whose default is None or a list needs it. ``extra`` keys are free for the config's own use.
+    """
+    return {_FLAG: dict(help=help, type=type, choices=tuple(choices) if choices else None, group=group,
+                        metavar=metavar, hidden=hidden, **extra)}
+
+
+def flag_fields(cls, **where) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are flags, optionally only those whose flag metadata has ``where``'s values."""
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get(_FLAG)
+        if meta is not None and all(meta.get(k) == v for k, v in where.items()):
+            out.append(f)
+    return out
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"config field {f.name} has no default")  # internal: every config field has one
+
+
+def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Field], prefix: str = "",
+                     groups: dict[str, Any] | None = None, unset_default: bool = False,
+                     help_suffix: Callable[[dataclasses.Field], str] | None = None) -> None:
+    """Add ``--<prefix><name>`` for each field (in order), into the argument group its metadata names.
+
+    ``groups`` maps group names to argparse groups (created on first use, titled by the name).
+    ``unset_default`` makes every default None, so a caller can tell the flags a user passed from the rest.
+    """
+    groups = {} if groups is None else groups
+    for f in fields:
+        meta = f.metadata[_FLAG]
+        default = field_default(f)
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        name = prefix + f.name
+        text = meta["help"] + (help_suffix(f) if help_suffix else "")
+        if meta["hidden"]:
+            text = argparse.SUPPRESS
+        kind = meta["type"] or (type(default) if default is not None else str)
+        if kind is bool:
+            add_bool_flag(target, name, None if unset_default else default, text)
+            continue
+        target.add_argument(f"--{name}", type=kind, choices=meta["choices"], metavar=meta["metavar"],
+                            default=None if unset_default else default, help=text)
+
+
+__all__ = ["add_bool_flag", "add_config_flags", "field_default", "flag", "flag_fields", "make_parser", "run_cli",
+           "str2bool", "RunFailure"]

@@ -1,14 +1,19 @@
-"""The search configuration (a typed dataclass), its validation, and the paper's presets."""
+"""The search configuration (a typed dataclass, the one source of the search's flags), its validation,
+and the paper's presets (docs/method.md §5)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
-from .data import canonical_dataset, is_episodic_name
+from .cli import flag
+from .data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from .errors import UsageError
-from .ops import space_ops
+from .space import SearchSpace
+from .ops import SEARCH_SPACES
 from .supernet import NORM_TYPES
+from .utils import DEVICE_CHOICES
 
 NTK_TYPES = ("NTK", "MetaNTK_anl")
 ALGORITHMS = ("MAML", "ANIL")
@@ -18,49 +23,90 @@ BN_MODES = ("train", "eval")
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
 NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train"}
 
+_DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
+
 
 @dataclass
 class SearchConfig:
-    dataset: str = "MetaDigits"
-    data_path: str | None = None
-    search_space_name: str = "darts_fewshot"
-    max_nodes: int = 3
-    batch_size: int | None = None  # tasks per meta-batch (MetaNTK) or images (NTK); None: 3 / 30
-    save_dir: str = "runs/search"
-    rand_seed: int = -1  # -1: draw one at random (recorded in config.json)
-    precision: int = 3
-    prune_number: int = 1
-    repeat: int = 3
-    init: str = "kaiming_normal"
-    ntk_type: str = "MetaNTK_anl"
-    ntk_channels: int = 48
-    ntk_layers: int = 5
-    ntk_N: int | None = None  # cells per stage; must agree with ntk_layers = 3 N + 2
-    ntk_stemm: int = 1
-    ntk_fsr: int = 2
-    only_lrs: bool = False
-    algorithm: str = "MAML"
-    inner_lr_time: float = 1000.0
-    reg_coef: float = 1e-3
-    bn_mode: str = "train"
-    params_types: str = "w"
-    norm_type: str = "groupnorm16"
-    n_ways: int = 5
-    n_shots: int = 1
-    n_queries: int = 1
-    transform: str = "TENAS"
-    image_size: int = 32  # search input size (the TENAS transform resizes to it)
-    lr_batches: int = 3  # linear regions: batches of random crops
-    lr_batch_size: int = 1000
-    lr_crop: int = 3
-    device: str = "auto"
-    overwrite: bool = False
-    train_after_search: bool = False
-    train: dict = field(default_factory=dict)  # aug_* settings for --train_after_search
+    """Settings of one search; each field is the flag of the same name of prune_metantknas.py."""
+
+    dataset: str = field(default="MetaDigits", metadata=flag(f"one of {', '.join(DATASET_NAMES)}", group=_DATA))
+    data_path: str | None = field(default=None, metadata=flag(
+        "folder of the RFS data files (not needed for *Digits)", type=str, group=_DATA))
+    transform: str = field(default="TENAS", metadata=flag("search-time transform", choices=TRANSFORM_NAMES,
+                                                          group=_DATA))
+    image_size: int = field(default=32, metadata=flag(
+        "search input size (paper: 32; the TENAS transform resizes to it)", group=_DATA))
+    n_ways: int = field(default=5, metadata=flag("classes per search task", group=_DATA))
+    n_shots: int = field(default=1, metadata=flag("support images per class of a search task", group=_DATA))
+    n_queries: int = field(default=1, metadata=flag("query images per class of a search task", group=_DATA))
+    batch_size: int | None = field(default=None, metadata=flag(
+        "tasks per meta-batch (MetaNTK, default 3) or images (NTK, default 30)", type=int, group=_DATA))
+    search_space_name: str = field(default="darts_fewshot", metadata=flag(
+        "operation set of the cells", choices=tuple(SEARCH_SPACES), group=_SPACE))
+    max_nodes: int = field(default=3, metadata=flag("intermediate nodes per cell", group=_SPACE))
+    save_dir: str = field(default="runs/search", metadata=flag(
+        "run folder (used as given); re-running resumes it", group=_SEARCH))
+    rand_seed: int = field(default=-1, metadata=flag("-1 draws a seed (recorded in config.json)", group=_SEARCH))
+    precision: int = field(default=3, metadata=flag("digits the scores are rounded to", group=_SEARCH))
+    prune_number: int = field(default=1, metadata=flag("ops pruned per edge and round", group=_SEARCH))
+    repeat: int = field(default=3, metadata=flag("random initialisations per round", group=_SEARCH))
+    init: str = field(default="kaiming_normal", metadata=flag("weight initialisation", choices=tuple(INIT_MODES),
+                                                              group=_SEARCH))
+    only_lrs: bool = field(default=False, metadata=flag("rank by linear regions only", group=_SEARCH))
+    device: str = field(default="auto", metadata=flag(f"one of {', '.join(DEVICE_CHOICES)}", group=_SEARCH))
+    overwrite: bool = field(default=False, metadata=flag("discard a finished or different run in --save_dir",
+                                                         group=_SEARCH))
+    ntk_type: str = field(default="MetaNTK_anl", metadata=flag("kernel to rank by", choices=NTK_TYPES,
+                                                               group=_KERNEL))
+    ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))
+    ntk_layers: int = field(default=5, metadata=flag("supernet cells (3N+2)", group=_KERNEL))
+    ntk_N: int | None = field(default=None, metadata=flag("cells per stage; must match --ntk_layers", type=int,
+                                                          group=_KERNEL))
+    ntk_stemm: int = field(default=1, metadata=flag("stem multiplier", group=_KERNEL))
+    ntk_fsr: int = field(default=2, metadata=flag("channel factor at each reduction", group=_KERNEL))
+    algorithm: str = field(default="MAML", metadata=flag("MetaNTK of MAML or ANIL", choices=ALGORITHMS,
+                                                         group=_KERNEL))
+    inner_lr_time: float = field(default=1000.0, metadata=flag("τ; >= 1000 means infinity", group=_KERNEL))
+    reg_coef: float = field(default=1e-3, metadata=flag("λ", group=_KERNEL))
+    bn_mode: str = field(default="train", metadata=flag("networks in train or eval mode", choices=BN_MODES,
+                                                        group=_KERNEL))
+    params_types: str = field(default="w", metadata=flag("weights, or weights+biases", choices=("w", "wb"),
+                                                         group=_KERNEL))
+    norm_type: str = field(default="groupnorm16", metadata=flag("BatchNorm replacement", choices=NORM_TYPES,
+                                                                group=_KERNEL))
+    # The linear-region flags keep the original code's names (lr_*); inside the code they are "regions".
+    lr_batches: int = field(default=3, metadata=flag("linear regions: batches of crops", group=_KERNEL))
+    lr_batch_size: int = field(default=1000, metadata=flag("linear regions: crops per batch", group=_KERNEL))
+    lr_crop: int = field(default=3, metadata=flag("linear regions: crop size", group=_KERNEL))
+    train_after_search: bool = field(default=False, metadata=flag(
+        "train and few-shot test the found genotype", group="training after search"))
+    train: dict = field(default_factory=dict)  # --aug_* settings for --train_after_search (None: the default)
+
+    # ---- resolved once: lower layers take these, never the raw names ----
+    @cached_property
+    def data(self) -> DatasetSpec:
+        return resolve_dataset(self.dataset)
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        return SearchSpace.resolve(self.search_space_name, self.max_nodes)
 
     @property
     def meta(self) -> bool:
         return self.ntk_type == "MetaNTK_anl"
+
+    @property
+    def regions_batches(self) -> int:
+        return self.lr_batches
+
+    @property
+    def regions_batch_size(self) -> int:
+        return self.lr_batch_size
+
+    @property
+    def regions_crop(self) -> int:
+        return self.lr_crop
 
     @property
     def effective_batch_size(self) -> int:
@@ -86,17 +132,15 @@ class SearchConfig:
 
     def validate(self) -> "SearchConfig":
         """Refuse incompatible or out-of-range settings before any work or any write."""
-        canonical_dataset(self.dataset)  # raises on unknown names
-        space_ops(self.search_space_name)
+        spec = self.data  # raises on unknown names
+        self.space  # unknown space or unsupported node count
         _choice("--ntk_type", self.ntk_type, NTK_TYPES)
         _choice("--algorithm", self.algorithm, ALGORITHMS)
         _choice("--init", self.init, tuple(INIT_MODES))
         _choice("--bn_mode", self.bn_mode, BN_MODES)
         _choice("--params_types", self.params_types, ("w", "wb"))
         _choice("--norm_type", self.norm_type, NORM_TYPES)
-        if self.max_nodes not in (3, 4):
-            raise UsageError(f"--max_nodes {self.max_nodes} is not supported; use 3 (the paper) or 4")
-        if self.meta and not is_episodic_name(self.dataset):
+        if self.meta and not spec.episodic:
             raise UsageError(f"--ntk_type MetaNTK_anl needs an episodic dataset, got --dataset {self.dataset}; use "
                              f"the Meta* name (e.g. MetaMiniImageNet, MetaDigits) or --ntk_type NTK")
         if self.ntk_layers < 2 or (self.ntk_layers - 2) % 3:
@@ -126,7 +170,7 @@ def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The paper's four search runs (REFERENCE.md section 5).
+# The paper's four search runs (docs/method.md §5).
 
 PAPER_PRESETS: dict[tuple[str, int], dict] = {
     ("mini", 5): dict(algorithm="MAML", inner_lr_time=1000.0, reg_coef=1e-3),
@@ -144,7 +188,7 @@ DATASET_META_NAMES = {"mini": "MetaMiniImageNet", "tiered": "MetaTieredImageNet"
 
 def paper_preset(dataset: str, cells: int) -> dict:
     """Search settings of a paper run: dataset in mini / tiered (or any accepted dataset name), cells 5 or 8."""
-    key = canonical_dataset(dataset)
+    key = resolve_dataset(dataset).key
     if (key, cells) not in PAPER_PRESETS:
         valid = ", ".join(f"{d}-{c}cell" for d, c in PAPER_PRESETS)
         raise UsageError(f"no paper preset for {dataset} with {cells} cells; valid: {valid}")

@@ -5,6 +5,8 @@ is raised as one of these types with a one-line message naming the problem and t
 points catch `ToolkitError`, print ``error: <message>`` on one line and exit with ``exit_code``.
 """
 
+import re
+
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad flags, bad genotype strings, incompatible options
 EXIT_DATA = 3  # missing / malformed / too small input data
@@ -37,3 +39,18 @@ class RunFailure(ToolkitError):
     """A failure while running: out of memory, an output folder that cannot be written, ..."""
 
     exit_code = EXIT_RUNTIME
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|\[[01]m")  # colour codes some torch errors carry
+
+
+def one_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """An exception (or text) as one line for a user message: no colour codes, no control characters,
+    whitespace collapsed, clipped to ``limit`` characters with "..."; the type name when there is no text."""
+    text = _ANSI.sub("", str(exc))
+    text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 3, 1)] + "..."
+    return text

@@ -1,15 +1,17 @@
 """Genotypes: the discrete cell architectures a search produces and the evaluation network consumes.
 
-This module owns the cell topology (edge keys "i<-j", edge groups), the `Genotype` value type, its
-paper-style string form (parsed safely with `ast`, never `eval`), its JSON form, validation against a
-search space, the twelve published genotypes (`PRESETS`), derivation from pruned architecture
-parameters and seeded random genotypes (the random-architecture baseline).
+This module owns the cell topology (edge keys "i<-j", edge groups, `SearchSpace`), the `Genotype` value
+type, its paper-style string form (parsed safely with `ast`, never `eval`), its JSON form, the format of
+a search's ``genotype.json`` (`GenotypeRecord`), validation against a search space, the twelve
+published genotypes (`PRESETS`), derivation from pruned architecture parameters and seeded random
+genotypes (the random-architecture baseline). The cell layout is described in docs/method.md §1.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,39 +21,14 @@ import torch
 
 from .errors import GenotypeError
 from .ops import SEARCH_SPACES, space_ops
+from .space import MAX_NODES_CHOICES, SearchSpace, edge_groups, edge_keys, parse_edge_key
+from .utils import atomic_write_json
 
 # A pruned operation's architecture parameter; softmax turns it into a weight of ~0, below the
 # supernet's 0.01 threshold, so the op is skipped in forward.
 PRUNED_ALPHA = -1000.0
 
 Node = tuple[tuple[str, int], ...]  # the (op, input state index) pairs feeding one intermediate node
-
-
-# --------------------------------------------------------------------------------------------------
-# Cell topology
-
-
-def edge_keys(steps: int) -> list[str]:
-    """Edge names of a cell with `steps` intermediate nodes, in architecture-parameter row order.
-
-    Node i (states 0 and 1 are the cell inputs, intermediate nodes are 2..steps+1) receives one edge
-    from every earlier state j, named "i<-j"; 9 edges for 3 nodes, 14 for 4.
-    """
-    return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
-
-
-def edge_groups(steps: int) -> list[tuple[int, int]]:
-    """[start, end) row ranges of the edges entering each node: (0,2), (2,5), (5,9) for 3 nodes."""
-    groups, start = [], 0
-    for i in range(2, steps + 2):
-        groups.append((start, start + i))
-        start += i
-    return groups
-
-
-def parse_edge_key(key: str) -> tuple[int, int]:
-    node, src = key.split("<-")
-    return int(node), int(src)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,8 +104,9 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Genotype":
-        if "genotype" in data and isinstance(data["genotype"], dict):  # a search's genotype.json
-            data = data["genotype"]
+        """The genotype of its JSON form, or of a search's genotype.json record (see `GenotypeRecord`)."""
+        if GenotypeRecord.is_record(data):
+            return GenotypeRecord.from_dict(data).genotype
         try:
             return cls(
                 normal=_nodes(data["normal"], "normal"),
@@ -245,7 +223,59 @@ def _concat(value, name: str) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Published genotypes (REFERENCE.md section 5), searched at 48 channels.
+# genotype.json: the one format of a search's result
+
+
+@dataclass(frozen=True)
+class GenotypeRecord:
+    """A genotype with where it came from: the ``genotype.json`` a search writes.
+
+    ``{"genotype": {...}, "string": "Genotype(...)", "search_space": ..., "max_nodes": ..., "rand_seed": ...}``.
+    A bare genotype (JSON form, paper string, preset) is a record without space, nodes or seed.
+    """
+
+    genotype: Genotype
+    search_space: str | None = None
+    max_nodes: int | None = None
+    rand_seed: int | None = None
+
+    @staticmethod
+    def is_record(data) -> bool:
+        return isinstance(data, dict) and isinstance(data.get("genotype"), dict)
+
+    def to_dict(self) -> dict:
+        return {"genotype": self.genotype.to_dict(), "string": str(self.genotype),
+                "search_space": self.search_space, "max_nodes": self.max_nodes, "rand_seed": self.rand_seed}
+
+    def write(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenotypeRecord":
+        if not cls.is_record(data):
+            return cls(Genotype.from_dict(data))
+        space, nodes, seed = data.get("search_space"), data.get("max_nodes"), data.get("rand_seed")
+        return cls(Genotype.from_dict(data["genotype"]), space if isinstance(space, str) else None,
+                   nodes if isinstance(nodes, int) else None, seed if isinstance(seed, int) else None)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenotypeRecord":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GenotypeError(f"genotype JSON is malformed ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise GenotypeError("genotype JSON must be an object with normal, normal_concat, reduce, reduce_concat")
+        return cls.from_dict(data)
+
+    def validated(self, space: str | None = None, max_nodes: int | None = None) -> "GenotypeRecord":
+        """Check the genotype against the given space / nodes, else against the ones the record names."""
+        self.genotype.validate(space or self.search_space, max_nodes if max_nodes is not None else self.max_nodes)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Published genotypes (docs/method.md §5), searched at 48 channels.
 
 _PRESET_STRINGS = {
     "mini-5cell-1": "Genotype(normal=[[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], [('sep_conv_3x3', 1), ('sep_conv_3x3', 2)], [('conv_3x3', 0), ('sep_conv_3x3', 2)]], normal_concat=[2, 3, 4], reduce=[[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], [('conv_1x5_5x1', 1), ('dil_conv_3x3', 2)], [('dil_conv_3x3', 2), ('dil_conv_3x3', 3)]], reduce_concat=[2, 3, 4])",
@@ -262,18 +292,26 @@ _PRESET_STRINGS = {
     "tiered-8cell-3": "Genotype(normal=[[('conv_1x5_5x1', 0), ('conv_1x5_5x1', 1)], [('sep_conv_3x3', 0), ('conv_1x5_5x1', 2)], [('sep_conv_3x3', 2), ('sep_conv_3x3', 3)]], normal_concat=[2, 3, 4], reduce=[[('conv_3x3', 0), ('conv_3x3', 1)], [('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], [('sep_conv_3x3', 1), ('conv_1x5_5x1', 3)]], reduce_concat=[2, 3, 4])",
 }
 
+__all__ = ["PRUNED_ALPHA", "MAX_NODES_CHOICES", "PRESETS", "Genotype", "GenotypeRecord", "SearchSpace",
+           "alphas_from_genotype", "edge_groups", "edge_keys", "genotype_from_alphas", "parse_edge_key",
+           "random_genotype", "resolve_genotype", "resolve_genotype_record"]
+
 PRESETS: dict[str, Genotype] = {name: Genotype.parse(text) for name, text in _PRESET_STRINGS.items()}
 
 
-def resolve_genotype(spec: str, space: str | None = None, max_nodes: int | None = None) -> Genotype:
-    """A genotype from a preset name, a paper-style string, or a path to a JSON file (genotype.json)."""
+def resolve_genotype_record(spec: str, space: str | None = None, max_nodes: int | None = None) -> GenotypeRecord:
+    """A preset name, a paper-style string, inline JSON or a path to a JSON file (genotype.json), as a record.
+
+    The genotype is validated against `space` / `max_nodes` when given, else against the space and node
+    count a search's genotype.json records (any space for a bare genotype).
+    """
     spec = spec.strip()
     if spec in PRESETS:
-        geno = PRESETS[spec]
+        record = GenotypeRecord(PRESETS[spec])
     elif spec.startswith("Genotype(") or spec.startswith("Genotype ("):
-        geno = Genotype.parse(spec)
+        record = GenotypeRecord(Genotype.parse(spec))
     elif spec.startswith("{"):
-        geno = Genotype.from_json(spec)
+        record = GenotypeRecord.from_json(spec)
     else:
         path = Path(spec)
         if not path.is_file():
@@ -283,8 +321,14 @@ def resolve_genotype(spec: str, space: str | None = None, max_nodes: int | None 
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise GenotypeError(f"cannot read genotype file {path}: {exc}") from None
-        geno = Genotype.parse(text) if text.lstrip().startswith("Genotype") else Genotype.from_json(text)
-    return geno.validate(space, max_nodes)
+        record = (GenotypeRecord(Genotype.parse(text)) if text.lstrip().startswith("Genotype")
+                  else GenotypeRecord.from_json(text))
+    return record.validated(space, max_nodes)
+
+
+def resolve_genotype(spec: str, space: str | None = None, max_nodes: int | None = None) -> Genotype:
+    """A genotype from a preset name, a paper-style string, or a path to a JSON file (genotype.json)."""
+    return resolve_genotype_record(spec, space, max_nodes).genotype
 
 
 def random_genotype(space: str = "darts_fewshot", max_nodes: int = 3, seed: int = 0) -> Genotype:

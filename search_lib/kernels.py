@@ -164,7 +164,7 @@ def _t_operator(K_ss: torch.Tensor, inner_lr_time: float, reg_coef: float) -> to
 
 def analytical_metantk(ntk: torch.Tensor, k: torch.Tensor, n_tasks: int, n_queries: int, n_support: int,
                        inner_lr_time: float = math.inf, reg_coef: float = 1e-3) -> torch.Tensor:
-    """The analytical MetaNTK Φ, (n_tasks*n_queries)^2, float64 (REFERENCE.md section 2).
+    """The analytical MetaNTK Φ, (n_tasks*n_queries)^2, float64 (docs/method.md §2).
 
     `ntk` (Θ) and `k` are kernels over samples ordered queries first (task-major), then supports
     (task-major); `n_queries` / `n_support` are per task. `k` is Θ itself for MAML and the head-only

@@ -1,4 +1,4 @@
-"""TE-NAS linear-region counting (REFERENCE.md section 3).
+"""TE-NAS linear-region counting (docs/method.md §3).
 
 Each input's code is the sign pattern (output > 0) of every ReLU in the network; the count is the
 number of distinct codes. The original computed it as sum_i 1 / #{j : code_j = code_i}, which is the

@@ -1,9 +1,9 @@
-"""Candidate operations of the cell search spaces (REFERENCE.md section 1).
+"""Candidate operations of the cell search spaces (docs/method.md §1).
 
 `OPS` is a registry of constructors ``(C_in, C_out, stride, affine) -> nn.Module``; `SEARCH_SPACES` maps
 each space name to its ordered operation list (the order fixes the columns of the architecture
 parameters). Every ReLU is non-inplace: Opacus' per-sample-gradient hooks fail on in-place
-activations right after a hooked module (REFERENCE.md section 8). No conv in a cell has a bias.
+activations right after a hooked module (docs/method.md §8). No conv in a cell has a bias.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class ReLUConvBN(nn.Sequential):
 
 
 class SepConv(nn.Sequential):
-    """ReLU -> depthwise k x k conv -> pointwise 1x1 conv -> BN (one 'SepConv' of REFERENCE.md)."""
+    """ReLU -> depthwise k x k conv -> pointwise 1x1 conv -> BN (one SepConv of docs/method.md §1)."""
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
                  affine: bool = True):

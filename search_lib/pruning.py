@@ -1,4 +1,4 @@
-"""The pruning-based search (REFERENCE.md section 4), resumable round by round.
+"""The pruning-based search (docs/method.md §4), resumable round by round.
 
 Each round scores every remaining op on every edge that still has a choice: the supernet without that
 op is compared with the full supernet through Δκ = (κ_full - κ_without) / κ_full (the condition number
@@ -10,6 +10,8 @@ of the NTK or MetaNTK) and ΔR = (R_full - R_without) / R_full (linear regions).
   swapping alphas: one kernel per candidate, not two, and no init noise in the ranking.
 * Scoring a candidate is a pure function of (alphas, repeat seed, batch) (`CandidateScorer.score`).
 * The state is saved atomically after every round, so a killed search resumes where it stopped.
+
+The run folder around a search (config, resume, outputs) is `search_lib.search_run`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -31,15 +30,15 @@ import torch
 from tqdm import tqdm
 
 from .config import SearchConfig
-from .data import SplitData, build_transform, canonical_dataset, load_split, sample_batch, sample_meta_batch
-from .errors import DataError, GenotypeError, RunFailure, UsageError
-from .genotypes import PRUNED_ALPHA, Genotype, edge_groups, edge_keys, genotype_from_alphas
+from .data import SplitData, build_transform, load_split, sample_batch, sample_meta_batch
+from .errors import one_line
+from .genotypes import PRUNED_ALPHA, Genotype, genotype_from_alphas
 from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_by_group,
                       kernel_parameters, metantk_kernel_groups, per_sample_gradients, seeded_linear)
 from .linear_regions import LinearRegionScorer, sample_crops
-from .ops import space_ops
+from .run_dir import RunDir, SavedState
 from .supernet import Supernet, init_weights, replace_norm
-from .utils import atomic_write_json, atomic_write_text, config_diff, resolve_device
+from .utils import atomic_write_json, atomic_write_text, resolve_device
 
 log = logging.getLogger("metantknas.search")
 
@@ -83,7 +82,7 @@ def alphas_from_alive(alive: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def search_transform(cfg: SearchConfig):
-    return build_transform(cfg.transform, train=True, image_size=cfg.image_size, dataset=canonical_dataset(cfg.dataset))
+    return build_transform(cfg.transform, train=True, image_size=cfg.image_size, dataset=cfg.data)
 
 
 @dataclass
@@ -107,7 +106,7 @@ class CandidateScorer:
     def __init__(self, cfg: SearchConfig, split: SplitData, device: torch.device, num_classes: int):
         self.cfg, self.split, self.device = cfg, split, device
         self.transform = search_transform(cfg)
-        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.search_space_name, cfg.max_nodes,
+        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space.name, cfg.space.max_nodes,
                        cfg.ntk_stemm, cfg.ntk_fsr)
         replace_norm(net, cfg.norm_type)
         self.supernet = net
@@ -121,10 +120,11 @@ class CandidateScorer:
         pool_rng = np.random.default_rng([cfg.rand_seed, 7])
         n_pool = min(len(split), 1000)
         pool_idx = np.sort(pool_rng.choice(len(split), size=n_pool, replace=False))
-        lr_tf = build_transform("TENAS", train=False, dataset=canonical_dataset(cfg.dataset))
-        self.lr_pool = torch.stack([lr_tf(split.images[i]) for i in pool_idx])
-        self.lr = LinearRegionScorer(sample_crops(self.lr_pool, 1, 1, cfg.lr_crop), cfg.search_space_name,
-                                     cfg.max_nodes, device, train_mode=cfg.bn_mode == "train")
+        regions_tf = build_transform("TENAS", train=False, dataset=cfg.data)
+        self.regions_pool = torch.stack([regions_tf(split.images[i]) for i in pool_idx])
+        self.regions_scorer = LinearRegionScorer(sample_crops(self.regions_pool, 1, 1, cfg.regions_crop),
+                                                 cfg.space.name, cfg.space.max_nodes, device,
+                                                 train_mode=cfg.bn_mode == "train")
         self._stack: ExitStack | None = None
         self._inputs: torch.Tensor | None = None
 
@@ -138,13 +138,13 @@ class CandidateScorer:
         else:
             x, _ = sample_batch(self.split, cfg.effective_batch_size, self.transform, gen)
         self._inputs = x.to(self.device)
-        self.lr.crops = [c.to(self.device) for c in
-                         sample_crops(self.lr_pool, cfg.lr_batches, cfg.lr_batch_size, cfg.lr_crop, seed)]
+        self.regions_scorer.crops = [c.to(self.device) for c in sample_crops(
+            self.regions_pool, cfg.regions_batches, cfg.regions_batch_size, cfg.regions_crop, seed)]
         init_weights(self.supernet, mode=cfg.init_mode, seed=seed)
         if cfg.meta:  # a fresh head, PyTorch's default init, seeded by the repeat
             fresh = seeded_linear(self.supernet.feature_dim, cfg.n_ways, seed)
             self.model.head.load_state_dict(fresh.state_dict())
-        self.lr.reinit(seed)
+        self.regions_scorer.reinit(seed)
         self._stack = ExitStack()
         if not cfg.only_lrs:
             self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
@@ -170,13 +170,13 @@ class CandidateScorer:
                 theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
                                            per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
             except RuntimeError as exc:  # torch.linalg failed to converge (a singular, ill-conditioned kernel)
-                log.warning("MetaNTK failed (%s): %s; condition number set to %g", context,
-                            " ".join(str(exc).split())[:100], KAPPA_SENTINEL)
+                log.warning("MetaNTK failed (%s): %s; condition number set to %g", context, one_line(exc, 100),
+                            KAPPA_SENTINEL)
                 return KAPPA_SENTINEL
         return condition_number(theta, context)
 
     def regions(self, alive: np.ndarray) -> int:
-        return self.lr.score(*alphas_from_alive(alive))
+        return self.regions_scorer.score(*alphas_from_alive(alive))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,11 +184,13 @@ class CandidateScorer:
 
 
 class PruningSearch:
-    def __init__(self, cfg: SearchConfig):
+    """The rounds of one search; its state lives in the run folder's ``state.json``."""
+
+    def __init__(self, cfg: SearchConfig, run_dir: RunDir | None = None):
         self.cfg = cfg
-        self.ops = space_ops(cfg.search_space_name)
-        self.keys = edge_keys(cfg.max_nodes)
-        self.save_dir = Path(cfg.save_dir)
+        self.ops = cfg.space.ops
+        self.keys = cfg.space.keys
+        self.run_dir = run_dir if run_dir is not None else search_run_dir(cfg.save_dir)
         self.device = resolve_device(cfg.device)
 
     # ---- state ----
@@ -200,15 +202,8 @@ class PruningSearch:
 
     def save_state(self, state: dict) -> None:
         """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it."""
-        path = self.save_dir / STATE_FILE
-        if path.exists():
-            try:
-                os.replace(path, self.save_dir / STATE_PREV)  # atomic: a kill leaves one good file either way
-            except OSError as exc:
-                raise RunFailure(f"cannot rotate {path}: {exc.strerror}; check the permissions of "
-                                 f"{self.save_dir}") from None
-        atomic_write_json(path, state)
-        atomic_write_text(self.save_dir / "history.jsonl",
+        self.run_dir.save_state(lambda path: atomic_write_json(path, state))
+        atomic_write_text(self.run_dir / "history.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
 
     def load_state(self) -> dict | None:
@@ -217,30 +212,11 @@ class PruningSearch:
         An unreadable file (truncated, not JSON, wrong shape) is reported, moved aside as ``*.corrupt``
         (so it is never rotated over the good previous one) and the previous one is tried.
         """
-        for name in (STATE_FILE, STATE_PREV):
-            path = self.save_dir / name
-            if not path.exists():
-                continue
-            try:
-                state = json.loads(path.read_text())
-                self._check_state(state)
-                if name != STATE_FILE:
-                    log.warning("resuming from %s (round %d)", path, state["round"])
-                return state
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                aside = path.with_name(path.name + ".corrupt")
-                log.warning("search state %s is unreadable (%s); moved it to %s and trying the previous one",
-                            path, " ".join(str(exc).split())[:120], aside.name)
-                try:
-                    os.replace(path, aside)
-                except OSError as move_exc:  # still usable: the next save replaces the bad file
-                    log.warning("could not move %s aside (%s)", path, move_exc.strerror)
-        if any((self.save_dir / n).exists() for n in (STATE_FILE + ".corrupt", STATE_PREV + ".corrupt")):
-            log.warning("no readable search state in %s; starting again from round 0", self.save_dir)
-        return None
+        return self.run_dir.load_state(self._read_state)
 
-    def _check_state(self, state) -> None:
-        """ValueError unless `state` is a state dict of this search (version, keys, shapes, phase)."""
+    def _read_state(self, path) -> dict:
+        """A state file of this search; ValueError unless it has this version, keys, shapes and phase."""
+        state = json.loads(path.read_text())
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError("not a search state of this version")
         if not {"round", "phase", "alive", "history"} <= set(state):
@@ -250,6 +226,7 @@ class PruningSearch:
                 or not isinstance(state["history"], list) or len(state["history"]) != state["round"]
                 or np.asarray(state["alive"]).shape != shape):
             raise ValueError(f"inconsistent round, phase, history or alive (expected shape {shape})")
+        return state
 
     # ---- one round ----
     def score_round(self, scorer: CandidateScorer, alive: np.ndarray, candidates: list[Candidate],
@@ -323,7 +300,7 @@ class PruningSearch:
     def edge_candidates(self, alive: np.ndarray) -> list[Candidate]:
         out = []
         for c in range(2):
-            for start, end in edge_groups(self.cfg.max_nodes):
+            for start, end in self.cfg.space.groups:
                 live = [e for e in range(start, end) if alive[c, e].any()]
                 if len(live) > 2:
                     out.extend(Candidate(c, e, None) for e in live)
@@ -346,7 +323,7 @@ class PruningSearch:
 
     def prune_edges(self, alive: np.ndarray, candidates: list[Candidate], record: dict) -> np.ndarray:
         alive = alive.copy()
-        groups = edge_groups(self.cfg.max_nodes)
+        groups = self.cfg.space.groups
         by_group: dict[tuple[int, int], list[int]] = {}
         for i, cand in enumerate(candidates):
             g = next(k for k, (s, t) in enumerate(groups) if s <= cand.edge < t)
@@ -365,7 +342,7 @@ class PruningSearch:
     # ---- the whole search ----
     def run(self, state: dict | None = None) -> Genotype:
         cfg = self.cfg
-        split = load_split(cfg.dataset, cfg.data_path, "train")
+        split = load_split(cfg.data, cfg.data_path, "train")
         num_classes = len(split.class_ids)
         scorer = CandidateScorer(cfg, split, self.device, num_classes)
         if state is None:
@@ -394,153 +371,16 @@ class PruningSearch:
                      r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], time.time() - t0,
                      record["sentinel_events"], ", all scores tied" if record["all_tied"] else "")
         self.save_state(state)
-        return genotype_from_alphas(*alphas_from_alive(alive), cfg.search_space_name, cfg.max_nodes)
+        return genotype_from_alphas(*alphas_from_alive(alive), cfg.space.name, cfg.space.max_nodes)
 
 
 # --------------------------------------------------------------------------------------------------
-# A run directory: config, resume, done marker, outputs
+# The search's run folder
 
-DONE_FILE = "done"
-SEARCH_OUTPUTS = (STATE_FILE, STATE_PREV, STATE_FILE + ".corrupt", STATE_PREV + ".corrupt", "history.jsonl",
-                  "genotype.json", DONE_FILE, "config.json")
+SEARCH_LOG = "search.log"
 
 
-@dataclass
-class SearchResult:
-    genotype: Genotype
-    save_dir: Path
-    seed: int
-    resumed_from_round: int
-    already_done: bool
-
-
-@dataclass
-class _LogSetup:
-    handlers: list
-    propagate: bool
-    level: int
-
-    def close(self) -> None:
-        root = logging.getLogger("metantknas")
-        for h in self.handlers:
-            root.removeHandler(h)
-            h.close()
-        root.propagate, root.level = self.propagate, self.level
-
-
-def setup_logging(log_file: Path | None) -> _LogSetup:
-    """Console (INFO) and, when given, a log file (DEBUG) for the "metantknas" loggers."""
-    root = logging.getLogger("metantknas")
-    saved = _LogSetup([], root.propagate, root.level)
-    root.setLevel(logging.DEBUG)
-    root.propagate = False  # while attached: no duplicate lines through a root handler
-    handlers: list[logging.Handler] = []
-    console = logging.StreamHandler()
-    console.setLevel(logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    handlers.append(console)
-    if log_file is not None:
-        fh = logging.FileHandler(log_file)
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(fh)
-    for h in handlers:
-        root.addHandler(h)
-    saved.handlers = handlers
-    return saved
-
-
-def genotype_record(geno: Genotype, cfg: SearchConfig) -> dict:
-    return {"genotype": geno.to_dict(), "string": str(geno), "search_space": cfg.search_space_name,
-            "max_nodes": cfg.max_nodes, "rand_seed": cfg.rand_seed}
-
-
-def _check_network(cfg: SearchConfig) -> None:
-    """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
-    normalisation cannot divide fail here, before anything is written, not when the scorer is built."""
-    with torch.device("meta"):
-        replace_norm(Supernet(cfg.ntk_channels, cfg.ntk_layers, 2, cfg.search_space_name, cfg.max_nodes,
-                              cfg.ntk_stemm, cfg.ntk_fsr), cfg.norm_type)
-
-
-def _check_inputs(cfg: SearchConfig) -> SplitData:
-    """Check the network and load the data and draw one throwaway batch, so bad inputs fail before anything
-    is written."""
-    _check_network(cfg)
-    split = load_split(cfg.dataset, cfg.data_path, "train")
-    gen = np.random.default_rng(0)
-    tf = search_transform(cfg)
-    if cfg.meta:
-        sample_meta_batch(split, 1, cfg.n_ways, cfg.n_shots, cfg.n_queries, tf, gen)
-    else:
-        if cfg.effective_batch_size > len(split):
-            raise DataError(f"--batch_size {cfg.effective_batch_size} exceeds the {len(split)} training images of "
-                            f"{cfg.dataset}; lower --batch_size")
-        sample_batch(split, 2, tf, gen)
-    return split
-
-
-def run_search(cfg: SearchConfig) -> SearchResult:
-    """Validate, set up (or resume) the run directory, search, write the outputs."""
-    cfg.validate()
-    resolve_device(cfg.device)
-    save_dir = Path(cfg.save_dir)
-    old_cfg = None
-    if (save_dir / "config.json").exists() and not cfg.overwrite:
-        try:
-            old_cfg = json.loads((save_dir / "config.json").read_text())
-            if not isinstance(old_cfg, dict):
-                raise ValueError(f"a JSON {type(old_cfg).__name__}, not an object")
-            old_seed = int(old_cfg.get("rand_seed", -1))
-        except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{save_dir}/config.json is unreadable ({' '.join(str(exc).split())[:100]}); "
-                             "use --overwrite or another --save_dir") from None
-        if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
-            cfg.rand_seed = old_seed
-        diff = config_diff(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict())
-        if diff:
-            raise UsageError(f"--save_dir {save_dir} holds a search with a different config ({'; '.join(diff)}); "
-                             "use another --save_dir or --overwrite")
-        if (save_dir / DONE_FILE).exists():
-            try:
-                geno = Genotype.from_json((save_dir / "genotype.json").read_text())
-            except (OSError, UnicodeDecodeError, GenotypeError) as exc:
-                # the state says where the search ended: finishing it again only rewrites genotype.json
-                print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
-                      f"({' '.join(str(exc).split())[:100]}); rebuilding it from the saved state", file=sys.stderr)
-            else:
-                print(f"search already finished in {save_dir} (use --overwrite to recompute)")
-                print(f"genotype: {geno}")
-                return SearchResult(geno, save_dir, cfg.rand_seed, -1, True)
-    _check_inputs(cfg)
-    drawn = cfg.rand_seed == -1
-    if drawn:
-        cfg.rand_seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(save_dir, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as exc:
-        raise RunFailure(f"cannot write --save_dir {save_dir}: {exc.strerror or exc}; choose a writable folder") \
-            from None
-    if cfg.overwrite:
-        for name in SEARCH_OUTPUTS:
-            (save_dir / name).unlink(missing_ok=True)
-    atomic_write_json(save_dir / "config.json", cfg.to_dict())
-    logs = setup_logging(save_dir / "search.log")
-    try:
-        search = PruningSearch(cfg)
-        state = search.load_state() if old_cfg is not None else None
-        start = state["round"] if state else 0
-        log.info("search: %s, %s (%s), seed %d%s, device %s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
-                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
-                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device, save_dir,
-                 f", resuming at round {start}" if state else "")
-        geno = search.run(state)
-        atomic_write_json(save_dir / "genotype.json", genotype_record(geno, cfg))
-        atomic_write_text(save_dir / DONE_FILE, "")
-        log.info("genotype: %s", geno)
-        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log)", save_dir)
-        return SearchResult(geno, save_dir, cfg.rand_seed, start, False)
-    finally:
-        logs.close()
+def search_run_dir(path) -> RunDir:
+    """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
+    return RunDir(path, SavedState(STATE_FILE, STATE_PREV, "search state", restart="starting again from round 0"),
+                  outputs=("history.jsonl", "genotype.json"), log_name=SEARCH_LOG, logger=log)

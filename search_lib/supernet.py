@@ -1,8 +1,8 @@
-"""The DARTS-style cell supernet used by the search (REFERENCE.md section 1).
+"""The DARTS-style cell supernet used by the search (docs/method.md §1).
 
 Architecture parameters (one row per edge, one column per op of the space) are buffers, not
 `nn.Parameter`s: the search is training-free, and keeping them out of `parameters()` keeps them out of
-Opacus' per-sample-gradient pass (REFERENCE.md section 8). `weights()` and `arch_parameters()` are
+Opacus' per-sample-gradient pass (docs/method.md §8). `weights()` and `arch_parameters()` are
 the two separate accessors.
 """
 
@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
-from .genotypes import PRUNED_ALPHA, edge_keys
+from .genotypes import PRUNED_ALPHA
+from .space import edge_keys
 from .ops import FactorizedReduce, ReLUConvBN, build_op, space_ops
 
 SKIP_WEIGHT = 0.01  # ops whose softmax weight is <= this are not run (this is how pruning removes them)

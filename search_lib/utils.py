@@ -66,6 +66,13 @@ def config_diff(old: dict, new: dict, keys=None) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _file_mode() -> int:
+    """The permissions ``open()`` gives a new file under the process's umask (0644 under umask 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write_fn, mode: str) -> None:
     path = Path(path)
     try:
@@ -74,6 +81,9 @@ def _atomic_write(path: Path, write_fn, mode: str) -> None:
     except OSError as exc:
         raise RunFailure(f"cannot write to {path.parent}: {exc.strerror}; choose a writable output folder") from exc
     try:
+        # mkstemp creates the file 0600 and os.replace keeps that mode: give it a plain file's permissions,
+        # so that others in the group can read results on a shared machine when the umask allows it.
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as fh:
             write_fn(fh)
             fh.flush()

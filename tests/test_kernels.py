@@ -1,4 +1,4 @@
-"""Kernels (search_lib/kernels.py): empirical NTK, analytical MetaNTK, condition numbers (REFERENCE.md sec. 2, 8).
+"""Kernels (search_lib/kernels.py): empirical NTK, analytical MetaNTK, condition numbers (docs/method.md §2, §8).
 
 Every kernel is compared with an independent computation: per-sample Jacobians from a plain
 `torch.autograd.grad` loop (one sample at a time) or `torch.func.vmap(jacrev)`, and the MetaNTK
@@ -27,7 +27,7 @@ from search_lib.supernet import Supernet, init_weights, replace_norm
 
 
 def ref_params(model: nn.Module, params_types: str) -> list[nn.Parameter]:
-    """REFERENCE: weights (and biases with wb) of every Conv and Linear; no norm parameters."""
+    """docs/method.md §2: weights (and biases with wb) of every Conv and Linear; no norm parameters."""
     out = []
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):

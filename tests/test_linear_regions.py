@@ -1,4 +1,4 @@
-"""Linear-region counting (search_lib/linear_regions.py, REFERENCE.md section 3)."""
+"""Linear-region counting (search_lib/linear_regions.py, docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The evaluation network (eval_lib/models.py, AugmentCNN) against REFERENCE.md section 1."""
+"""The evaluation network (eval_lib/models.py, AugmentCNN) against docs/method.md §1."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_stem_and_channels():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameter count by hand (REFERENCE.md section 1 structures, affine BN = 2 parameters per channel)
+# Parameter count by hand (docs/method.md §1 structures, affine BN = 2 parameters per channel)
 
 
 def test_parameter_count_by_hand():

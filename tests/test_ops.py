@@ -1,4 +1,4 @@
-"""Candidate operations (search_lib/ops.py) against REFERENCE.md section 1."""
+"""Candidate operations (search_lib/ops.py) against docs/method.md §1."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import pytest
 
 import prune_launch
 import prune_metantknas
+from search_lib import search_cli
 from search_lib.config import SearchConfig
 from search_lib.errors import UsageError
 from search_lib.genotypes import Genotype
@@ -167,7 +168,7 @@ def test_launcher_runs_the_search_in_process(monkeypatch, tmp_path):
         seen["argv"] = argv
         return 3
 
-    monkeypatch.setattr(prune_metantknas, "main", fake_main)
+    monkeypatch.setattr(search_cli, "main", fake_main)  # the search's command line, as prune_metantknas.py runs it
     code = prune_launch.main(["--dataset", "tiered", "--cells", "5", "--data_path", str(tmp_path)])
     assert code == 3  # the search's exit code is returned
     assert "--algorithm=MAML" in seen["argv"] and "--aug_epochs=60" in seen["argv"]

@@ -1,4 +1,4 @@
-"""The search supernet (search_lib/supernet.py) against REFERENCE.md section 1 (macro layout, MixedOp, norms)."""
+"""The search supernet (search_lib/supernet.py) against docs/method.md §1 (macro layout, MixedOp, norms)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,166 @@
+"""Few-shot evaluation of a trained network: the episode sets, the per-split test, the results table, and
+the evaluation-only mode (the original ``fewshot_test.py``) that tests a checkpoint.
+
+Protocol (docs/method.md §5): for each split (``test``: novel classes, ``val``: meta-validation) and each
+number of shots, fixed-seed episodes; the mean accuracy with its 95% confidence interval, in percent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from search_lib.data import EpisodeDataset, resolve_dataset
+from search_lib.errors import DataError, GenotypeError, UsageError
+from search_lib.genotypes import GenotypeRecord, resolve_genotype
+from search_lib.utils import atomic_write_json, resolve_device
+
+from .checkpoints import read_checkpoint, state_dict_of
+from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
+from .fewshot import meta_test
+from .trainer import build_network, complexity, resolve_architecture
+
+logger = logging.getLogger("metantknas.eval")
+
+
+def build_episode_sets(cfg: TrainConfig, dataset: str, data_path, transform: str,
+                       image_size: int | None) -> dict[tuple[str, int], Any]:
+    """The fixed-seed episode datasets of every (split, shots) of ``cfg``; fails early when infeasible."""
+    return {(split, shots): EpisodeDataset(dataset, data_path, partition=split, n_ways=cfg.n_ways, n_shots=shots,
+                                           n_queries=cfg.n_queries, n_aug_support_samples=cfg.n_aug_support_samples,
+                                           n_test_runs=cfg.n_test_runs, transform=transform, image_size=image_size,
+                                           seed=cfg.episode_seed)
+            for split in cfg.eval_splits for shots in cfg.n_shots}
+
+
+def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path, transform: str,
+                     image_size: int | None, device: torch.device, episode_sets: dict | None = None) -> dict:
+    """Few-shot accuracy per split (cfg.eval_splits) and shot (cfg.n_shots): {split: {str(shot): result}}."""
+    if episode_sets is None:
+        episode_sets = build_episode_sets(cfg, dataset, data_path, transform, image_size)
+    out: dict[str, dict[str, dict]] = {}
+    for (split, shots), episodes in episode_sets.items():
+        res = meta_test(model, episodes, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
+                        progress=cfg.progress, num_workers=cfg.workers(device.type),
+                        desc=f"{split} {cfg.n_ways}-way {shots}-shot")
+        res["shots"] = shots
+        if not math.isfinite(res["ci95"]):
+            res["ci95"] = None
+        out.setdefault(split, {})[str(shots)] = res
+        logger.info("%s %d-way %d-shot (%s, %d episodes): %.2f +- %s", split, cfg.n_ways, shots,
+                    res["classifier"], res["episodes"], res["mean"],
+                    "n/a" if res["ci95"] is None else f"{res['ci95']:.2f}")
+    return out
+
+
+def format_results_table(results: dict) -> str:
+    """A small text table: split, shots, mean +- ci95 (percent)."""
+    rows = [("split", "ways", "shots", "episodes", "accuracy (%)")]
+    for split, per_shot in results.get("fewshot", {}).items():
+        for shots, res in per_shot.items():
+            ci = "n/a" if res.get("ci95") is None else f"{res['ci95']:.2f}"
+            rows.append((split, str(res.get("ways", "")), str(shots), str(res["episodes"]),
+                         f"{res['mean']:.2f} +- {ci}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    head = []
+    if results.get("genotype"):
+        head.append(f"genotype: {results['genotype']}")
+    if results.get("params") is not None:
+        macs = results.get("macs")
+        head.append(f"params: {results['params'] / 1e6:.3f} M   MACs: "
+                    + ("n/a" if macs is None else f"{macs / 1e6:.1f} M"))
+    return "\n".join(head + lines)
+
+
+def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
+    """Few-shot test of a trained checkpoint (the evaluation-only mode).
+
+    The network is rebuilt from the genotype and network settings stored in the checkpoint; for a bare
+    state dict, ``cfg.genotype``/``cfg.random_arch`` and the network fields of ``cfg`` describe it. Data
+    settings left None in ``cfg`` (dataset, data_path, transform, image_size) come from the checkpoint's
+    run. With ``cfg.save_dir`` set, the results are also written to ``<save_dir>/eval_results.json``.
+    """
+    cfg = (cfg or TrainConfig()).replace(eval_only=True, checkpoint=str(path))
+    cfg.validate()
+    if not cfg.eval_splits:
+        raise UsageError("--eval_splits is empty; give test and/or val")
+    device = resolve_device(cfg.device)
+    started = time.time()
+    ckpt = read_checkpoint(path, trusted=cfg.trust_checkpoint)
+    state = state_dict_of(ckpt)
+    old = dict(ckpt.get("config") or {})
+
+    if "genotype" in ckpt and "net_kwargs" in ckpt:
+        text = str(ckpt["genotype"])
+        try:
+            genotype = (GenotypeRecord.from_json(text).genotype if text.lstrip().startswith("{")
+                        else resolve_genotype(text))
+        except GenotypeError as exc:
+            raise DataError(f"checkpoint {path} holds an invalid genotype ({exc}); re-train it") from None
+        if cfg.genotype or cfg.random_arch:
+            logger.warning("ignoring --genotype/--random_arch: checkpoint %s describes its own architecture", path)
+        net_kwargs = dict(ckpt["net_kwargs"])
+    else:
+        if not (cfg.genotype or cfg.random_arch):
+            raise UsageError(f"checkpoint {path} does not record its architecture; pass --genotype and the "
+                             f"network flags (--init_channels, --layers, ...) it was trained with")
+        genotype = resolve_architecture(cfg)
+        weight = state.get("linear.weight")
+        if weight is None:
+            raise DataError(f"checkpoint {path} has no 'linear.weight'; it is not an AugmentCNN state dict")
+        net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(weight.shape[0]),
+                          stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr,
+                          in_channels=int(state.get("stem.0.weight", torch.zeros(1, 3)).shape[1]))
+
+    dataset = resolve_dataset(cfg.dataset or old.get("dataset") or DEFAULT_DATASET)
+    data_path = cfg.data_path if cfg.data_path is not None else old.get("data_path")
+    transform = cfg.transform or old.get("transform") or DEFAULT_TRANSFORM
+    image_size = cfg.image_size
+    if image_size is None and old.get("image_size") is not None:
+        image_size = int(old["image_size"])
+
+    model = build_network(genotype, net_kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise DataError(f"checkpoint {path} does not fit the network ({detail[:120]}); "
+                        f"check --genotype, --init_channels and --layers") from None
+    shape = list(ckpt.get("input_shape") or (net_kwargs.get("in_channels", 3), 0, 0))
+    if cfg.image_size is not None or not ckpt.get("input_shape"):
+        shape[1:] = [image_size or dataset.default_image_size] * 2
+    cost = complexity(model, shape)
+    model.to(device)
+    fewshot = fewshot_evaluate(model, cfg, dataset, data_path, transform, image_size, device)
+
+    results = {
+        "status": "finished",
+        "mode": "eval_only",
+        "checkpoint": str(path),
+        "epoch": ckpt.get("epoch"),
+        "genotype": str(genotype),
+        "genotype_json": genotype.to_json(),
+        "params": cost["params"],
+        "macs": cost["macs"],
+        "dataset": dataset.key,
+        "seed": old.get("seed", cfg.seed),
+        "classifier": cfg.classifier,
+        "fewshot": fewshot,
+        "wall_time_s": time.time() - started,
+        "config": cfg.to_dict() | {"dataset": dataset.key, "data_path": data_path,
+                                   "transform": transform, "image_size": image_size},
+    }
+    if cfg.save_dir:
+        out = Path(cfg.save_dir) / "eval_results.json"
+        atomic_write_json(out, results)
+        logger.info("results written to %s", out)
+    return results

@@ -1,0 +1,127 @@
+"""Dataset names, the partitions of each dataset and the files of its release.
+
+`resolve_dataset` turns a command-line name (``MetaMiniImageNet``, ``digits``, ...) into a `DatasetSpec`
+once; everything below the command line takes the spec (or accepts it where a name is allowed) and never
+parses the name again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+DATASET_NAMES = ("MiniImageNet", "MetaMiniImageNet", "TieredImageNet", "MetaTieredImageNet", "Digits", "MetaDigits")
+
+_CANONICAL = {
+    "miniimagenet": "mini",
+    "metaminiimagenet": "mini",
+    "tieredimagenet": "tiered",
+    "metatieredimagenet": "tiered",
+    "digits": "digits",
+    "metadigits": "digits",
+    # the canonical names themselves
+    "mini": "mini",
+    "tiered": "tiered",
+}
+
+DEFAULT_IMAGE_SIZE = {"mini": 84, "tiered": 84, "digits": 32}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A resolved dataset name: ``key`` is mini, tiered or digits; ``episodic`` is True for the Meta* names."""
+
+    key: str
+    episodic: bool = False
+
+    @property
+    def display(self) -> str:
+        return _DISPLAY[self.key]
+
+    @property
+    def default_image_size(self) -> int:
+        return DEFAULT_IMAGE_SIZE[self.key]
+
+    @property
+    def plain_name(self) -> str:
+        """The supervised (non-episodic) command-line name: MiniImageNet, TieredImageNet or Digits."""
+        return _PLAIN_NAMES[self.key]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def resolve_dataset(name: "str | DatasetSpec") -> DatasetSpec:
+    """The spec of a command-line dataset name (case-insensitive); a spec is returned as it is."""
+    if isinstance(name, DatasetSpec):
+        return name
+    key = str(name).strip().lower()
+    if key not in _CANONICAL:
+        raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(DATASET_NAMES)}")
+    return DatasetSpec(_CANONICAL[key], key.startswith("meta"))
+
+
+def canonical_dataset(name: "str | DatasetSpec") -> str:
+    """Map a command-line dataset name (case-insensitive) to ``"mini"``, ``"tiered"`` or ``"digits"``."""
+    return resolve_dataset(name).key
+
+
+def is_episodic_name(name: "str | DatasetSpec") -> bool:
+    """True for the ``Meta*`` names (episodic evaluation / meta-batches)."""
+    return resolve_dataset(name).episodic
+
+
+_DISPLAY = {"mini": "miniImageNet", "tiered": "tieredImageNet", "digits": "Digits"}
+_PLAIN_NAMES = {"mini": "MiniImageNet", "tiered": "TieredImageNet", "digits": "Digits"}
+
+# partition name -> file stem, per dataset ("trainval" of mini falls back to RFS code's spelling)
+_MINI_PREFIX = "miniImageNet_category_split_"
+_MINI_FILES = {
+    "train_phase_train": ["train_phase_train"],
+    "train_phase_val": ["train_phase_val"],
+    "train_phase_test": ["train_phase_test"],
+    "val": ["val"],
+    "test": ["test"],
+    "trainval_phase_train": ["trainval_phase_train", "train_phase_trainval"],
+    "trainval_phase_val": ["trainval_phase_val"],
+    "trainval_phase_test": ["trainval_phase_test"],
+}
+_TIERED_FILES = {
+    "train_phase_train": "train",
+    "train_phase_val": "train_phase_val",
+    "val": "val",
+    "test": "test",
+    "trainval_phase_train": "trainval",
+}
+_DIGITS_PARTS = ("train_phase_train", "train_phase_val", "train_phase_test", "val", "test", "trainval_phase_train")
+_ALIASES = {"train": "train_phase_train", "trainval": "trainval_phase_train"}
+
+PARTITIONS = {
+    "mini": ("train", "trainval", *_MINI_FILES),
+    "tiered": ("train", "trainval", *_TIERED_FILES),
+    "digits": ("train", "trainval", *_DIGITS_PARTS),
+}
+
+
+def normalise_partition(dataset: str | DatasetSpec, partition: str) -> str:
+    """The file-level name of a partition (``train`` -> ``train_phase_train``); UsageError when unknown."""
+    spec = resolve_dataset(dataset)
+    key = str(partition).strip().lower()
+    key = _ALIASES.get(key, key)
+    valid = {"mini": _MINI_FILES, "tiered": _TIERED_FILES, "digits": _DIGITS_PARTS}[spec.key]
+    if key not in valid:
+        raise UsageError(f"unknown {spec.display} partition {partition!r}; "
+                         f"use one of {', '.join(PARTITIONS[spec.key])}")
+    return key
+
+
+def expected_files(dataset: str | DatasetSpec) -> list[str]:
+    """The file names a ``--data_path`` folder of this dataset holds (the RFS release)."""
+    ds = resolve_dataset(dataset).key
+    if ds == "mini":
+        return [_MINI_PREFIX + stems[0] + ".pickle" for stems in _MINI_FILES.values()]
+    if ds == "tiered":
+        return [f"{s}_{kind}" for s in _TIERED_FILES.values() for kind in ("images.npz", "labels.pkl")]
+    return []
+
