@@ -252,7 +252,7 @@ GENO_MIXED = GENO_OK.replace("('conv_3x3', 0)", "('sep_conv_5x5', 0)", 1)  # a `
 
 
 def _genotype_record(geno: dict, space="darts_fewshot", max_nodes=3) -> str:
-    """A search's genotype.json (see search_lib.pruning.genotype_record)."""
+    """A search's genotype.json (see search_lib.genotypes.GenotypeRecord)."""
     return json.dumps({"genotype": geno, "string": "", "search_space": space, "max_nodes": max_nodes,
                        "rand_seed": 0})
 
@@ -589,7 +589,7 @@ def test_nan_inf_and_singular_kernels_use_the_sentinel(synthetic_mini, two_ops, 
 
     monkeypatch.setattr(pruning, "gram_by_group", gram)
     monkeypatch.setattr(pruning, "analytical_metantk", metantk)
-    run = _kernel_search(synthetic_mini, tmp_path / "run")
+    run = _kernel_search(synthetic_mini, tmp_path / "run", "--candidates_per_pass", "1")  # the one-by-one path
     history = _history(run)
     events = sum(rec["sentinel_events"] for rec in history)
     sentinel_kappas = sum(k == pruning.KAPPA_SENTINEL for rec in history for c in rec["candidates"]
@@ -606,7 +606,7 @@ def test_nan_inf_and_singular_kernels_use_the_sentinel(synthetic_mini, two_ops, 
 def test_identical_scores_everywhere_do_not_crash(synthetic_mini, two_ops, monkeypatch, tmp_path):
     monkeypatch.setattr(pruning, "condition_number", lambda *a, **k: 7.0)
     monkeypatch.setattr(pruning.CandidateScorer, "regions", lambda self, alive: 11)
-    run = _kernel_search(synthetic_mini, tmp_path / "run")
+    run = _kernel_search(synthetic_mini, tmp_path / "run", "--candidates_per_pass", "1")
     history = _history(run)
     assert all(rec["all_tied"] for rec in history) and all(rec["sentinel_events"] == 0 for rec in history)
     log = (run / "search.log").read_text()
