@@ -1,12 +1,15 @@
-"""Cost of the search's kernel computation against a plain forward + backward, measured in the same run.
+"""Cost of scoring one candidate of the search against a plain forward + backward, measured in the same run.
 
-    python -m benchmarks.bench_search --channels 16 --layers 5 --image_size 32 [--device cuda]
+    python -m benchmarks.bench_search [--channels 16,48] [--layers 5] [--image_size 32] [--device cuda] [--json]
 
-Times (a) one `empirical_ntk` of the GroupNorm supernet on the paper's 30-image search batch, (b) one
-plain forward + backward of the same network and batch (the floor), (c) a pruning round's scoring on
-the built-in digits data (MetaNTK, one repeat; `--round_candidates` candidates, extrapolated to the
-full first round of 126). Prints the ratio (a)/(b), the round time per candidate and the peak memory.
-Absolute times depend on the machine; the ratios are what to compare.
+For each channel count C, on the built-in digits data with the paper's search batch (MetaNTK of MAML,
+3 tasks x 5-way x (1 support + 1 query) = 30 images), one repeat's weights and batch:
+(a) plain forward + backward of the same GroupNorm supernet on the same 30 images (the floor);
+(b) the fast path: per candidate (κ and linear regions), several candidates per pass;
+(c) the reference path: per candidate, one pass each (what the search did before).
+Prints (b)/(a), (c)/(a), the candidates per pass, the peak memory, the GPU busy fraction on CUDA, and an
+estimate of the whole paper search (3 repeats x 507 scorings). Absolute times depend on the machine;
+compare the ratios.
 """
 
 from __future__ import annotations
@@ -22,20 +25,25 @@ import torch
 
 from search_lib.config import SearchConfig
 from search_lib.data import load_split
-from search_lib.kernels import empirical_ntk
 from search_lib.pruning import CandidateScorer, PruningSearch, repeat_seed
-from search_lib.supernet import Supernet, init_weights, replace_norm
 from search_lib.utils import resolve_device
+
+# Scorings of the paper's 5-cell search per repeat: op rounds of 126, 108, 90, 72, 54, 36 candidates,
+# the edge round of 14, and the full network once per round (7 rounds).
+PAPER_SCORINGS_PER_REPEAT = 126 + 108 + 90 + 72 + 54 + 36 + 14 + 7
+PAPER_REPEATS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--channels", default="16,48", help="comma-separated channel counts C")
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=30, help="images of the NTK batch (paper: 30)")
-    p.add_argument("--iters", type=int, default=3, help="timed repetitions of (a) and (b) (median reported)")
-    p.add_argument("--round_candidates", type=int, default=12, help="candidates timed in (c); 0 skips it")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions of (a) (median reported)")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="candidates timed on the fast path (default: one full pass)")
+    p.add_argument("--reference_candidates", type=int, default=3, help="candidates timed on the reference path")
+    p.add_argument("--candidates_per_pass", type=int, default=0, help="0: chosen from the memory, as the search")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     return p
@@ -46,16 +54,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
 def _median_time(fn, iters: int, device: torch.device) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median([_timed(fn, device) for _ in range(iters)]))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -64,67 +73,90 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _gpu_busy(fn, device: torch.device) -> float | None:
+    """Fraction of the wall time the GPU spends in kernels while ``fn`` runs (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = _timed(fn, device)
+    busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return busy_us / 1e6 / wall if wall > 0 else None
+
+
+def bench_channels(C: int, args, device: torch.device) -> dict:
+    cfg = SearchConfig(dataset="MetaDigits", ntk_channels=C, ntk_layers=args.layers, image_size=args.image_size,
+                       batch_size=3, repeat=1, rand_seed=0, device=str(device),
+                       candidates_per_pass=args.candidates_per_pass).validate()
+    split = load_split(cfg.data, None, "train")
+    scorer = CandidateScorer(cfg, split, device, len(split.class_ids))
+    search = PruningSearch(cfg)
+    alive = search.initial_alive()
+    cands = [c.without(alive) for c in search.op_candidates(alive)]
+    scorer.begin_repeat(repeat_seed(0, 0, 0))
+    try:
+        per_pass = scorer.candidates_per_pass()
+        n_fast = min(len(cands), args.candidates or per_pass)
+        fast_archs = cands[:n_fast]
+        scorer.score_many(fast_archs[:1], ["warm-up"])  # first-call costs (allocator, Opacus) out of the timing
+        t_fast = sum(_timed(lambda chunk=fast_archs[i:i + per_pass]: scorer.score_many(chunk, ["c"] * len(chunk)),
+                            device) for i in range(0, n_fast, per_pass))
+        busy = _gpu_busy(lambda: scorer.score_many(fast_archs[:per_pass], ["c"] * min(per_pass, n_fast)), device)
+        n_ref = min(len(cands), args.reference_candidates)
+        t_ref = sum(_timed(lambda a=a: (scorer.kappa(a, "c"), scorer.regions(a)), device)
+                    for a in cands[:n_ref]) if n_ref else float("nan")
+    finally:
+        scorer.end_repeat()
+
+    model, x = scorer.model, scorer._inputs
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        (out[-1] if isinstance(out, (tuple, list)) else out).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    scorer.supernet.set_alphas(*(torch.where(torch.as_tensor(alive), 0.0, -1000.0)[i] for i in (0, 1)))
+    t_plain = _median_time(plain, args.iters, device)
+    fast_per = t_fast / n_fast
+    ref_per = t_ref / n_ref if n_ref else float("nan")
+    return {"channels": C, "batch": int(x.shape[0]), "plain_fwd_bwd_s": t_plain, "fast_s_per_candidate": fast_per,
+            "reference_s_per_candidate": ref_per, "fast_over_plain": fast_per / t_plain,
+            "reference_over_plain": ref_per / t_plain, "speedup_over_reference": ref_per / fast_per,
+            "candidates_per_pass": per_pass, "candidates_timed": n_fast, "gpu_busy_fraction": busy,
+            "paper_search_estimate_s": fast_per * PAPER_SCORINGS_PER_REPEAT * PAPER_REPEATS,
+            "peak_memory_mb": _peak_memory_mb(device)}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
-    net = replace_norm(Supernet(args.channels, args.layers, 64), "groupnorm16")
-    init_weights(net, "fan_out", seed=0)
-    alphas = torch.zeros_like(net.alphas_normal)
-    alphas[:, 0] = -1000.0  # `none` removed, as at the start of the search
-    net.set_alphas(alphas, alphas)
-    net.to(device).train()
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-
-    def plain():
-        net.zero_grad(set_to_none=True)
-        net(x)[1].sum().backward()
-        net.zero_grad(set_to_none=True)
-
-    t_ntk = _median_time(lambda: empirical_ntk(net, x), args.iters, device)
-    t_plain = _median_time(plain, args.iters, device)
-    result = {"device": str(device), "channels": args.channels, "layers": args.layers,
-              "image_size": args.image_size, "batch": args.batch, "ntk_s": t_ntk, "plain_fwd_bwd_s": t_plain,
-              "ratio_ntk_over_plain": t_ntk / t_plain, "kernels_per_candidate": 1}
-
-    if args.round_candidates > 0:
-        cfg = SearchConfig(dataset="MetaDigits", ntk_channels=args.channels, ntk_layers=args.layers,
-                           image_size=args.image_size, repeat=1, rand_seed=0, device=str(device))
-        split = load_split(cfg.dataset, None, "train")
-        scorer = CandidateScorer(cfg, split, device, len(split.class_ids))
-        search = PruningSearch(cfg)
-        alive = search.initial_alive()
-        cands = search.op_candidates(alive)
-        scorer.begin_repeat(repeat_seed(0, 0, 0))
-        try:
-            _sync(device)
-            t = time.perf_counter()
-            scorer.kappa(alive, "full")
-            scorer.regions(alive)
-            for cand in cands[: args.round_candidates]:
-                scorer.kappa(cand.without(alive), "candidate")
-                scorer.regions(cand.without(alive))
-            _sync(device)
-            elapsed = time.perf_counter() - t
-        finally:
-            scorer.end_repeat()
-        per_cand = elapsed / (args.round_candidates + 1)
-        result.update(round_s_per_candidate=per_cand, round0_candidates=len(cands),
-                      round0_extrapolated_s=per_cand * (len(cands) + 1))
-    result["peak_memory_mb"] = _peak_memory_mb(device)
-
+    channels = [int(c) for c in str(args.channels).split(",") if c.strip()]
+    rows = []
+    for C in channels:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append(bench_channels(C, args, device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"device": str(device), "device_name": name, "layers": args.layers,
+                          "image_size": args.image_size, "results": rows}))
         return 0
-    print(f"device {result['device']}, C={args.channels}, {args.layers} cells, {args.image_size}x{args.image_size}, "
-          f"batch {args.batch}")
-    print(f"(a) empirical_ntk            {t_ntk * 1e3:9.1f} ms")
-    print(f"(b) plain forward+backward   {t_plain * 1e3:9.1f} ms")
-    print(f"    ratio (a)/(b)            {t_ntk / t_plain:9.2f}x   (kernels per candidate: 1)")
-    if "round_s_per_candidate" in result:
-        print(f"(c) round time per candidate {result['round_s_per_candidate'] * 1e3:9.1f} ms  (MetaNTK + regions; "
-              f"first round of {result['round0_candidates']} candidates ~ {result['round0_extrapolated_s']:.0f} s)")
-    print(f"    peak memory              {result['peak_memory_mb']:9.0f} MiB "
-          f"({'CUDA max allocated' if device.type == 'cuda' else 'CPU max RSS'})")
+    print(f"device {device} ({name}), {args.layers} cells, {args.image_size}x{args.image_size}, MetaNTK (MAML), "
+          f"batch {rows[0]['batch'] if rows else '-'}")
+    for r in rows:
+        busy = "" if r["gpu_busy_fraction"] is None else f", GPU busy {100 * r['gpu_busy_fraction']:.0f}%"
+        print(f"C={r['channels']}:")
+        print(f"  (a) plain forward+backward      {r['plain_fwd_bwd_s'] * 1e3:9.1f} ms")
+        print(f"  (b) fast path, per candidate    {r['fast_s_per_candidate'] * 1e3:9.1f} ms   "
+              f"{r['fast_over_plain']:.2f}x (a)   ({r['candidates_per_pass']} per pass{busy})")
+        print(f"  (c) reference, per candidate    {r['reference_s_per_candidate'] * 1e3:9.1f} ms   "
+              f"{r['reference_over_plain']:.2f}x (a)   (fast path {r['speedup_over_reference']:.1f}x faster)")
+        print(f"      paper search estimate       {r['paper_search_estimate_s']:9.0f} s    "
+              f"(3 repeats x {PAPER_SCORINGS_PER_REPEAT} scorings)")
+        print(f"      peak memory                 {r['peak_memory_mb']:9.0f} MiB "
+              f"({'CUDA max allocated' if device.type == 'cuda' else 'CPU max RSS'})")
     return 0
 
 

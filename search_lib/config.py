@@ -21,7 +21,7 @@ INIT_MODES = {"kaiming_normal": "fan_out", "kaiming_normal_fanout": "fan_out", "
 BN_MODES = ("train", "eval")
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
-NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train"}
+NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train", "candidates_per_pass"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -57,6 +57,10 @@ class SearchConfig:
     device: str = field(default="auto", metadata=flag(f"one of {', '.join(DEVICE_CHOICES)}", group=_SEARCH))
     overwrite: bool = field(default=False, metadata=flag("discard a finished or different run in --save_dir",
                                                          group=_SEARCH))
+    candidates_per_pass: int = field(default=0, metadata=flag(
+        "architectures scored per pass of the networks: 0 chooses from the memory (CPU: 1 GiB of per-sample "
+        "gradients; CUDA: a third of the free memory), 1 scores one at a time (the reference path)",
+        group=_SEARCH))
     ntk_type: str = field(default="MetaNTK_anl", metadata=flag("kernel to rank by", choices=NTK_TYPES,
                                                                group=_KERNEL))
     ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))
@@ -159,6 +163,8 @@ class SearchConfig:
             raise UsageError(f"--batch_size must be at least 2, got {self.batch_size}")
         if self.inner_lr_time <= 0 or self.reg_coef < 0:
             raise UsageError("--inner_lr_time must be > 0 and --reg_coef >= 0")
+        if self.candidates_per_pass < 0:
+            raise UsageError(f"--candidates_per_pass must be 0 (automatic) or positive, got {self.candidates_per_pass}")
         if self.rand_seed < -1:
             raise UsageError(f"--rand_seed must be -1 (random) or a non-negative integer, got {self.rand_seed}")
         return self

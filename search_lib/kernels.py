@@ -51,10 +51,19 @@ def per_sample_gradients(model: nn.Module, params: Sequence[nn.Parameter]) -> It
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
+    # Opacus records a layer's activations only in training mode; a conv or linear layer computes the same
+    # either way, so the layers that own kernel parameters are switched to training mode while attached
+    # (normalisation layers keep their mode: that is what --bn_mode chooses).
+    owners = [m for m in model.modules() if any(id(p) in wanted for p in m.parameters(recurse=False))]
+    modes = [(m, m.training) for m in owners]
+    for m in owners:
+        m.training = True
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
     try:
         yield gsm
     finally:
+        for m, mode in modes:
+            m.training = mode
         gsm._close()  # removes hooks and every attribute Opacus put on the parameters
         for m in model.modules():
             if hasattr(m, "activations"):
@@ -68,21 +77,31 @@ def _logits(out) -> torch.Tensor:
     return out[-1] if isinstance(out, (tuple, list)) else out
 
 
-def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
-                  groups: dict[str, Sequence[nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """One forward/backward of sum(logits); returns {group: sum over its params of G G^T} (float64, n x n).
-
-    A parameter whose module did not run (a pruned op) contributes nothing.
-    """
-    for p in gsm._module.parameters():
-        p.grad = None
-        if hasattr(p, "grad_sample"):
-            p.grad_sample = None
+def _backward_per_sample(gsm: GradSampleModule, inputs: torch.Tensor) -> None:
+    """One forward/backward of sum(logits); leaves each hooked parameter's ``grad_sample``."""
+    _clear_grads(gsm)
     with torch.enable_grad(), warnings.catch_warnings():
         # The input needs no gradient, so PyTorch notes that the first module's full backward hook
         # fires with respect to its outputs; that is exactly what Opacus needs.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         _logits(gsm(inputs)).sum().backward()
+
+
+def _clear_grads(gsm: GradSampleModule) -> None:
+    for p in gsm._module.parameters():
+        p.grad = None
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+
+
+def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
+                  groups: dict[str, Sequence[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """One forward/backward of sum(logits); returns {group: sum over its params of G G^T} (float64, n x n).
+
+    A parameter whose module did not run (a pruned op) contributes nothing. This is the reference path:
+    one architecture per pass (`gram_blocks` scores several).
+    """
+    _backward_per_sample(gsm, inputs)
     n = inputs.shape[0]
     grams = {}
     for name, params in groups.items():
@@ -94,10 +113,32 @@ def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
             g = g.reshape(n, -1)
             K += (g @ g.T).to(torch.float64)  # the n x n product in the gradients' dtype, summed in float64
         grams[name] = K
-    for p in gsm._module.parameters():
-        p.grad = None
-        if hasattr(p, "grad_sample"):
-            p.grad_sample = None
+    _clear_grads(gsm)
+    return grams
+
+
+def gram_blocks(gsm: GradSampleModule, inputs: torch.Tensor, groups: dict[str, Sequence[nn.Parameter]],
+                n_blocks: int) -> dict[str, torch.Tensor]:
+    """The diagonal blocks of the Gram matrix of a batch made of ``n_blocks`` equal, consecutive groups of
+    samples: {group: (n_blocks, m, m) float64}, m = len(inputs) / n_blocks.
+
+    With one architecture per group of samples (`Supernet.set_candidates`) block b is exactly that
+    architecture's kernel (the same as `gram_by_group` on its m samples alone, up to rounding); the
+    cross-architecture blocks are never formed.
+    """
+    _backward_per_sample(gsm, inputs)
+    m = inputs.shape[0] // n_blocks
+    grams = {}
+    for name, params in groups.items():
+        K = torch.zeros(n_blocks, m, m, dtype=torch.float64, device=inputs.device)
+        for p in params:
+            g = getattr(p, "grad_sample", None)
+            if g is None:
+                continue
+            g = g.reshape(n_blocks, m, -1)
+            K += torch.bmm(g, g.transpose(1, 2)).to(torch.float64)
+        grams[name] = K
+    _clear_grads(gsm)
     return grams
 
 
@@ -217,4 +258,4 @@ def is_sentinel(kappa: float) -> bool:
 
 
 __all__ = ["empirical_ntk", "analytical_metantk", "condition_number", "metantk_kernels", "MetaNTKModel",
-           "kernel_parameters", "per_sample_gradients", "gram_by_group", "KAPPA_SENTINEL"]
+           "kernel_parameters", "per_sample_gradients", "gram_by_group", "gram_blocks", "KAPPA_SENTINEL"]

@@ -33,7 +33,7 @@ from .config import SearchConfig
 from .data import SplitData, build_transform, load_split, sample_batch, sample_meta_batch
 from .errors import one_line
 from .genotypes import PRUNED_ALPHA, Genotype, genotype_from_alphas
-from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_by_group,
+from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_blocks, gram_by_group,
                       kernel_parameters, metantk_kernel_groups, per_sample_gradients, seeded_linear)
 from .linear_regions import LinearRegionScorer, sample_crops
 from .run_dir import RunDir, SavedState
@@ -43,6 +43,8 @@ from .utils import atomic_write_json, atomic_write_text, resolve_device
 log = logging.getLogger("metantknas.search")
 
 CELLS = ("normal", "reduce")
+CPU_PASS_BUDGET = 1 << 30  # bytes of per-sample gradients one pass may hold on the CPU
+MAX_PER_PASS = 64  # architectures per pass at most (beyond this the per-pass overhead is already amortised)
 STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
 STATE_VERSION = 1
 
@@ -155,15 +157,19 @@ class CandidateScorer:
         self._stack = None
 
     def kappa(self, alive: np.ndarray, context: str) -> float:
-        cfg = self.cfg
-        if cfg.only_lrs:
+        """κ of one architecture: one per-sample-gradient pass of its own (the reference path)."""
+        if self.cfg.only_lrs:
             return float("nan")
         self.supernet.set_alphas(*alphas_from_alive(alive))
         grams = gram_by_group(self._gsm, self._inputs, self.groups)
-        theta = grams["theta"]
+        return self._kappa_of(grams["theta"], grams.get("head"), context)
+
+    def _kappa_of(self, theta: torch.Tensor, head: torch.Tensor | None, context: str) -> float:
+        """κ of the NTK Θ, or of the analytical MetaNTK built from Θ (and the head kernel for ANIL)."""
+        cfg = self.cfg
         if cfg.meta:
             per_task = cfg.n_ways
-            k = theta if cfg.algorithm == "MAML" else grams["head"]
+            k = theta if cfg.algorithm == "MAML" else head
             if not (torch.isfinite(theta).all() and torch.isfinite(k).all()):
                 return condition_number(theta, context)  # NaN/Inf: the sentinel, logged (the solvers would fail)
             try:
@@ -177,6 +183,41 @@ class CandidateScorer:
 
     def regions(self, alive: np.ndarray) -> int:
         return self.regions_scorer.score(*alphas_from_alive(alive))
+
+    def score_many(self, alives: list[np.ndarray], contexts: list[str]) -> list[tuple[float, int]]:
+        """(κ, regions) of several architectures with one pass of each network (the fast path).
+
+        The batch is repeated once per architecture and every copy runs with its own op weights
+        (`Supernet.set_candidates`), so each architecture gets exactly the kernel and region count that
+        `kappa` and `regions` give it alone, up to floating-point rounding.
+        """
+        normal, reduce = (torch.stack(a) for a in zip(*(alphas_from_alive(a) for a in alives)))
+        regions = self.regions_scorer.score_many(normal, reduce)
+        if self.cfg.only_lrs:
+            return [(float("nan"), r) for r in regions]
+        n_arch, n = len(alives), self._inputs.shape[0]
+        self.supernet.set_candidates(normal, reduce, n)
+        try:
+            grams = gram_blocks(self._gsm, self._inputs.repeat(n_arch, 1, 1, 1), self.groups, n_arch)
+        finally:
+            self.supernet.clear_candidates()
+        head = grams.get("head")
+        return [(self._kappa_of(grams["theta"][b], None if head is None else head[b], contexts[b]), regions[b])
+                for b in range(n_arch)]
+
+    def candidates_per_pass(self) -> int:
+        """How many architectures one pass scores: the per-sample gradients of the repeated batch take
+        about archs x batch x kernel parameters x 4 bytes, kept under a memory budget."""
+        if self.cfg.candidates_per_pass > 0:
+            return self.cfg.candidates_per_pass
+        n_params = sum(p.numel() for p in self.groups["theta"]) if not self.cfg.only_lrs else 0
+        per_arch = max(1, self._inputs.shape[0]) * max(n_params, 1) * 4 * 3  # grad samples, their copies, activations
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free // 3
+        else:
+            budget = CPU_PASS_BUDGET
+        return int(max(1, min(MAX_PER_PASS, budget // per_arch)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,25 +284,21 @@ class PruningSearch:
                    dynamic_ncols=True, disable=None)
         for rep in range(reps):
             seed = repeat_seed(cfg.rand_seed, round_idx, rep)
+            # the full network first, then every candidate: all scored with the same weights and batch
+            archs = [alive] + [cand.without(alive) for cand in candidates]
+            labels = ["full network"] + [f"without {self.describe(cand)}" for cand in candidates]
             scorer.begin_repeat(seed)
             try:
-                k0 = scorer.kappa(alive, f"round {round_idx} repeat {rep} full network")
-                r0 = scorer.regions(alive)
-                bar.update()
-                if k0 == KAPPA_SENTINEL:
-                    sentinels.append(f"repeat {rep} full network")
-                for c, cand in enumerate(candidates):
-                    label = self.describe(cand)
-                    kc = scorer.kappa(cand.without(alive), f"round {round_idx} repeat {rep} without {label}")
-                    rc = scorer.regions(cand.without(alive))
-                    if kc == KAPPA_SENTINEL:
-                        sentinels.append(f"repeat {rep} without {label}")
-                    kappas[rep, c], regions[rep, c] = kc, rc
-                    dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if not cfg.only_lrs else 0.0
-                    dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
-                    bar.update()
+                scores = self._score_archs(scorer, archs, [f"round {round_idx} repeat {rep} {x}" for x in labels],
+                                           bar)
             finally:
                 scorer.end_repeat()
+            (k0, r0), rest = scores[0], scores[1:]
+            sentinels += [f"repeat {rep} {x}" for (k, _), x in zip(scores, labels) if k == KAPPA_SENTINEL]
+            for c, (kc, rc) in enumerate(rest):
+                kappas[rep, c], regions[rep, c] = kc, rc
+                dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if not cfg.only_lrs else 0.0
+                dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
             kfull.append(k0)
             rfull.append(r0)
         bar.close()
@@ -288,6 +325,22 @@ class PruningSearch:
                 "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
                 "regions_full": [int(v) for v in rfull], "candidates": records,
                 "sentinel_events": len(sentinels), "all_tied": all_tied}
+
+    @staticmethod
+    def _score_archs(scorer: CandidateScorer, archs: list[np.ndarray], contexts: list[str],
+                     bar) -> list[tuple[float, int]]:
+        """(κ, regions) of each architecture: several per pass (fast path), or one by one with
+        ``--candidates_per_pass 1`` (the reference path)."""
+        per_pass = scorer.candidates_per_pass()
+        out: list[tuple[float, int]] = []
+        for start in range(0, len(archs), per_pass):
+            chunk, ctx = archs[start:start + per_pass], contexts[start:start + per_pass]
+            if per_pass == 1:
+                out.append((scorer.kappa(chunk[0], ctx[0]), scorer.regions(chunk[0])))
+            else:
+                out.extend(scorer.score_many(chunk, ctx))
+            bar.update(len(chunk))
+        return out
 
     def describe(self, cand: Candidate) -> str:
         what = "edge" if cand.op is None else self.ops[cand.op]

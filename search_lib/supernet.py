@@ -9,6 +9,7 @@ the two separate accessors.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -23,6 +24,17 @@ SKIP_WEIGHT = 0.01  # ops whose softmax weight is <= this are not run (this is h
 NORM_TYPES = ("batchnorm", "groupnorm16", "groupnorm", "instancenorm", "nonorm")
 
 
+@dataclass
+class SampleWeights:
+    """Per-sample op weights of one edge, for scoring several architectures in one pass.
+
+    ``columns[o]`` is an (N, 1, 1, 1) tensor of op o's weight for every sample (0 where the sample's
+    architecture does not run the op), or None when no sample runs it (then the op is not computed).
+    """
+
+    columns: list[torch.Tensor | None]
+
+
 class MixedOp(nn.Module):
     """All candidate ops of one edge; forward is the weighted sum of the ops still alive."""
 
@@ -30,13 +42,15 @@ class MixedOp(nn.Module):
         super().__init__()
         self.ops = nn.ModuleList(build_op(name, C_in, C_out, stride, affine) for name in space_ops(space))
 
-    def forward(self, x: torch.Tensor, weights: list[float]) -> torch.Tensor | None:
-        # `weights` are python floats: deciding which ops run never synchronises with the device.
+    def forward(self, x: torch.Tensor, weights: list[float] | SampleWeights) -> torch.Tensor | None:
+        if isinstance(weights, SampleWeights):  # several architectures, one per group of samples
+            pairs = [(w, op) for w, op in zip(weights.columns, self.ops) if w is not None]
+        else:  # python floats: deciding which ops run never synchronises with the device
+            pairs = [(w, op) for w, op in zip(weights, self.ops) if w > SKIP_WEIGHT]
         out = None
-        for w, op in zip(weights, self.ops):
-            if w > SKIP_WEIGHT:
-                y = op(x) * w
-                out = y if out is None else out + y
+        for w, op in pairs:
+            y = op(x) * w
+            out = y if out is None else out + y
         return out
 
 
@@ -145,9 +159,42 @@ class Supernet(nn.Module):
         dead = (alphas <= PRUNED_ALPHA / 2).all(dim=-1, keepdim=True)
         return probs.masked_fill(dead, 0.0).tolist()
 
+    @staticmethod
+    def edge_probs(alphas: torch.Tensor) -> torch.Tensor:
+        """Softmax weights per edge (float64, CPU), zero for ops that are not run (weight <= SKIP_WEIGHT) and
+        on edges whose ops are all pruned; ``alphas`` is (..., edges, ops)."""
+        alphas = alphas.detach().to("cpu", torch.float64)
+        probs = torch.softmax(alphas, dim=-1)
+        dead = (alphas <= PRUNED_ALPHA / 2).all(dim=-1, keepdim=True)
+        return probs.masked_fill(dead | (probs <= SKIP_WEIGHT), 0.0)
+
+    def set_candidates(self, normal: torch.Tensor, reduce: torch.Tensor, samples_each: int) -> None:
+        """Run B architectures in one pass: ``normal`` / ``reduce`` are (B, edges, ops) alphas, and the batch
+        holds ``samples_each`` samples of architecture 0, then of architecture 1, and so on.
+
+        Every sample sees exactly the weights its own architecture gives (zero for ops it does not run), so
+        each sample's output and per-sample gradients are those of its architecture alone; ops no
+        architecture runs are not computed. `clear_candidates` returns to the alphas.
+        """
+        ref = next(self.parameters())
+        self._candidates = tuple(self._sample_weights(a, samples_each, ref) for a in (normal, reduce))
+
+    def clear_candidates(self) -> None:
+        self._candidates = None
+
+    def _sample_weights(self, alphas: torch.Tensor, samples_each: int, ref: torch.Tensor) -> list[SampleWeights]:
+        probs = self.edge_probs(alphas)  # (B, E, O)
+        runs = (probs > 0).any(dim=0).tolist()
+        per_sample = probs.to(ref.device, ref.dtype).repeat_interleave(samples_each, dim=0)  # (B*n, E, O)
+        return [SampleWeights([per_sample[:, e, o].reshape(-1, 1, 1, 1).contiguous() if run else None
+                               for o, run in enumerate(row)]) for e, row in enumerate(runs)]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w_normal = self.edge_weights(self.alphas_normal)
-        w_reduce = self.edge_weights(self.alphas_reduce)
+        if getattr(self, "_candidates", None) is not None:
+            w_normal, w_reduce = self._candidates
+        else:
+            w_normal = self.edge_weights(self.alphas_normal)
+            w_reduce = self.edge_weights(self.alphas_reduce)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
