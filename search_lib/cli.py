@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Any, Callable, Iterable
 
@@ -62,6 +63,12 @@ _OOM_MESSAGE = ("the GPU ran out of memory; lower --batch_size (or --ntk_channel
 _OOM_WORDS = ("out of memory", "not_enough_memory", "cublas_status_alloc_failed")
 
 
+def _report(message: str) -> None:
+    """Print an error line, once per run: under torchrun only rank 0 prints (every rank exits with the code)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run an entry point's body; map user errors to one line on stderr and the documented exit code."""
     try:
@@ -70,22 +77,22 @@ def run_cli(body: Callable[[], int | None]) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a flag error already printed on one line (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except ToolkitError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        _report(f"error: {one_line(exc)}")
         logging.getLogger("metantknas").debug("error details", exc_info=True)
         return exc.exit_code
     except torch.cuda.OutOfMemoryError:
-        print(f"error: {_OOM_MESSAGE}", file=sys.stderr)
+        _report(f"error: {_OOM_MESSAGE}")
         return EXIT_RUNTIME
     except RuntimeError as exc:  # cuDNN / cuBLAS allocation failures are plain RuntimeErrors
         if not any(word in str(exc).lower() for word in _OOM_WORDS):
             raise
-        print(f"error: {_OOM_MESSAGE}", file=sys.stderr)
+        _report(f"error: {_OOM_MESSAGE}")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        print("error: interrupted; re-run the same command to resume", file=sys.stderr)
+        _report("error: interrupted; re-run the same command to resume")
         return 130
     except MemoryError:
-        print("error: out of memory; lower --batch_size or the network size", file=sys.stderr)
+        _report("error: out of memory; lower --batch_size or the network size")
         return EXIT_RUNTIME
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .config import SearchConfig
 from .data import SplitData, build_transform, load_split, sample_batch, sample_meta_batch
+from .distributed import World
 from .errors import one_line
 from .genotypes import PRUNED_ALPHA, Genotype, genotype_from_alphas
 from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_blocks, gram_by_group,
@@ -227,12 +228,14 @@ class CandidateScorer:
 class PruningSearch:
     """The rounds of one search; its state lives in the run folder's ``state.json``."""
 
-    def __init__(self, cfg: SearchConfig, run_dir: RunDir | None = None):
+    def __init__(self, cfg: SearchConfig, run_dir: RunDir | None = None, world: World | None = None,
+                 device: torch.device | None = None):
         self.cfg = cfg
         self.ops = cfg.space.ops
         self.keys = cfg.space.keys
         self.run_dir = run_dir if run_dir is not None else search_run_dir(cfg.save_dir)
-        self.device = resolve_device(cfg.device)
+        self.world = world if world is not None else World()
+        self.device = device if device is not None else resolve_device(cfg.device)
 
     # ---- state ----
     def initial_alive(self) -> np.ndarray:
@@ -242,7 +245,10 @@ class PruningSearch:
         return alive
 
     def save_state(self, state: dict) -> None:
-        """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it."""
+        """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it;
+        rank 0 alone writes under torchrun."""
+        if not self.world.is_main:
+            return
         self.run_dir.save_state(lambda path: atomic_write_json(path, state))
         atomic_write_text(self.run_dir / "history.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
@@ -253,7 +259,8 @@ class PruningSearch:
         An unreadable file (truncated, not JSON, wrong shape) is reported, moved aside as ``*.corrupt``
         (so it is never rotated over the good previous one) and the previous one is tried.
         """
-        return self.run_dir.load_state(self._read_state)
+        state = self.run_dir.load_state(self._read_state) if self.world.is_main else None
+        return self.world.gather(state)[0]  # rank 0 reads (and moves bad files aside); every rank resumes from it
 
     def _read_state(self, path) -> dict:
         """A state file of this search; ValueError unless it has this version, keys, shapes and phase."""
@@ -281,7 +288,7 @@ class PruningSearch:
         regions = np.zeros((reps, len(candidates)), dtype=np.int64)
         sentinels: list[str] = []
         bar = tqdm(total=reps * (len(candidates) + 1), desc=f"round {round_idx} ({phase})", leave=False,
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.world.is_main else True)
         for rep in range(reps):
             seed = repeat_seed(cfg.rand_seed, round_idx, rep)
             # the full network first, then every candidate: all scored with the same weights and batch
@@ -289,8 +296,10 @@ class PruningSearch:
             labels = ["full network"] + [f"without {self.describe(cand)}" for cand in candidates]
             scorer.begin_repeat(seed)
             try:
-                scores = self._score_archs(scorer, archs, [f"round {round_idx} repeat {rep} {x}" for x in labels],
-                                           bar)
+                contexts = [f"round {round_idx} repeat {rep} {x}" for x in labels]
+                mine = list(self.world.shard(len(archs)))  # under torchrun each rank scores its share
+                scores = self.world.merge(len(archs), self._score_archs(
+                    scorer, [archs[i] for i in mine], [contexts[i] for i in mine], bar))
             finally:
                 scorer.end_repeat()
             (k0, r0), rest = scores[0], scores[1:]

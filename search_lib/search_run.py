@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .config import SearchConfig
 from .data import SplitData, load_split, sample_batch, sample_meta_batch
 from .errors import DataError, GenotypeError, UsageError, one_line
@@ -78,9 +79,14 @@ def _result(cfg: SearchConfig, geno: Genotype, save_dir: Path, start: int, done:
 
 
 def run_search(cfg: SearchConfig) -> SearchResult:
-    """Validate, set up (or resume) the run directory, search, write the outputs."""
+    """Validate, set up (or resume) the run directory, search, write the outputs.
+
+    Under torchrun every rank runs this: each scores its share of every round's candidates, every rank
+    gets all the scores and prunes alike, and rank 0 alone writes the run folder and prints.
+    """
     cfg.validate()
-    resolve_device(cfg.device)
+    world, device = distributed.init(resolve_device(cfg.device))
+    main = world.is_main
     run = search_run_dir(cfg.save_dir)
     save_dir = run.path
     old_cfg = None if cfg.overwrite else run.read_config()
@@ -89,7 +95,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             old_seed = int(old_cfg.get("rand_seed", -1))
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{save_dir}/config.json holds an invalid rand_seed ({one_line(exc, 100)}); use "
-                            f"--overwrite or another --save_dir") from None
+                             f"--overwrite or another --save_dir") from None
         if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
             cfg.rand_seed = old_seed
         run.check_config(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict(), what="a search")
@@ -98,32 +104,42 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                 geno = GenotypeRecord.from_json((save_dir / "genotype.json").read_text()).genotype
             except (OSError, UnicodeDecodeError, GenotypeError) as exc:
                 # the state says where the search ended: finishing it again only rewrites genotype.json
-                print(f"warning: {save_dir} is marked done but genotype.json is unreadable ({one_line(exc, 100)}); "
-                      f"rebuilding it from the saved state", file=sys.stderr)
+                if main:
+                    print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
+                          f"({one_line(exc, 100)}); rebuilding it from the saved state", file=sys.stderr)
             else:
-                print(f"search already finished in {save_dir} (use --overwrite to recompute)")
-                print(f"genotype: {geno}")
+                if main:
+                    print(f"search already finished in {save_dir} (use --overwrite to recompute)")
+                    print(f"genotype: {geno}")
                 return _result(cfg, geno, save_dir, -1, True)
     _check_inputs(cfg)
     drawn = cfg.rand_seed == -1
-    if drawn:
-        cfg.rand_seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
-    run.create()
-    if cfg.overwrite:
-        run.clear()
-    run.write_config(cfg.to_dict())
-    with run.attach_log("metantknas", console=True):
-        search = PruningSearch(cfg, run)
+    if drawn:  # drawn once, by rank 0, for every rank
+        cfg.rand_seed = world.gather(int.from_bytes(os.urandom(4), "little") % (2**31 - 1))[0]
+    world.barrier()  # every rank has read the folder before rank 0 changes it
+    if main:
+        run.create()
+        if cfg.overwrite:
+            run.clear()
+        run.write_config(cfg.to_dict())
+    log_file = run.attach_log("metantknas", console=True) if main else None
+    try:
+        search = PruningSearch(cfg, run, world, device)
         state = search.load_state() if old_cfg is not None else None
         start = state["round"] if state else 0
-        log.info("search: %s, %s (%s), seed %d%s, device %s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
+        log.info("search: %s, %s (%s), seed %d%s, device %s%s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
                  cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
-                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device, save_dir,
+                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device,
+                 f" x {world.size} processes" if world.active else "", save_dir,
                  f", resuming at round {start}" if state else "")
         geno = search.run(state)
         result = _result(cfg, geno, save_dir, start, False)
-        result.record.write(save_dir / "genotype.json")
-        run.mark_done()
+        if main:
+            result.record.write(save_dir / "genotype.json")
+            run.mark_done()
         log.info("genotype: %s", geno)
         log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log)", save_dir)
         return result
+    finally:
+        if log_file is not None:
+            log_file.close()
