@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Several runs on one machine (README "Several runs on one box"): one GPU per job, finished runs skipped,
+# one log per job, a summary table; exit 1 if any job failed. Every flag goes to search_lib.sweep, e.g.
+#   bash scripts/sweep.sh --presets all --seeds 0,1,2                      # data from $METANTKNAS_*_DATA
+#   bash scripts/sweep.sh --jobs_file scripts/sweep_jobs.example --gpus none --jobs 2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+exec "$PY" -m search_lib.sweep "$@"
