@@ -120,13 +120,7 @@ class Genotype:
 
     @classmethod
     def from_json(cls, text: str) -> "Genotype":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GenotypeError(f"genotype JSON is malformed ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise GenotypeError("genotype JSON must be an object with normal, normal_concat, reduce, reduce_concat")
-        return cls.from_dict(data)
+        return cls.from_dict(_json_object(text))
 
     # ---- validation ----
     @property
@@ -174,6 +168,17 @@ class Genotype:
                            for name, names in SEARCH_SPACES.items())
         raise GenotypeError(f"genotype mixes operations of different search spaces ({', '.join(sorted(ops))}); "
                             f"use the operations of one space ({spaces})")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from text; GenotypeError (one line) when the text is not JSON or not an object."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GenotypeError(f"genotype JSON is malformed ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise GenotypeError("genotype JSON must be an object with normal, normal_concat, reduce, reduce_concat")
+    return data
 
 
 def _clip(text: str, n: int = 80) -> str:
@@ -260,13 +265,7 @@ class GenotypeRecord:
 
     @classmethod
     def from_json(cls, text: str) -> "GenotypeRecord":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GenotypeError(f"genotype JSON is malformed ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise GenotypeError("genotype JSON must be an object with normal, normal_concat, reduce, reduce_concat")
-        return cls.from_dict(data)
+        return cls.from_dict(_json_object(text))
 
     def validated(self, space: str | None = None, max_nodes: int | None = None) -> "GenotypeRecord":
         """Check the genotype against the given space / nodes, else against the ones the record names."""

@@ -12,7 +12,7 @@ and the ReLUs of ops an architecture does not run left out of its codes, as if t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,12 +23,17 @@ from .supernet import MixedOp, Supernet, init_weights, thin_supernet
 
 
 @torch.no_grad()
-def relu_codes(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Boolean (n, n_relu_units) matrix: which ReLU outputs are positive for each input."""
+def relu_codes(model: nn.Module, inputs: torch.Tensor,
+               mask: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Boolean (n, n_relu_units) matrix: which ReLU outputs are positive for each input.
+
+    ``mask(relu, bits)``, when given, may change each ReLU's (n, units) bits before they are kept.
+    """
     codes: list[torch.Tensor] = []
 
-    def hook(_module, _inp, out):
-        codes.append((out > 0).flatten(1))
+    def hook(module, _inp, out):
+        bits = (out > 0).flatten(1)
+        codes.append(bits if mask is None else mask(module, bits))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
@@ -126,25 +131,15 @@ def _masked_relu_codes(net: Supernet, inputs: torch.Tensor, live: torch.Tensor, 
     does not run gives that sample a constant code (False), which leaves the count of distinct codes of
     the architecture unchanged, as if the op had not run. ``live`` is (B, 2, edges, ops) bool."""
     owners = _relu_owners(net)
-    codes: list[torch.Tensor] = []
 
-    def hook(module, _inp, out):
-        bits = (out > 0).flatten(1)
+    def mask(module: nn.Module, bits: torch.Tensor) -> torch.Tensor:
         where = owners.get(module)
-        if where is not None:
-            keep = live[:, where[0], where[1], where[2]].to(bits.device).repeat_interleave(samples_each)
-            bits = bits & keep[:, None]
-        codes.append(bits)
+        if where is None:
+            return bits
+        keep = live[:, where[0], where[1], where[2]].to(bits.device).repeat_interleave(samples_each)
+        return bits & keep[:, None]
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.ReLU)]
-    try:
-        net(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not codes:
-        return torch.zeros(inputs.shape[0], 0, dtype=torch.bool, device=inputs.device)
-    return torch.cat(codes, dim=1)
+    return relu_codes(net, inputs, mask)
 
 
 @contextmanager

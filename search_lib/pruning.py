@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
-import scipy.stats
 import torch
 from tqdm import tqdm
 
@@ -33,10 +30,11 @@ from .config import SearchConfig
 from .data import SplitData, build_transform, load_split, sample_batch, sample_meta_batch
 from .distributed import World
 from .errors import one_line
-from .genotypes import PRUNED_ALPHA, Genotype, genotype_from_alphas
+from .genotypes import Genotype, genotype_from_alphas
 from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_blocks, gram_by_group,
                       kernel_parameters, metantk_kernel_groups, per_sample_gradients, seeded_linear)
 from .linear_regions import LinearRegionScorer, sample_crops
+from .ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
 from .run_dir import RunDir, SavedState
 from .supernet import Supernet, init_weights, replace_norm
 from .utils import atomic_write_json, atomic_write_text, resolve_device
@@ -48,36 +46,6 @@ CPU_PASS_BUDGET = 1 << 30  # bytes of per-sample gradients one pass may hold on 
 MAX_PER_PASS = 64  # architectures per pass at most (beyond this the per-pass overhead is already amortised)
 STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
 STATE_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Numbers
-
-
-def repeat_seed(base_seed: int, round_idx: int, rep: int) -> int:
-    """The seed of one repeat of one round (initialisation and batch), derived, never stateful."""
-    return int(np.random.SeedSequence([base_seed, round_idx, rep]).generate_state(1)[0])
-
-
-def round_sig(x: float, digits: int) -> float:
-    """Round to `digits` significant digits."""
-    if x == 0 or not math.isfinite(x):
-        return x
-    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
-
-
-def dense_rank(values: Iterable[float], descending: bool = False) -> list[int]:
-    """Ranks from 0 with ties sharing a rank and no gaps (the original's ranking)."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    if descending:
-        arr = -arr
-    return [int(r) - 1 for r in scipy.stats.rankdata(arr, method="dense")]
-
-
-def alphas_from_alive(alive: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """alive: bool (2, edges, ops) -> architecture parameters (0 alive, PRUNED_ALPHA pruned)."""
-    a = torch.where(torch.as_tensor(alive), 0.0, PRUNED_ALPHA).to(torch.float32)
-    return a[0].clone(), a[1].clone()
 
 
 # --------------------------------------------------------------------------------------------------
