@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_search --channels 16 --layers 5 --image_size 32
+	$(PY) -m benchmarks.bench_search --channels 16,48 --layers 5 --image_size 32
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
