@@ -49,7 +49,8 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
     for (split, shots), episodes in episode_sets.items():
         res = meta_test(model, episodes, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
                         progress=cfg.progress, num_workers=cfg.workers(device.type),
-                        desc=f"{split} {cfg.n_ways}-way {shots}-shot")
+                        desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
+                        normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch)
         res["shots"] = shots
         if not math.isfinite(res["ci95"]):
             res["ci95"] = None

@@ -42,7 +42,7 @@ from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, reso
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
-from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, paper_training_preset
+from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, eval_settings, paper_training_preset
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
 from .trainer import (build_network, build_optimizer, build_scheduler, complexity, default_save_dir, epoch_seed,
                       input_shape, lr_factor, resolve_architecture, train_one_epoch, truncate_metrics)
@@ -171,7 +171,7 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
     cached = read_json(run / "results.json") if run.is_done() else None
     if cached is None or ckpt is None or int(ckpt["epoch"]) < cfg.epochs:
         return None
-    if not config_diff(cached.get("config", {}), conf, tuple(keys) + EVAL_KEYS):
+    if not config_diff(eval_settings(cached.get("config", {})), conf, tuple(keys) + EVAL_KEYS):
         logger.info("run in %s is already finished; returning its results (use --overwrite to recompute)", run.path)
         cached["status"] = "cached"
         return cached
