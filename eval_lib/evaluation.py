@@ -20,7 +20,7 @@ from torch import nn
 from search_lib.data import EpisodeDataset, resolve_dataset
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import GenotypeRecord, resolve_genotype
-from search_lib.utils import atomic_write_json, resolve_device
+from search_lib.utils import atomic_write_json, configure_threads, resolve_device
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
@@ -94,6 +94,8 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
     device = resolve_device(cfg.device)
+    threads = configure_threads(cfg.workers(device.type), cfg.threads)
+    logger.info("device %s, %d compute threads", device, threads)
     started = time.time()
     ckpt = read_checkpoint(path, trusted=cfg.trust_checkpoint)
     state = state_dict_of(ckpt)
