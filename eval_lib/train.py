@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.data import SupervisedDataset
+from search_lib.data.batch_augment import DeviceBatches
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
 from search_lib.run_dir import RunDir
@@ -194,6 +195,12 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
     truncate_metrics(metrics_path, progress["epoch"], progress["last"])
     generator = torch.Generator()
     train_set = data.train_set
+    device_batches = None
+    if cfg.use_gpu_augment(device.type):
+        if cfg.normalised()["transform"] != "A":
+            raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
+        device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
+                                       int(data.input_shape[-1]))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=len(train_set) > cfg.batch_size,
                                          num_workers=cfg.workers(device.type), generator=generator,
@@ -209,7 +216,8 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
         lr = optimizer.param_groups[0]["lr"]
         generator.manual_seed(epoch_seed(cfg.seed, epoch))
-        loss, acc = train_one_epoch(model, loader, optimizer, device, desc=f"epoch {epoch + 1}",
+        batches = loader if device_batches is None else device_batches.epoch(epoch_seed(cfg.seed, epoch))
+        loss, acc = train_one_epoch(model, batches, optimizer, device, desc=f"epoch {epoch + 1}",
                                     progress=cfg.progress, amp_dtype=cfg.amp_dtype(device.type),
                                     channels_last=cfg.channels_last)
         if not math.isfinite(loss):

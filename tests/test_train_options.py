@@ -89,3 +89,12 @@ def test_thread_helper_uses_the_override_the_environment_and_the_affinity(monkey
         assert configure_threads(workers=available_cpus() + 3) == 1  # never below one
     finally:
         torch.set_num_threads(before)
+
+
+def test_device_augmentation_trains_on_the_cpu_and_is_off_by_default_there(synthetic_mini, tmp_path):
+    assert not TrainConfig().use_gpu_augment("cpu") and TrainConfig().use_gpu_augment("cuda")
+    assert not TrainConfig(transform="B").use_gpu_augment("cuda")
+    res = train_and_evaluate(_cfg(synthetic_mini, tmp_path, gpu_augment=True))
+    assert res["status"] == "finished" and math.isfinite(res["train"]["final"]["loss"])
+    with pytest.raises(UsageError, match="transform A only"):
+        train_and_evaluate(_cfg(synthetic_mini, tmp_path / "b", gpu_augment=True, transform="B"))
