@@ -243,16 +243,30 @@ def _sq_dist(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def predict_batched(classifier: str, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, n_classes: int,
-                    C: float = 1.0, proto_rule: str = "mean", n_aug: int = 1) -> torch.Tensor:
+                    C: float = 1.0, proto_rule: str = "mean", n_aug: int = 1,
+                    refit_margin: float = 1e-4) -> torch.Tensor:
     """Predicted labels (E, m) of E episodes of the same shape: supports ``sx`` (E, n, D) with labels ``sy``
     (E, n) in 0..n_classes-1, queries ``qx`` (E, m, D). LR / NN / Cosine / Proto in torch float64; SVM
-    falls back to scikit-learn episode by episode."""
+    falls back to scikit-learn episode by episode. LR episodes with a query closer than ``refit_margin``
+    to a tie (in logits) are refitted with scikit-learn (0 turns this off)."""
     name = canonical_classifier(classifier)
     sx, qx = sx.to(torch.float64), qx.to(torch.float64)
     sy = sy.long()
     if name == "LR":
         W, b = logistic_regression_batched(sx, sy, n_classes, C=C)
-        return torch.baddbmm(b[:, None, :], qx, W.transpose(1, 2)).argmax(2)
+        logits = torch.baddbmm(b[:, None, :], qx, W.transpose(1, 2))
+        pred = logits.argmax(2)
+        if n_classes > 1 and refit_margin > 0:
+            # A query whose two best logits differ by less than refit_margin is decided by where lbfgs stops
+            # (scikit-learn stops at its tolerance, before the optimum): such episodes (degenerate features,
+            # e.g. an untrained network) are refitted with the reference so the numbers are its numbers.
+            top2 = logits.topk(2, dim=2).values
+            close = ((top2[:, :, 0] - top2[:, :, 1]) < refit_margin).any(1).nonzero().flatten().tolist()
+            if close:
+                sxn, syn, qxn = sx[close].cpu().numpy(), sy[close].cpu().numpy(), qx[close].cpu().numpy()
+                ref = np.stack([_logistic_regression(sxn[i], syn[i], qxn[i], C=C) for i in range(len(close))])
+                pred[close] = torch.as_tensor(ref, device=pred.device).long()
+        return pred
     if name == "NN":
         return torch.gather(sy, 1, _sq_dist(qx, sx).argmin(2))
     if name == "Cosine":
@@ -273,11 +287,12 @@ def predict_batched(classifier: str, sx: torch.Tensor, sy: torch.Tensor, qx: tor
 
 def predict_episodes(classifier: str, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, n_classes: int,
                      backend: str = "torch", C: float = 1.0, proto_rule: str = "mean",
-                     n_aug: int = 1) -> torch.Tensor:
+                     n_aug: int = 1, refit_margin: float = 1e-4) -> torch.Tensor:
     """Predicted labels (E, m) with the chosen back end: ``torch`` (batched) or ``sklearn`` (the reference,
     one episode at a time, numpy)."""
     if backend == "torch":
-        return predict_batched(classifier, sx, sy, qx, n_classes, C=C, proto_rule=proto_rule, n_aug=n_aug)
+        return predict_batched(classifier, sx, sy, qx, n_classes, C=C, proto_rule=proto_rule, n_aug=n_aug,
+                               refit_margin=refit_margin)
     if backend != "sklearn":
         raise UsageError(f"unknown few-shot back end {backend!r}; use one of {', '.join(BACKENDS)}")
     fit_predict = get_classifier(classifier)

@@ -77,13 +77,27 @@ def test_logistic_regression_reaches_sklearns_optimum(C):
     from sklearn.linear_model import LogisticRegression
 
     sx, sy, _, _ = _random_episodes(7, 5, n_episodes=3)
-    W, b = logistic_regression_batched(sx, sy, 5, C=C)
+    W, b = logistic_regression_batched(sx, sy, 5, C=C)  # the solver alone: no reference refits
     for e in range(3):
         ref = LogisticRegression(C=C, tol=1e-12, max_iter=100000).fit(sx[e].numpy(), sy[e].numpy())
         assert np.abs(ref.coef_ - W[e].numpy()).max() < 1e-5
         # the intercept is defined up to a common shift (unpenalised, softmax)
         db = (ref.intercept_ - ref.intercept_.mean()) - (b[e].numpy() - b[e].numpy().mean())
         assert np.abs(db).max() < 1e-5
+
+
+def test_near_ties_are_decided_by_the_reference():
+    """Degenerate features (all alike, as from an untrained network): scikit-learn stops before the optimum
+    and its labels differ from the optimum's; the fast path refits such episodes with scikit-learn."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=24)
+    sx = torch.from_numpy(l2_normalize(base + 0.01 * rng.normal(size=(4 * 5, 24)))).reshape(4, 5, 24)
+    qx = torch.from_numpy(l2_normalize(base + 0.01 * rng.normal(size=(4 * 15, 24)))).reshape(4, 15, 24)
+    sy = torch.arange(5).repeat(4, 1)
+    ref = predict_episodes("LR", sx, sy, qx, 5, backend="sklearn")
+    optimum = predict_episodes("LR", sx, sy, qx, 5, refit_margin=0.0)
+    assert not torch.equal(optimum, ref)  # the reference is not at the optimum here
+    assert torch.equal(predict_episodes("LR", sx, sy, qx, 5), ref)
 
 
 def test_C_and_nonorm_change_the_test():
