@@ -43,6 +43,9 @@ log = logging.getLogger("metantknas.search")
 
 CELLS = ("normal", "reduce")
 CPU_PASS_BUDGET = 1 << 30  # bytes of per-sample gradients one pass may hold on the CPU
+# Above this per architecture a CPU pass is compute-bound (C=16, 32x32: 2 per pass took 1.14x one at a time);
+# below it (the demo's C=4) Python and hook overhead dominate and passes of many are 5-6x faster.
+CPU_BATCHING_LIMIT = 64 << 20
 MAX_PER_PASS = 64  # architectures per pass at most (beyond this the per-pass overhead is already amortised)
 STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
 STATE_VERSION = 1
@@ -175,8 +178,7 @@ class CandidateScorer:
                 for b in range(n_arch)]
 
     def candidates_per_pass(self) -> int:
-        """How many architectures one pass scores: the per-sample gradients of the repeated batch take
-        about archs x batch x kernel parameters x 4 bytes, kept under a memory budget."""
+        """Architectures per pass: their per-sample gradients (archs x batch x parameters x 4 B) fit a budget."""
         if self.cfg.candidates_per_pass > 0:
             return self.cfg.candidates_per_pass
         n_params = sum(p.numel() for p in self.groups["theta"]) if not self.cfg.only_lrs else 0
@@ -184,6 +186,8 @@ class CandidateScorer:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free // 3
+        elif per_arch > CPU_BATCHING_LIMIT:  # a compute-bound pass on the CPU: batching only adds memory traffic
+            return 1
         else:
             budget = CPU_PASS_BUDGET
         return int(max(1, min(MAX_PER_PASS, budget // per_arch)))
