@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow bench clean-demo
+.PHONY: setup demo test test-slow bench bench-train clean-demo
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_search --channels 16,48 --layers 5 --image_size 32
+
+# Training step (images/s), few-shot test per 1,000 episodes (fast vs reference, same run), peak memory.
+bench-train: $(STAMP)
+	$(PY) -m benchmarks.bench_train --init_channels 8 --layers 5 --episodes 100 --amp bf16
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -10,12 +10,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from search_lib.cli import flag, flag_fields
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.errors import UsageError
 from search_lib.utils import DEVICE_CHOICES
 
-from .fewshot import CLASSIFIERS, canonical_classifier
+from .fewshot import BACKENDS, CLASSIFIERS, PROTO_RULES, canonical_classifier
 
 SCHEDULERS = ("step", "cosine", "exp")
 SPLITS = ("test", "val")
@@ -28,7 +30,8 @@ TRAINING_KEYS = ("dataset", "init_channels", "layers", "stem_multiplier", "fsr",
                  "optimizer", "momentum", "weight_decay", "transform", "image_size", "seed")
 # Settings that define the few-shot test: cached results are reused only when these agree.
 EVAL_KEYS = ("n_ways", "n_shots", "n_queries", "n_test_runs", "n_aug_support_samples", "classifier",
-             "episode_seed", "eval_splits", "use_logits")
+             "episode_seed", "eval_splits", "use_logits", "C", "nonorm", "proto_rule")
+AMP_CHOICES = ("bf16", "none")
 
 
 # ---- flag value parsers ----
@@ -117,6 +120,17 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata=_after_search("weight decay", group=_TRAIN))
     seed: int = field(default=0, metadata=_after_search("seed of the initialisation and data order", group=_TRAIN))
     device: str = field(default="auto", metadata=flag(f"{', '.join(DEVICE_CHOICES)}", group=_TRAIN))
+    threads: int | None = field(default=None, metadata=_after_search(
+        "torch / BLAS threads (default: the CPUs this process may use, less the loader workers; the "
+        "environment variable METANTKNAS_THREADS also sets it)", type=int, group=_TRAIN))
+    amp: str | None = field(default=None, metadata=_after_search(
+        "mixed precision of the training: bf16 or none (float32); default bf16 on CUDA, none on the CPU",
+        type=str, choices=AMP_CHOICES, group=_TRAIN))
+    channels_last: bool = field(default=False, metadata=_after_search(
+        "train in the channels_last memory format", group=_TRAIN))
+    gpu_augment: bool | None = field(default=None, metadata=_after_search(
+        "transform A on the device, per sample in batch, from uint8 images held there (default: on with "
+        "CUDA and transform A, else off)", type=bool, group=_TRAIN))
     # few-shot test (paper: 5-way, 1000 episodes, 50 queries, 5 augmented support copies, LR)
     n_ways: int = field(default=5, metadata=_after_search("classes per episode", group=_TEST))
     n_shots: list[int] = field(default_factory=lambda: [1, 5], metadata=_after_search(
@@ -128,6 +142,18 @@ class TrainConfig:
     classifier: str = field(default="LR", metadata=_after_search(f"{', '.join(CLASSIFIERS)}", group=_TEST))
     use_logits: bool = field(default=False, metadata=flag(
         "classify logits instead of the penultimate features", group=_TEST))
+    C: float = field(default=1.0, metadata=_after_search(
+        "inverse L2 regularisation of the logistic regression (the original's --C)", group=_TEST))
+    nonorm: bool = field(default=False, metadata=_after_search(
+        "do not L2-normalise the features before classifying (the original's --nonorm)", group=_TEST))
+    proto_rule: str = field(default="mean", metadata=_after_search(
+        "Proto with several support copies: mean (one prototype per class over all copies) or rfs (query "
+        "block b against copy b's prototypes, as the RFS code)", choices=PROTO_RULES, group=_TEST))
+    fewshot_backend: str = field(default="torch", metadata=_after_search(
+        "torch: batched classifiers, each query's features computed once; sklearn: the reference, one "
+        "scikit-learn fit per episode", choices=BACKENDS, group=_TEST))
+    episode_batch: int = field(default=100, metadata=_after_search(
+        "episodes whose supports and classifiers are processed together (torch back end)", group=_TEST))
     episode_seed: int = field(default=0, metadata=_after_search("seed fixing the episodes", group=_TEST))
     eval_splits: list[str] = field(default_factory=lambda: ["test", "val"], metadata=_after_search(
         "test (novel classes) and/or val (meta-validation)", type=split_list, group=_TEST))
@@ -178,6 +204,17 @@ class TrainConfig:
         return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
             if device_type == "cuda" else 0
 
+    def amp_dtype(self, device_type: str) -> torch.dtype | None:
+        """The autocast dtype of the training: bf16 by default on CUDA, none (float32) on the CPU."""
+        amp = self.amp or ("bf16" if device_type == "cuda" else "none")
+        return torch.bfloat16 if amp == "bf16" else None
+
+    def use_gpu_augment(self, device_type: str) -> bool:
+        """Transform A on the device: the flag, else on with CUDA and transform A."""
+        if self.gpu_augment is not None:
+            return bool(self.gpu_augment)
+        return device_type == "cuda" and (self.transform or DEFAULT_TRANSFORM).upper() == "A"
+
     def normalised(self) -> dict[str, Any]:
         """The config dict with the defaults resolved and names canonical (recorded in config.json and
         checkpoints, and compared when a run folder is used again)."""
@@ -225,6 +262,17 @@ class TrainConfig:
         bad = [s for s in self.eval_splits if s not in SPLITS]
         if bad:
             raise UsageError(f"unknown evaluation split {bad[0]!r}; use {' and/or '.join(SPLITS)}")
+        if not (isinstance(self.C, (int, float)) and math.isfinite(self.C) and self.C > 0):
+            raise UsageError(f"--C must be a positive number, got {self.C!r}")
+        if self.proto_rule not in PROTO_RULES:
+            raise UsageError(f"unknown --proto_rule {self.proto_rule!r}; use one of {', '.join(PROTO_RULES)}")
+        if self.fewshot_backend not in BACKENDS:
+            raise UsageError(f"unknown --fewshot_backend {self.fewshot_backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.amp is not None and self.amp not in AMP_CHOICES:
+            raise UsageError(f"unknown --amp {self.amp!r}; use one of {', '.join(AMP_CHOICES)}")
+        positive_int("episode_batch")
+        if self.threads is not None:
+            positive_int("threads")
         if self.stop_after_epoch is not None and self.stop_after_epoch < 0:
             raise UsageError("stop_after_epoch must be >= 0")
         self.classifier = canonical_classifier(self.classifier)
@@ -238,6 +286,14 @@ class TrainConfig:
                 raise UsageError("no architecture given; pass --genotype (preset name, Genotype(...) string or "
                                  "genotype.json) or --random_arch")
         return self
+
+
+def eval_settings(config: dict) -> dict:
+    """A recorded config with the test settings it lacks filled in with their defaults (results written
+    before a setting existed were computed with its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in EVAL_KEYS
+                and f.default is not dataclasses.MISSING}
+    return {**defaults, **config}
 
 
 # Flags of eval_searched_arch.py that the search forwards as --aug_<name> with --train_after_search.

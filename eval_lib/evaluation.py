@@ -20,7 +20,7 @@ from torch import nn
 from search_lib.data import EpisodeDataset, resolve_dataset
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import GenotypeRecord, resolve_genotype
-from search_lib.utils import atomic_write_json, resolve_device
+from search_lib.utils import atomic_write_json, configure_threads, resolve_device
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
@@ -49,7 +49,8 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
     for (split, shots), episodes in episode_sets.items():
         res = meta_test(model, episodes, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
                         progress=cfg.progress, num_workers=cfg.workers(device.type),
-                        desc=f"{split} {cfg.n_ways}-way {shots}-shot")
+                        desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
+                        normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch)
         res["shots"] = shots
         if not math.isfinite(res["ci95"]):
             res["ci95"] = None
@@ -93,6 +94,8 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
     device = resolve_device(cfg.device)
+    threads = configure_threads(cfg.workers(device.type), cfg.threads)
+    logger.info("device %s, %d compute threads", device, threads)
     started = time.time()
     ckpt = read_checkpoint(path, trusted=cfg.trust_checkpoint)
     state = state_dict_of(ckpt)

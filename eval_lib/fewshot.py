@@ -4,13 +4,24 @@ For every episode the network's penultimate features (or its logits) of the supp
 extracted in eval mode, L2-normalised, and a simple classifier fitted on the support set labels the
 queries. The mean accuracy over the episodes is reported with its 95% Student-t confidence interval.
 Accuracies are in percent throughout.
+
+Two back ends give the same numbers (tests/test_fewshot_batched.py checks it against scikit-learn):
+
+* ``torch`` (default): features of every query image are computed once, in large batches, and reused by
+  every episode that draws it (the test transform draws no random numbers, which is checked); the support
+  copies of each episode are transformed exactly as ``EpisodeDataset.__getitem__`` does (same seeded
+  generator, same order) and their features computed many episodes at a time; the classifiers are fitted on
+  many episodes at once in float64 (logistic regression: a batched Newton-CG solve of scikit-learn's
+  objective; NN / Cosine / Proto: closed form; SVM stays scikit-learn per episode).
+* ``sklearn``: the reference classifiers, one scikit-learn fit per episode on the same features.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterable
+import random
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,84 +30,10 @@ from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, UsageError
 
+from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
+                          l2_normalize, logistic_regression_batched, predict_batched, predict_episodes)
+
 logger = logging.getLogger("metantknas.eval")
-
-# A classifier takes (support features, support labels, query features), all numpy, and returns the
-# predicted query labels.
-Classifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-# --------------------------------------------------------------------------------------------------
-# classifiers
-# --------------------------------------------------------------------------------------------------
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Scale each row of ``x`` to unit Euclidean norm (rows of zeros stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
-
-
-def _logistic_regression(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-
-    # No ``multi_class`` argument: it was removed in scikit-learn 1.7 (multinomial is the default).
-    clf = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000)
-    clf.fit(sx, sy)
-    return clf.predict(qx)
-
-
-def _svm(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    clf = make_pipeline(StandardScaler(), SVC(C=1.0, kernel="linear", decision_function_shape="ovr"))
-    clf.fit(sx, sy)
-    return clf.predict(qx)
-
-
-def _nearest_neighbour(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    # squared Euclidean distances, queries x support
-    d = (qx ** 2).sum(1)[:, None] - 2.0 * qx @ sx.T + (sx ** 2).sum(1)[None, :]
-    return np.asarray(sy)[np.argmin(d, axis=1)]
-
-
-def _cosine(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    sim = l2_normalize(qx) @ l2_normalize(sx).T
-    return np.asarray(sy)[np.argmax(sim, axis=1)]
-
-
-def _prototype(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    sy = np.asarray(sy)
-    classes = np.unique(sy)
-    protos = np.stack([sx[sy == c].mean(axis=0) for c in classes])
-    d = (qx ** 2).sum(1)[:, None] - 2.0 * qx @ protos.T + (protos ** 2).sum(1)[None, :]
-    return classes[np.argmin(d, axis=1)]
-
-
-CLASSIFIERS: dict[str, Classifier] = {
-    "LR": _logistic_regression,
-    "SVM": _svm,
-    "NN": _nearest_neighbour,
-    "Cosine": _cosine,
-    "Proto": _prototype,
-}
-
-
-def get_classifier(name: str) -> Classifier:
-    """Look a classifier up by name (case-insensitive); unknown names raise UsageError."""
-    for key, fn in CLASSIFIERS.items():
-        if key.lower() == str(name).lower():
-            return fn
-    raise UsageError(f"unknown classifier {name!r}; use one of {', '.join(CLASSIFIERS)}")
-
-
-def canonical_classifier(name: str) -> str:
-    """The registry spelling of a classifier name (raises UsageError when unknown)."""
-    get_classifier(name)
-    return next(key for key in CLASSIFIERS if key.lower() == str(name).lower())
-
 
 # --------------------------------------------------------------------------------------------------
 # statistics
@@ -152,52 +89,176 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     return torch.cat(outs).numpy()
 
 
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+
+def draws_no_random_numbers(transform, image) -> bool:
+    """True when ``transform(image)`` leaves torch's, Python's and numpy's global generators untouched (so
+    its output depends on the image alone and may be computed once per image)."""
+    with torch.random.fork_rng(devices=[]):
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            before = _rng_states()
+            transform(image)
+            after = _rng_states()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    return (torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2]))
+
+
+class _EpisodeSupports(torch.utils.data.Dataset):
+    """Item i: the transformed support copies of episode i of an EpisodeDataset (for loader workers)."""
+
+    def __init__(self, episodes, plans):
+        self.episodes, self.plans = episodes, plans
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.episodes.support_images(self.plans[i])
+
+
+class _Features:
+    """The network's features (float32, on the device) of image batches, ``batch_size`` images at a time."""
+
+    def __init__(self, model: nn.Module, device: torch.device, use_logits: bool, batch_size: int):
+        self.model, self.device, self.use_logits, self.batch_size = model, device, use_logits, int(batch_size)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start:start + self.batch_size].to(self.device, dtype=torch.float32, non_blocking=True)
+            out = self.model(chunk) if self.use_logits else self.model(chunk, return_features=True)[0]
+            outs.append(out.reshape(out.shape[0], -1).float())
+        return torch.cat(outs)
+
+
+def _fast_path_ok(episode_dataset) -> bool:
+    """EpisodeDataset-like (episode_plan / support_images) with a query transform that draws no random numbers."""
+    needed = ("episode_plan", "support_images", "query_transform", "split")
+    if not all(hasattr(episode_dataset, a) for a in needed):
+        return False
+    plan = episode_dataset.episode_plan(0)
+    return draws_no_random_numbers(episode_dataset.query_transform, episode_dataset.split.images[plan.query_idx[0]])
+
+
+def _episode_features_fast(episode_dataset, feats: _Features, num_workers: int, pin: bool,
+                           episode_batch: int) -> Iterator[tuple]:
+    """(support features, support labels, query features, query labels) per group of up to episode_batch
+    episodes, stacked: (e, n, D), (e, n), (e, m, D), (e, m). Queries: each image's features computed once."""
+    n = len(episode_dataset)
+    plans = [episode_dataset.episode_plan(i) for i in range(n)]
+    uniq, inverse = np.unique(np.concatenate([p.query_idx for p in plans]), return_inverse=True)
+    m = plans[0].query_idx.size
+    qpos = torch.from_numpy(inverse.reshape(n, m))
+    images = episode_dataset.split.images
+    tf = episode_dataset.query_transform
+    qfeat = torch.cat([feats(torch.stack([tf(images[i]) for i in uniq[s:s + 1024]]))
+                       for s in range(0, uniq.size, 1024)])
+    loader = torch.utils.data.DataLoader(_EpisodeSupports(episode_dataset, plans), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, pin_memory=pin)
+    group: list[torch.Tensor] = []
+    start = 0
+    for sx_img in loader:
+        group.append(sx_img)
+        if len(group) == episode_batch or start + len(group) == n:
+            e = len(group)
+            sfeat = feats(torch.cat(group)).reshape(e, group[0].shape[0], -1)
+            idx = range(start, start + e)
+            sy = torch.from_numpy(np.stack([plans[i].support_labels for i in idx]).astype(np.int64))
+            qy = torch.from_numpy(np.stack([plans[i].query_labels for i in idx]).astype(np.int64))
+            yield sfeat, sy, qfeat[qpos[start:start + e].to(qfeat.device)], qy
+            start += e
+            group = []
+
+
+def _episode_features_generic(episode_dataset, feats: _Features, num_workers: int, pin: bool) -> Iterator[tuple]:
+    """The same groups (of one episode) from any dataset of (support_xs, support_ys, query_xs, query_ys)."""
+    loader = torch.utils.data.DataLoader(episode_dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=pin)
+    for support_xs, support_ys, query_xs, query_ys in loader:
+        sx_img, qx_img = _as_images(support_xs), _as_images(query_xs)
+        sy, qy = _as_labels(support_ys), _as_labels(query_ys)
+        if sx_img.shape[0] != sy.shape[0] or qx_img.shape[0] != qy.shape[0]:
+            raise DataError("episode images and labels differ in number; check the episode dataset")
+        yield (feats(sx_img)[None], torch.from_numpy(sy)[None], feats(qx_img)[None], torch.from_numpy(qy)[None])
+
+
+def _l2_normalize_t(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
               device: torch.device | str | None = None, use_logits: bool = False, progress: bool = True,
-              batch_size: int = 256, num_workers: int = 0, desc: str = "meta-test") -> dict:
+              batch_size: int = 256, num_workers: int = 0, desc: str = "meta-test", *, backend: str = "torch",
+              C: float = 1.0, normalize: bool = True, proto_rule: str = "mean", episode_batch: int = 100) -> dict:
     """Few-shot accuracy of ``model`` over every episode of ``episode_dataset``.
 
-    Each item of the dataset is ``(support_xs, support_ys, query_xs, query_ys)``. Returns a dict with
-    ``mean`` and ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``,
-    ``classifier`` and the per-episode ``accuracies`` (percent).
+    Each item of the dataset is ``(support_xs, support_ys, query_xs, query_ys)``. For an `EpisodeDataset`
+    whose query transform draws no random numbers, each query image's features are computed once and the
+    support copies of ``episode_batch`` episodes at a time (the same images ``__getitem__`` gives); other
+    datasets are read item by item. ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the
+    reference); ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the
+    features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`). Returns a dict with ``mean`` and
+    ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``, ``classifier`` and the
+    per-episode ``accuracies`` (percent).
     """
     from search_lib.utils import resolve_device
 
-    fit_predict = get_classifier(classifier)
     classifier = canonical_classifier(classifier)
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown few-shot back end {backend!r}; use one of {', '.join(BACKENDS)}")
+    if proto_rule not in PROTO_RULES:
+        raise UsageError(f"unknown prototype rule {proto_rule!r}; use one of {', '.join(PROTO_RULES)}")
+    if not (math.isfinite(C) and C > 0):
+        raise UsageError(f"the logistic regression's C must be positive, got {C!r}")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     elif isinstance(device, str):
         device = resolve_device(device)
+    device = torch.device(device)
     n_episodes = len(episode_dataset)
     if n_episodes < 1:
         raise DataError("the episode dataset is empty; use --n_test_runs >= 1")
+    n_aug = int(getattr(episode_dataset, "n_aug_support_samples", 1) or 1)
 
-    loader = torch.utils.data.DataLoader(episode_dataset, batch_size=None, shuffle=False,
-                                         num_workers=num_workers,
-                                         pin_memory=(torch.device(device).type == "cuda"))
     was_training = model.training
     model.eval()
     accs: list[float] = []
-    ways = shots = queries = None
+    ways = queries = None
+    feats = _Features(model, device, use_logits, batch_size)
+    pin = device.type == "cuda"
     try:
-        bar = tqdm(loader, total=n_episodes, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
-        for support_xs, support_ys, query_xs, query_ys in bar:
-            sx_img, qx_img = _as_images(support_xs), _as_images(query_xs)
-            sy, qy = _as_labels(support_ys), _as_labels(query_ys)
-            if sx_img.shape[0] != sy.shape[0] or qx_img.shape[0] != qy.shape[0]:
-                raise DataError("episode images and labels differ in number; check the episode dataset")
-            sx = l2_normalize(extract_features(model, sx_img, device, use_logits, batch_size))
-            qx = l2_normalize(extract_features(model, qx_img, device, use_logits, batch_size))
-            pred = np.asarray(fit_predict(sx, sy, qx))
-            accs.append(100.0 * float((pred == qy).mean()))
+        if _fast_path_ok(episode_dataset):
+            groups = _episode_features_fast(episode_dataset, feats, num_workers, pin, max(1, int(episode_batch)))
+        else:
+            groups = _episode_features_generic(episode_dataset, feats, num_workers, pin)
+        bar = tqdm(total=n_episodes, desc=desc, disable=None if progress else True, leave=False,
+                   dynamic_ncols=True)
+        for sx, sy, qx, qy in groups:
+            sx, qx = sx.to(torch.float64), qx.to(torch.float64)
+            if normalize:
+                sx, qx = _l2_normalize_t(sx), _l2_normalize_t(qx)
+            if sy.shape[0] == 1:  # one episode of any labels: index them 0..K-1
+                classes, inv = np.unique(sy[0].numpy(), return_inverse=True)
+                classes, sy_idx = torch.from_numpy(classes), torch.from_numpy(inv.reshape(1, -1).astype(np.int64))
+            else:  # EpisodeDataset groups: labels are already 0..n_ways-1
+                classes, sy_idx = torch.arange(int(episode_dataset.n_ways)), sy
+            pred_idx = predict_episodes(classifier, sx, sy_idx.to(sx.device), qx, int(classes.numel()),
+                                        backend=backend, C=C, proto_rule=proto_rule, n_aug=n_aug)
+            pred = classes.to(pred_idx.device)[pred_idx].cpu()
+            accs.extend((100.0 * (pred == qy).double().mean(1)).tolist())
             if ways is None:
-                labels, counts = np.unique(qy, return_counts=True)
-                ways = int(labels.size)
-                queries = int(counts.min())
-                shots = int(getattr(episode_dataset, "n_shots", 0)) or None
+                labels, counts = np.unique(qy[0].numpy(), return_counts=True)
+                ways, queries = int(labels.size), int(counts.min())
+            bar.update(sx.shape[0])
             if progress:
                 bar.set_postfix(acc=f"{np.mean(accs):.2f}")
+        bar.close()
     finally:
         model.train(was_training)
 
@@ -207,15 +268,17 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
         "ci95": ci95,
         "episodes": len(accs),
         "ways": ways,
-        "shots": shots,
+        "shots": int(getattr(episode_dataset, "n_shots", 0)) or None,
         "queries": int(getattr(episode_dataset, "n_queries", queries) or queries),
         "classifier": classifier,
         "features": "logits" if use_logits else "penultimate",
+        "backend": backend,
         "accuracies": accs,
     }
 
 
 __all__ = [
-    "CLASSIFIERS", "canonical_classifier", "extract_features", "get_classifier", "l2_normalize",
-    "mean_confidence_interval", "meta_test",
+    "Classifier", "BACKENDS", "CLASSIFIERS", "PROTO_RULES", "canonical_classifier", "draws_no_random_numbers", "extract_features",
+    "get_classifier", "l2_normalize", "logistic_regression_batched", "mean_confidence_interval", "meta_test",
+    "predict_batched", "predict_episodes",
 ]

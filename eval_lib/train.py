@@ -34,15 +34,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.data import SupervisedDataset
+from search_lib.data.batch_augment import DeviceBatches
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
 from search_lib.run_dir import RunDir
-from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, resolve_device, rng_state, set_rng_state,
-                              set_seed)
+from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, configure_threads, resolve_device,
+                              rng_state, set_rng_state, set_seed)
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
-from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, paper_training_preset
+from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, eval_settings, paper_training_preset
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
 from .trainer import (build_network, build_optimizer, build_scheduler, complexity, default_save_dir, epoch_seed,
                       input_shape, lr_factor, resolve_architecture, train_one_epoch, truncate_metrics)
@@ -64,6 +65,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
         return evaluate_checkpoint(cfg.checkpoint, cfg)
     genotype = resolve_architecture(cfg, genotype)
     device = resolve_device(cfg.device)
+    configure_threads(cfg.workers(device.type), cfg.threads)
     data = TrainingData.load(cfg)  # data errors surface before anything is written
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype)).create(verb="create")
     if cfg.overwrite:
@@ -109,7 +111,9 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     run.unmark_done()
     run.write_config(conf)
     logger.info("architecture: %s", genotype)
-    logger.info("run folder: %s  device: %s", run.path, device)
+    logger.info("run folder: %s  device: %s  precision: %s%s", run.path, device,
+                "bf16 autocast" if cfg.amp_dtype(device.type) is not None else "float32",
+                ", channels_last" if cfg.channels_last else "")
 
     net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(data.train_set.num_classes),
                       stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr, in_channels=int(data.input_shape[0]))
@@ -119,6 +123,8 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     logger.info("params %.3f M, MACs %s", cost["params"] / 1e6,
                 "n/a" if cost["macs"] is None else f"{cost['macs'] / 1e6:.1f} M")
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     progress = {"epoch": 0, "train_time_s": 0.0, "last": {}}
@@ -171,7 +177,7 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
     cached = read_json(run / "results.json") if run.is_done() else None
     if cached is None or ckpt is None or int(ckpt["epoch"]) < cfg.epochs:
         return None
-    if not config_diff(cached.get("config", {}), conf, tuple(keys) + EVAL_KEYS):
+    if not config_diff(eval_settings(cached.get("config", {})), conf, tuple(keys) + EVAL_KEYS):
         logger.info("run in %s is already finished; returning its results (use --overwrite to recompute)", run.path)
         cached["status"] = "cached"
         return cached
@@ -189,6 +195,12 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
     truncate_metrics(metrics_path, progress["epoch"], progress["last"])
     generator = torch.Generator()
     train_set = data.train_set
+    device_batches = None
+    if cfg.use_gpu_augment(device.type):
+        if cfg.normalised()["transform"] != "A":
+            raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
+        device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
+                                       int(data.input_shape[-1]))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=len(train_set) > cfg.batch_size,
                                          num_workers=cfg.workers(device.type), generator=generator,
@@ -204,8 +216,10 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
         lr = optimizer.param_groups[0]["lr"]
         generator.manual_seed(epoch_seed(cfg.seed, epoch))
-        loss, acc = train_one_epoch(model, loader, optimizer, device, desc=f"epoch {epoch + 1}",
-                                    progress=cfg.progress)
+        batches = loader if device_batches is None else device_batches.epoch(epoch_seed(cfg.seed, epoch))
+        loss, acc = train_one_epoch(model, batches, optimizer, device, desc=f"epoch {epoch + 1}",
+                                    progress=cfg.progress, amp_dtype=cfg.amp_dtype(device.type),
+                                    channels_last=cfg.channels_last)
         if not math.isfinite(loss):
             raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
         scheduler.step()

@@ -113,16 +113,24 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, desc: str = "train",
-                    progress: bool = True) -> tuple[float, float]:
-    """One pass over ``loader``; returns (mean loss, accuracy in percent)."""
+                    progress: bool = True, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> tuple[float, float]:
+    """One pass over ``loader``; returns (mean loss, accuracy in percent).
+
+    ``amp_dtype`` (e.g. torch.bfloat16): the forward pass under autocast in that dtype (the loss in
+    float32); None trains in float32. ``channels_last``: feed the images in that memory format.
+    """
     model.train()
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, targets)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

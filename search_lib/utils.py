@@ -139,3 +139,44 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise
     return records
+
+
+THREADS_ENV = "METANTKNAS_THREADS"
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(workers: int = 0, threads: int | None = None) -> int:
+    """Set the compute threads deliberately instead of letting torch, the BLAS under numpy / scipy /
+    scikit-learn and the loader workers each assume the whole machine; returns the count chosen.
+
+    The count: ``threads`` when given, else the environment variable METANTKNAS_THREADS, else
+    OMP_NUM_THREADS when it is set, else the CPUs of the process's affinity less one per loader worker
+    (at least 1). It sets torch's intra-op threads and, when threadpoolctl is installed, the BLAS / OpenMP
+    pools of numpy and scipy.
+    """
+    source = threads
+    if source is None:
+        for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+            text = os.environ.get(name, "").strip()
+            if text:
+                try:
+                    source = int(text)
+                except ValueError:
+                    raise UsageError(f"{name}={text!r} is not a whole number of threads") from None
+                break
+    count = int(source) if source is not None else available_cpus() - max(0, int(workers))
+    count = max(1, count)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return count
+    threadpool_limits(limits=count)
+    return count

@@ -9,6 +9,8 @@ torch RNG is neither used nor disturbed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -116,7 +118,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def _rng(self, item: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed & (2**64 - 1), int(item)]))
 
-    def __getitem__(self, item: int):
+    def episode_plan(self, item: int) -> EpisodePlan:
+        """What episode ``item`` is made of, without transforming: the tiled support indices and labels, the
+        query indices and labels, and the torch seed of its support augmentations."""
         item = int(item)
         if not 0 <= item < self.n_test_runs:
             raise IndexError(f"episode {item} out of range 0..{self.n_test_runs - 1}")
@@ -127,14 +131,34 @@ class EpisodeDataset(torch.utils.data.Dataset):
         q_idx = np.concatenate(query)
         s_lab = np.repeat(np.arange(self.n_ways), self.n_shots)
         q_lab = np.repeat(np.arange(self.n_ways), self.n_queries)
-        s_idx = np.tile(s_idx, self.n_aug_support_samples)
-        s_lab = np.tile(s_lab, self.n_aug_support_samples)
+        return EpisodePlan(np.tile(s_idx, self.n_aug_support_samples), np.tile(s_lab, self.n_aug_support_samples),
+                           q_idx, q_lab, seed)
+
+    def support_images(self, plan: EpisodePlan) -> torch.Tensor:
+        """The transformed support copies of an episode, exactly as ``__getitem__`` returns them (the same
+        seeded torch generator, the same order)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            support_xs = torch.stack([self.support_transform(self.split.images[i]) for i in s_idx])
-            query_xs = torch.stack([self.query_transform(self.split.images[i]) for i in q_idx])
-        return (support_xs, torch.from_numpy(s_lab.astype(np.int64)),
-                query_xs, torch.from_numpy(q_lab.astype(np.int64)))
+            torch.manual_seed(plan.seed)
+            return torch.stack([self.support_transform(self.split.images[i]) for i in plan.support_idx])
+
+    def __getitem__(self, item: int):
+        plan = self.episode_plan(item)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.seed)
+            support_xs = torch.stack([self.support_transform(self.split.images[i]) for i in plan.support_idx])
+            query_xs = torch.stack([self.query_transform(self.split.images[i]) for i in plan.query_idx])
+        return (support_xs, torch.from_numpy(plan.support_labels.astype(np.int64)),
+                query_xs, torch.from_numpy(plan.query_labels.astype(np.int64)))
+
+
+class EpisodePlan(NamedTuple):
+    """An episode before transformation (``EpisodeDataset.episode_plan``)."""
+
+    support_idx: np.ndarray     # image indices, the support set tiled n_aug_support_samples times
+    support_labels: np.ndarray  # 0..n_ways-1, tiled likewise
+    query_idx: np.ndarray
+    query_labels: np.ndarray
+    seed: int                   # torch seed of the support augmentations
 
 
 # ----------------------------------------------------------------------------------------------------------
