@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.common import peak_memory_mb, sync
 from search_lib.config import SearchConfig
 from search_lib.data import load_split
 from search_lib.pruning import CandidateScorer, PruningSearch, repeat_seed
@@ -49,28 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t
 
 
 def _median_time(fn, iters: int, device: torch.device) -> float:
     fn()  # warm-up
     return float(np.median([_timed(fn, device) for _ in range(iters)]))
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _gpu_busy(fn, device: torch.device) -> float | None:
@@ -126,7 +115,7 @@ def bench_channels(C: int, args, device: torch.device) -> dict:
             "reference_over_plain": ref_per / t_plain, "speedup_over_reference": ref_per / fast_per,
             "candidates_per_pass": per_pass, "candidates_timed": n_fast, "gpu_busy_fraction": busy,
             "paper_search_estimate_s": fast_per * PAPER_SCORINGS_PER_REPEAT * PAPER_REPEATS,
-            "peak_memory_mb": _peak_memory_mb(device)}
+            "peak_memory_mb": peak_memory_mb(device)}
 
 
 def main(argv=None) -> int:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import time
 
 import torch
 from torch import nn
 
+from benchmarks.common import peak_memory_mb, sync
 from eval_lib.fewshot import meta_test
-from eval_lib.trainer import build_network
+from eval_lib.trainer import build_network, train_step
 from search_lib.data import EpisodeDataset, SupervisedDataset
 from search_lib.genotypes import resolve_genotype_record
 from search_lib.utils import configure_threads, resolve_device
@@ -49,17 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     return p
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class _ItemByItem(torch.utils.data.Dataset):
@@ -93,20 +82,15 @@ def train_step_rate(net: nn.Module, data: SupervisedDataset, device: torch.devic
 
     def step(i):
         x, y = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = net(x)
-        loss = crit(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, x, y, opt, crit, amp_dtype)
 
     for i in range(2):
         step(i)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for i in range(steps):
         step(i)
-    _sync(device)
+    sync(device)
     return steps * batch_size / (time.perf_counter() - t)
 
 
@@ -143,10 +127,10 @@ def main(argv=None) -> int:
         for s in shots:
             ds = EpisodeDataset("Digits", None, partition="test", n_ways=5, n_shots=s, n_queries=15,
                                 n_aug_support_samples=5, n_test_runs=args.episodes, transform="A", seed=0)
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             res = run(ds)
-            _sync(device)
+            sync(device)
             seconds += time.perf_counter() - t
             means[str(s)] = res["mean"]
         fewshot[name] = {"s_per_1000_episodes": 1000.0 * seconds / (args.episodes * len(shots)),
@@ -155,7 +139,7 @@ def main(argv=None) -> int:
     for v in fewshot.values():
         v["speedup"] = base / v["s_per_1000_episodes"]
     result.update(fewshot=fewshot, episodes_per_shot=args.episodes, shots=shots,
-                  peak_memory_mb=_peak_memory_mb(device))
+                  peak_memory_mb=peak_memory_mb(device))
 
     if args.json:
         print(json.dumps(result))

@@ -112,6 +112,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer, criterion,
+               amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch: the forward under autocast in ``amp_dtype`` (None: float32), the loss in
+    float32; returns (logits, loss)."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(images)
+    loss = criterion(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, desc: str = "train",
                     progress: bool = True, amp_dtype: torch.dtype | None = None,
                     channels_last: bool = False) -> tuple[float, float]:
@@ -128,12 +141,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = criterion(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype)
         n = targets.shape[0]
         total_loss += float(loss.detach()) * n
         correct += int((logits.detach().argmax(1) == targets).sum())
