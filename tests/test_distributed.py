@@ -29,8 +29,9 @@ def _torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = (), **po
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
            str(ROOT / "prune_metantknas.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
 
 
 def _history(run: Path) -> list[dict]:
@@ -94,7 +95,10 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_genotype(tmp_path):
     ref = tmp_path / "ref"
     assert prune_metantknas.main([*LONGER, "--save_dir", str(ref)]) == 0
     run = tmp_path / "killed"
-    proc = _torchrun([*LONGER, "--save_dir", str(run)], extra=("--max-restarts=1",))
+    # output to a file: nobody reads a pipe while the test polls, and a full pipe would block the ranks
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = _torchrun([*LONGER, "--save_dir", str(run)], extra=("--max-restarts=1",), stdout=log,
+                     stderr=subprocess.STDOUT)
     killed = False
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
@@ -105,10 +109,12 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_genotype(tmp_path):
                 os.kill(workers[-1], signal.SIGKILL)  # a rank dies during round 1 (or later)
                 killed = True
         time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    log.close()
+    text = (tmp_path / "torchrun.log").read_text()
     assert killed, "the search ended before a rank could be killed; make LONGER longer"
-    assert proc.returncode == 0, err[-3000:]
-    assert "resuming at round" in out + err
+    assert proc.returncode == 0, text[-3000:]
+    assert "resuming at round" in text
     assert json.loads((run / "genotype.json").read_text())["string"] == \
         json.loads((ref / "genotype.json").read_text())["string"]
     _same_scores(_history(ref), _history(run))
