@@ -153,11 +153,8 @@ class Supernet(nn.Module):
 
     @staticmethod
     def edge_weights(alphas: torch.Tensor) -> list[list[float]]:
-        """Softmax weights per edge as python floats; an edge whose ops are all pruned gets zeros."""
-        alphas = alphas.detach().to("cpu", torch.float64)
-        probs = torch.softmax(alphas, dim=-1)
-        dead = (alphas <= PRUNED_ALPHA / 2).all(dim=-1, keepdim=True)
-        return probs.masked_fill(dead, 0.0).tolist()
+        """`edge_probs` as python floats (deciding which ops run then never synchronises with the device)."""
+        return Supernet.edge_probs(alphas).tolist()
 
     @staticmethod
     def edge_probs(alphas: torch.Tensor) -> torch.Tensor:
