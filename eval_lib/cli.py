@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Sequence
 
+from search_lib import distributed
 from search_lib.cli import add_config_flags, field_default, flag_fields, make_parser, run_cli
 from search_lib.genotypes import Genotype
 
@@ -47,6 +48,8 @@ def run(cfg: TrainConfig, genotype: Genotype | None = None) -> int:
     if not logging.getLogger().handlers:  # console logging unless the caller set up its own
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = train_and_evaluate(cfg, genotype)
+    if not distributed.world().is_main:  # under torchrun one process reports
+        return 0
     if results.get("status") == "stopped":
         print(f"stopped after epoch {results['epoch']}; re-run the same command to resume "
               f"({results['save_dir']})")

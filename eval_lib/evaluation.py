@@ -17,14 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from search_lib.data import EpisodeDataset, resolve_dataset
+from search_lib import distributed
+from search_lib.data import EpisodeDataset, EpisodeSubset, resolve_dataset
+from search_lib.distributed import World
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import GenotypeRecord, resolve_genotype
 from search_lib.utils import atomic_write_json, configure_threads, resolve_device
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
-from .fewshot import meta_test
+from .fewshot import mean_confidence_interval, meta_test
 from .trainer import build_network, complexity, resolve_architecture
 
 logger = logging.getLogger("metantknas.eval")
@@ -41,23 +43,38 @@ def build_episode_sets(cfg: TrainConfig, dataset: str, data_path, transform: str
 
 
 def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path, transform: str,
-                     image_size: int | None, device: torch.device, episode_sets: dict | None = None) -> dict:
-    """Few-shot accuracy per split (cfg.eval_splits) and shot (cfg.n_shots): {split: {str(shot): result}}."""
+                     image_size: int | None, device: torch.device, episode_sets: dict | None = None,
+                     world: World | None = None) -> dict:
+    """Few-shot accuracy per split (cfg.eval_splits) and shot (cfg.n_shots): {split: {str(shot): result}}.
+
+    Under torchrun each rank tests every size-th episode and the per-episode accuracies are gathered in
+    episode order, so every rank returns what one process would (the episodes are fixed by their seed).
+    """
+    world = world or distributed.world()
     if episode_sets is None:
         episode_sets = build_episode_sets(cfg, dataset, data_path, transform, image_size)
     out: dict[str, dict[str, dict]] = {}
     for (split, shots), episodes in episode_sets.items():
-        res = meta_test(model, episodes, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
-                        progress=cfg.progress, num_workers=cfg.workers(device.type),
-                        desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
-                        normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch)
+        n = len(episodes)
+        share = EpisodeSubset(episodes, world.shard(n)) if world.active else episodes
+        res = None
+        if len(share):  # a rank may have none when there are fewer episodes than ranks
+            res = meta_test(model, share, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
+                            progress=cfg.progress and world.is_main, num_workers=cfg.workers(device.type),
+                            desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
+                            normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch)
+        if world.active:
+            accs = world.merge(n, [] if res is None else res["accuracies"])
+            res = dict(world.gather(res)[0])  # rank 0 always has episodes: its description of the test
+            res["mean"], res["ci95"] = mean_confidence_interval(accs)
+            res["accuracies"], res["episodes"] = accs, n
         res["shots"] = shots
         if not math.isfinite(res["ci95"]):
             res["ci95"] = None
         out.setdefault(split, {})[str(shots)] = res
-        logger.info("%s %d-way %d-shot (%s, %d episodes): %.2f +- %s", split, cfg.n_ways, shots,
-                    res["classifier"], res["episodes"], res["mean"],
-                    "n/a" if res["ci95"] is None else f"{res['ci95']:.2f}")
+        logger.info("%s %d-way %d-shot (%s, %d episodes%s): %.2f +- %s", split, cfg.n_ways, shots,
+                    res["classifier"], res["episodes"], f" on {world.size} processes" if world.active else "",
+                    res["mean"], "n/a" if res["ci95"] is None else f"{res['ci95']:.2f}")
     return out
 
 
@@ -93,7 +110,7 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     cfg.validate()
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(resolve_device(cfg.device))
     threads = configure_threads(cfg.workers(device.type), cfg.threads)
     logger.info("device %s, %d compute threads", device, threads)
     started = time.time()
@@ -143,7 +160,7 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
         shape[1:] = [image_size or dataset.default_image_size] * 2
     cost = complexity(model, shape)
     model.to(device)
-    fewshot = fewshot_evaluate(model, cfg, dataset, data_path, transform, image_size, device)
+    fewshot = fewshot_evaluate(model, cfg, dataset, data_path, transform, image_size, device, world=world)
 
     results = {
         "status": "finished",
@@ -162,7 +179,7 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
         "config": cfg.to_dict() | {"dataset": dataset.key, "data_path": data_path,
                                    "transform": transform, "image_size": image_size},
     }
-    if cfg.save_dir:
+    if cfg.save_dir and world.is_main:
         out = Path(cfg.save_dir) / "eval_results.json"
         atomic_write_json(out, results)
         logger.info("results written to %s", out)

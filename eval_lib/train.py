@@ -27,14 +27,19 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from search_lib import distributed
 from search_lib.data import SupervisedDataset
 from search_lib.data.batch_augment import DeviceBatches
+from search_lib.distributed import World
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
 from search_lib.run_dir import RunDir
@@ -64,14 +69,21 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     if cfg.eval_only:
         return evaluate_checkpoint(cfg.checkpoint, cfg)
     genotype = resolve_architecture(cfg, genotype)
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(resolve_device(cfg.device))
+    if cfg.batch_size % world.size:
+        raise UsageError(f"--batch_size {cfg.batch_size} does not split over {world.size} processes; use a "
+                         f"multiple of {world.size} (it is the global batch)")
     configure_threads(cfg.workers(device.type), cfg.threads)
     data = TrainingData.load(cfg)  # data errors surface before anything is written
-    run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype)).create(verb="create")
-    if cfg.overwrite:
-        run.clear()
-    with run.attach_log("metantknas.eval", level=logging.INFO):
-        return _train_and_evaluate(cfg, genotype, device, run, data)
+    run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
+    world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
+    if world.is_main:
+        run.create(verb="create")
+        if cfg.overwrite:
+            run.clear()
+    world.barrier()  # ... and reads it only after that
+    with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
+        return _train_and_evaluate(cfg, genotype, device, run, data, world)
 
 
 @dataclass
@@ -94,7 +106,7 @@ class TrainingData:
 
 
 def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.device, run: RunDir,
-                        data: TrainingData) -> dict:
+                        data: TrainingData, world: World) -> dict:
     started = time.time()
     conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
     keys = TRAINING_KEYS + ("genotype_resolved",)
@@ -108,10 +120,13 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     cached = _finished_results(run, ckpt, cfg, conf, keys)
     if cached is not None:
         return cached
-    run.unmark_done()
-    run.write_config(conf)
+    if world.is_main:
+        run.unmark_done()
+        run.write_config(conf)
     logger.info("architecture: %s", genotype)
-    logger.info("run folder: %s  device: %s  precision: %s%s", run.path, device,
+    logger.info("run folder: %s  device: %s%s  precision: %s%s", run.path, device,
+                f" x {world.size} processes (DistributedDataParallel, {cfg.batch_size // world.size} images "
+                f"per process and step)" if world.active else "",
                 "bf16 autocast" if cfg.amp_dtype(device.type) is not None else "float32",
                 ", channels_last" if cfg.channels_last else "")
 
@@ -128,11 +143,13 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     progress = {"epoch": 0, "train_time_s": 0.0, "last": {}}
+    if world.active and world.rank > 0:  # rank 0 keeps the single-process stream; the others draw their own
+        set_seed(rank_seed(cfg.seed, world.rank))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(unpack_rng(ckpt["rng"]))
+        set_rng_state(unpack_rng(_own_rng(ckpt, world, cfg.seed)))
         progress = {"epoch": int(ckpt["epoch"]), "train_time_s": float(ckpt.get("train_time_s", 0.0)),
                     "last": dict(ckpt.get("last_metrics", {}))}
         if progress["epoch"] < cfg.epochs:
@@ -140,13 +157,13 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     # what every checkpoint of this run records besides the training state
     describe = {"genotype": genotype.to_json(), "genotype_str": str(genotype), "net_kwargs": net_kwargs,
                 "input_shape": list(data.input_shape)}
-    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf)
+    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf, world)
     if stopped is not None:
         return stopped
 
     t_eval = time.time()
     fewshot = fewshot_evaluate(model, cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size, device,
-                               data.episode_sets)
+                               data.episode_sets, world)
     results = {
         "status": "finished",
         "mode": "train",
@@ -163,13 +180,34 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
         "eval_time_s": time.time() - t_eval,
         "wall_time_s": progress["train_time_s"] + (time.time() - t_eval),
         "session_time_s": time.time() - started,
+        "processes": world.size,
         "save_dir": str(run.path),
         "config": conf,
     }
-    atomic_write_json(run / "results.json", results)
-    run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    logger.info("results written to %s", run / "results.json")
+    if world.is_main:
+        atomic_write_json(run / "results.json", results)
+        run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        logger.info("results written to %s", run / "results.json")
+    world.barrier()  # no rank reports the run finished before its files exist
     return results
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random numbers (drop-path, augmentation) in a distributed training."""
+    return epoch_seed(seed, -1 - int(rank))
+
+
+def _own_rng(ckpt: dict, world: World, seed: int):
+    """This rank's saved random-number state; a run resumed with another number of processes reseeds."""
+    states = ckpt.get("rng_ranks")
+    if not world.active and not states:
+        return ckpt["rng"]
+    if states and len(states) == world.size:
+        return states[world.rank]
+    logger.warning("the checkpoint was written by %d process(es), this run has %d: reseeding the random numbers "
+                   "(the data order stays the same)", len(states) if states else 1, world.size)
+    set_seed(rank_seed(seed + int(ckpt["epoch"]), world.rank))
+    return pack_rng(rng_state())
 
 
 def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: dict, keys) -> dict | None:
@@ -186,27 +224,39 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
 
 
 def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data: TrainingData,
-                  device: torch.device, run: RunDir, progress: dict, describe: dict, conf: dict) -> dict | None:
+                  device: torch.device, run: RunDir, progress: dict, describe: dict, conf: dict,
+                  world: World) -> dict | None:
     """Train from ``progress["epoch"]`` to ``cfg.epochs``, checkpointing every epoch; updates ``progress``.
 
+    Under torchrun the network is wrapped in DistributedDataParallel: each rank trains on its shard of
+    every global batch of ``cfg.batch_size`` images (a seeded `DistributedSampler`, or every size-th image
+    of the device batches) and the gradients are averaged, so the step is that of the global batch with the
+    same learning rate; rank 0 alone writes checkpoints and metrics.
     Returns the "stopped" result when ``cfg.stop_after_epoch`` is reached, else None.
     """
     metrics_path = run / "metrics.jsonl"
-    truncate_metrics(metrics_path, progress["epoch"], progress["last"])
+    if world.is_main:
+        truncate_metrics(metrics_path, progress["epoch"], progress["last"])
     generator = torch.Generator()
     train_set = data.train_set
-    device_batches = None
+    device_batches = sampler = None
     if cfg.use_gpu_augment(device.type):
         if cfg.normalised()["transform"] != "A":
             raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
         device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
-                                       int(data.input_shape[-1]))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                                         drop_last=len(train_set) > cfg.batch_size,
+                                       int(data.input_shape[-1]), world.rank, world.size)
+    if world.active:  # each rank a seeded shard of the same permutation (padded to equal lengths)
+        sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed)
+    local_batch = cfg.batch_size // world.size
+    loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=len(train_set) > cfg.batch_size,
                                          num_workers=cfg.workers(device.type), generator=generator,
                                          pin_memory=device.type == "cuda")
+    trained = model
+    if world.active:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     epoch_bar = tqdm(range(progress["epoch"], cfg.epochs), initial=progress["epoch"], total=cfg.epochs,
-                     desc="epochs", disable=None if cfg.progress else True, dynamic_ncols=True)
+                     desc="epochs", disable=None if cfg.progress and world.is_main else True, dynamic_ncols=True)
     for epoch in epoch_bar:
         if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
             epoch_bar.close()
@@ -215,11 +265,14 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         t0 = time.time()
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
         lr = optimizer.param_groups[0]["lr"]
-        generator.manual_seed(epoch_seed(cfg.seed, epoch))
+        generator.manual_seed(epoch_seed(cfg.seed, epoch) if world.rank == 0
+                              else rank_seed(epoch_seed(cfg.seed, epoch), world.rank))
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         batches = loader if device_batches is None else device_batches.epoch(epoch_seed(cfg.seed, epoch))
-        loss, acc = train_one_epoch(model, batches, optimizer, device, desc=f"epoch {epoch + 1}",
-                                    progress=cfg.progress, amp_dtype=cfg.amp_dtype(device.type),
-                                    channels_last=cfg.channels_last)
+        loss, acc = train_one_epoch(trained, batches, optimizer, device, desc=f"epoch {epoch + 1}",
+                                    progress=cfg.progress and world.is_main, amp_dtype=cfg.amp_dtype(device.type),
+                                    channels_last=cfg.channels_last, world=world)
         if not math.isfinite(loss):
             raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
         scheduler.step()
@@ -228,13 +281,16 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         progress["train_time_s"] += elapsed
         progress["last"] = last = {"epoch": epoch + 1, "loss": loss, "acc": acc, "lr": lr,
                                    "drop_path_prob": model.drop_path_prob, "time": elapsed}
-        save_checkpoint(run.path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1, **describe,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "config": conf, "rng": pack_rng(rng_state()), "train_time_s": progress["train_time_s"],
-            "last_metrics": last,
-        })
-        append_jsonl(metrics_path, last)
+        rng = pack_rng(rng_state())
+        rng_ranks = world.gather(rng) if world.active else None  # every rank's stream, for an exact resume
+        if world.is_main:
+            save_checkpoint(run.path, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1, **describe,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "config": conf, "rng": rng, "train_time_s": progress["train_time_s"],
+                "last_metrics": last, **({"rng_ranks": rng_ranks} if rng_ranks else {}),
+            })
+            append_jsonl(metrics_path, last)
         logger.info("epoch %d/%d loss %.4f acc %.2f lr %.5g drop-path %.3f (%.1f s)", epoch + 1, cfg.epochs,
                     loss, acc, lr, model.drop_path_prob, elapsed)
         epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")

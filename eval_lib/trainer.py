@@ -21,6 +21,7 @@ import torch_optimizer
 from torch import nn
 from tqdm.auto import tqdm
 
+from search_lib.distributed import World
 from search_lib.errors import DataError, UsageError, one_line
 from search_lib.genotypes import PRESETS, Genotype, random_genotype, resolve_genotype_record
 from search_lib.utils import atomic_write_text
@@ -127,11 +128,12 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, op
 
 def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, desc: str = "train",
                     progress: bool = True, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> tuple[float, float]:
+                    channels_last: bool = False, world: World | None = None) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy in percent).
 
     ``amp_dtype`` (e.g. torch.bfloat16): the forward pass under autocast in that dtype (the loss in
     float32); None trains in float32. ``channels_last``: feed the images in that memory format.
+    ``world``: under torchrun the loss and accuracy are those of the images of every rank.
     """
     model.train()
     criterion = nn.CrossEntropyLoss()
@@ -150,6 +152,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
     if seen == 0:
         raise DataError("the training loader yielded no images; lower --batch_size")
+    if world is not None and world.active:
+        total_loss, correct, seen = world.sum([total_loss, correct, seen])
     return total_loss / seen, 100.0 * correct / seen
 
 

@@ -58,6 +58,12 @@ class World:
                 merged[i] = item
         return merged
 
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums of ``values`` over the ranks (e.g. loss totals and counts of an epoch)."""
+        if not self.active:
+            return [float(v) for v in values]
+        return [float(sum(col)) for col in zip(*self.gather([float(v) for v in values]))]
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

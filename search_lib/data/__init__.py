@@ -12,7 +12,7 @@
 The names below are the package's public interface; import them from ``search_lib.data``.
 """
 
-from .episodes import EpisodeDataset, EpisodePlan, SupervisedDataset, sample_batch, sample_meta_batch
+from .episodes import EpisodeDataset, EpisodePlan, EpisodeSubset, SupervisedDataset, sample_batch, sample_meta_batch
 from .files import SplitData, clear_cache, load_split
 from .names import (DATASET_NAMES, DEFAULT_IMAGE_SIZE, PARTITIONS, DatasetSpec, canonical_dataset, expected_files,
                     is_episodic_name, resolve_dataset)
@@ -21,6 +21,6 @@ from .transforms import CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, TRANSFORM_NA
 __all__ = [
     "DATASET_NAMES", "DEFAULT_IMAGE_SIZE", "TRANSFORM_NAMES", "PARTITIONS", "MINI_MEAN", "MINI_STD", "CIFAR_MEAN",
     "CIFAR_STD", "DatasetSpec", "SplitData", "canonical_dataset", "resolve_dataset", "is_episodic_name",
-    "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset", "EpisodeDataset", "EpisodePlan",
+    "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset", "EpisodeDataset", "EpisodePlan", "EpisodeSubset",
     "sample_meta_batch", "sample_batch",
 ]

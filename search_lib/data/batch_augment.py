@@ -15,7 +15,7 @@ the flip alone agree exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ class DeviceBatches:
     ``seed``, so a resumed run repeats them); the last incomplete batch is dropped when there is more than
     one batch, as the training's DataLoader does."""
 
-    def __init__(self, images, targets, device: torch.device, batch_size: int, size: int):
+    def __init__(self, images, targets, device: torch.device, batch_size: int, size: int, rank: int = 0,
+                 world_size: int = 1):
         import numpy as np
 
         images = np.asarray(images)
@@ -121,7 +122,8 @@ class DeviceBatches:
         self.device = torch.device(device)
         self.images = torch.tensor(images, device=self.device)  # a copy: the partition stays read-only
         self.targets = torch.tensor(np.asarray(targets, dtype=np.int64), device=self.device)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size)  # the global batch: under torchrun each rank takes every size-th image
+        self.rank, self.world_size = int(rank), int(world_size)
         self.augment = BatchTransformA(size)
 
     def __len__(self) -> int:
@@ -132,9 +134,15 @@ class DeviceBatches:
         n = self.images.shape[0]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed((int(seed) + 1) % 2**63)
+        mine = slice(self.rank, None, self.world_size)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.augment(self.images[idx], gen), self.targets[idx]
+            # the choices are drawn for the whole global batch, so a rank's images get exactly the
+            # augmentations they get in a single process
+            params = self.augment.sample(idx.shape[0], gen)
+            if self.world_size > 1:
+                idx, params = idx[mine], AugmentParams(*(getattr(params, f.name)[mine] for f in fields(params)))
+            yield self.augment.apply(self.images[idx], params), self.targets[idx]
 
 
 __all__ = ["AugmentParams", "BatchTransformA", "DeviceBatches", "jitter_op"]

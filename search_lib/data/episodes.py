@@ -151,6 +151,29 @@ class EpisodeDataset(torch.utils.data.Dataset):
                 query_xs, torch.from_numpy(plan.query_labels.astype(np.int64)))
 
 
+class EpisodeSubset(torch.utils.data.Dataset):
+    """Some episodes of an `EpisodeDataset` (item i is episode ``indices[i]`` of the whole set), with the
+    same interface, so that several processes can each test their share of the same fixed episodes."""
+
+    def __init__(self, episodes: EpisodeDataset, indices):
+        self.episodes = episodes
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getattr__(self, name: str):  # split, n_ways, n_shots, query_transform, support_images, ...
+        if name == "episodes":  # not set yet (unpickling in a loader worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.episodes, name)
+
+    def episode_plan(self, item: int) -> EpisodePlan:
+        return self.episodes.episode_plan(self.indices[item])
+
+    def __getitem__(self, item: int):
+        return self.episodes[self.indices[item]]
+
+
 class EpisodePlan(NamedTuple):
     """An episode before transformation (``EpisodeDataset.episode_plan``)."""
 
