@@ -104,6 +104,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(text), "w")
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes (e.g. a rendered PNG) to ``path`` atomically, like `atomic_write_text`."""
+    _atomic_write(Path(path), lambda fh: fh.write(data), "wb")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
