@@ -26,7 +26,7 @@ logger = logging.getLogger("metantknas.eval")
 CHECKPOINT_FORMAT = "metantknas-eval-checkpoint"
 CHECKPOINT_VERSION = 1
 TRAIN_LOG = "train.log"
-TRAIN_OUTPUTS = ("metrics.jsonl", "results.json")
+TRAIN_OUTPUTS = ("metrics.jsonl", "results.json", "training.png")
 
 
 def training_run_dir(path: str | os.PathLike) -> RunDir:

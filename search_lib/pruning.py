@@ -417,4 +417,4 @@ SEARCH_LOG = "search.log"
 def search_run_dir(path) -> RunDir:
     """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
     return RunDir(path, SavedState(STATE_FILE, STATE_PREV, "search state", restart="starting again from round 0"),
-                  outputs=("history.jsonl", "genotype.json"), log_name=SEARCH_LOG, logger=log)
+                  outputs=("history.jsonl", "genotype.json", "search.png"), log_name=SEARCH_LOG, logger=log)

@@ -2,8 +2,8 @@
 
 The folder (`search_lib.run_dir`) holds ``config.json``, the state of the last finished round
 (``state.json``, the one before as ``state.prev.json``), ``history.jsonl`` (one record per round),
-``genotype.json`` (a `GenotypeRecord`), ``search.log`` and ``done``. Running the same command again
-resumes an interrupted search and reports a finished one.
+``genotype.json`` (a `GenotypeRecord`), ``search.log``, ``done`` and ``search.png`` (drawn by
+`search_lib.report`). Running the same command again resumes an interrupted search and reports a finished one.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .data import SplitData, load_split, sample_batch, sample_meta_batch
 from .errors import DataError, GenotypeError, UsageError, one_line
 from .genotypes import Genotype, GenotypeRecord
 from .pruning import PruningSearch, search_run_dir, search_transform
+from .report import draw_quietly, draw_search
 from .supernet import Supernet, replace_norm
 from .utils import resolve_device
 
@@ -137,8 +138,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         if main:
             result.record.write(save_dir / "genotype.json")
             run.mark_done()
+            draw_quietly(draw_search, save_dir, log)  # search.png; a failure is a warning, not a failed search
         log.info("genotype: %s", geno)
-        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log)", save_dir)
+        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log, search.png)", save_dir)
         return result
     finally:
         if log_file is not None:

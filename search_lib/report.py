@@ -1,0 +1,390 @@
+"""Pictures of run folders, written next to their JSON files.
+
+``search.png`` (`draw_search`, a search folder): (a) κ and the linear-region count of the whole supernet per
+round; (b) per op-pruning round, a heatmap of every candidate's rank sum on every edge, pruned ones crossed;
+(c) the two final cells as graphs. ``training.png`` (`draw_training`, a training folder): loss and accuracy,
+learning rate and drop-path per epoch, and the few-shot accuracies with their 95% intervals.
+
+A search and a training draw their picture when they finish (`draw_quietly`: a picture that cannot be drawn
+is a logged warning, never a failed run); ``python -m search_lib.report RUN_DIR ...`` (re)draws any folder,
+finished or not.
+
+matplotlib is imported only when drawing, so the search and the training pay nothing for importing this
+module, and only `Figure` objects are used: no pyplot state and no backend switch that would change a
+caller's own matplotlib set-up (a notebook). Figure.savefig renders PNG with Agg whatever the backend.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .cli import make_parser, run_cli
+from .errors import DataError, GenotypeError, RunFailure, UsageError, one_line
+from .genotypes import GenotypeRecord
+from .ops import space_ops
+from .utils import atomic_write_bytes, read_jsonl
+
+SEARCH_PNG, TRAINING_PNG = "search.png", "training.png"
+HISTORY, METRICS = "history.jsonl", "metrics.jsonl"
+DPI = 100
+HEATMAP_COLUMNS = 4  # op rounds per row of panel (b); the paper's searches have 6
+STEP = 2.4  # horizontal distance between the states of a drawn cell (room for the op names)
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+def _records(path: Path) -> list[dict]:
+    try:
+        records = read_jsonl(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read {path} ({one_line(exc, 120)}); check the file or re-run the run") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path} holds a line that is not a JSON object; check the file or re-run the run")
+    return records
+
+
+def _optional_json(path: Path) -> tuple[dict | None, str]:
+    """(content, "") or (None, why): a picture of a partial run is still worth drawing, so a missing or
+    unreadable optional file only removes the panel it feeds."""
+    if not path.exists():
+        return None, f"no {path.name}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"{path.name} unreadable: {one_line(exc, 80)}"
+    return (data, "") if isinstance(data, dict) else (None, f"{path.name} is not a JSON object")
+
+
+def _mean(values) -> float:
+    """Mean over the repeats, ignoring missing values (κ is None with --only_lrs); NaN when none is left."""
+    finite = [float(v) for v in values or [] if v is not None and math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+# ---- figures ----------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RunFailure("drawing run pictures needs matplotlib: pip install matplotlib") from None
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    """Render to memory first, so that a reader never sees a half-written PNG (atomic replace)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _log_axis(ax, values) -> None:
+    """A log y axis labelled 5, 6, 0.02 rather than 5x10^0, 2x10^-2; within a factor 4 the minor ticks get labels
+    too, else a narrow range (κ often moves by a few percent) would show one label or none."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    positive = [v for v in values if v > 0]
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if max(positive) / min(positive) < 4 else NullFormatter())
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey", wrap=True)
+    ax.axis("off")
+
+
+# ---- search -----------------------------------------------------------------------------------------------
+
+def _op_order(history: list[dict], space: str | None) -> tuple[list[str], list[str]]:
+    """Rows ("cell edge", in order of first appearance) and columns (the space's op order, when known)."""
+    rows, seen = {}, {}
+    for record in history:
+        for c in record["candidates"]:
+            if c.get("op") is not None:
+                rows.setdefault(f"{c['cell']} {c['edge']}", None)
+                seen.setdefault(c["op"], None)
+    try:
+        order = list(space_ops(space)) if space else []
+    except UsageError:  # a space this version does not know: keep the order of appearance
+        order = []
+    return list(rows), [o for o in order if o in seen] + [o for o in seen if o not in order]
+
+
+def _rank_grid(record: dict, rows: list[str], ops: list[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Rank sums of one op round as rows x ops (NaN: op already gone) and the (row, op) cells pruned."""
+    grid = np.full((len(rows), len(ops)), np.nan)
+    row_of, col_of = {r: i for i, r in enumerate(rows)}, {o: j for j, o in enumerate(ops)}
+    pruned = []
+    for c in record["candidates"]:
+        i, j = row_of[f"{c['cell']} {c['edge']}"], col_of[c["op"]]
+        grid[i, j] = float(c["rank_sum"])
+        if c.get("pruned"):
+            pruned.append((i, j))
+    return grid, pruned
+
+
+def _draw_scores(ax, history: list[dict]) -> None:
+    """Panel (a): the whole supernet's κ (log scale) and region count at the start of each round."""
+    if not history:
+        _note(ax, "no finished round yet")
+        return
+    rounds = [int(r["round"]) for r in history]
+    kappa = [_mean(r.get("kappa_full")) for r in history]
+    regions = [_mean(r.get("regions_full")) for r in history]
+    for r, record in zip(rounds, history):  # the edge rounds work on whole edges, not ops: shade them
+        if record.get("phase") == "edges":
+            ax.axvspan(r - 0.5, r + 0.5, color="grey", alpha=0.15, lw=0)
+    if any(k > 0 for k in kappa):
+        ax.plot(rounds, kappa, "o-", color="tab:blue", label="κ (mean over repeats)")
+        _log_axis(ax, kappa)
+    else:
+        ax.text(0.5, 0.9, "κ not computed (--only_lrs)", ha="center", transform=ax.transAxes, color="grey")
+    ax.set_ylabel("κ of the full network", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(rounds, regions, "s--", color="tab:orange", label="linear regions (mean over repeats)")
+    twin.set_ylabel("linear regions", color="tab:orange")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)  # below the axes: inside, it would hide points of one of the two curves
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round (shaded: edge rounds)")
+    ax.set_title("(a) full network per round")
+
+
+def _draw_heatmap(fig, ax, record: dict, rows: list[str], ops: list[str], labels: bool) -> None:
+    """One panel of (b): colour = rank sum (the lowest are pruned), x = pruned, blank = op already gone."""
+    grid, pruned = _rank_grid(record, rows, ops)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    if pruned:
+        ax.scatter([j for _, j in pruned], [i for i, _ in pruned], marker="x", color="red", s=30, lw=1.5)
+    ax.set_xticks(range(len(ops)), ops, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows if labels else [], fontsize=7)
+    ax.set_title(f"(b) round {record['round']}: {len(record['candidates'])} ops, {len(pruned)} pruned",
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8, pad=0.01).set_label("rank sum (lowest pruned)", fontsize=7)
+
+
+def _draw_cell(ax, nodes, concat, title: str, colours: dict) -> None:
+    """Panel (c): one cell as a graph; arrow k of a node bends one way, the other arrow the other way, and
+    its op name sits on the curve's midpoint (for arc3 with bend f: the chord's midpoint + f/2 * (dy, -dx))."""
+    # inputs on the left, intermediate nodes in a zig-zag (arrows between them do not overlap), output right
+    pos = {0: (0.0, 1.2), 1: (0.0, -1.2), "out": (STEP * (len(nodes) + 1), 0.0)}
+    pos.update({i + 2: (STEP * (i + 1), 0.7 if i % 2 == 0 else -0.7) for i in range(len(nodes))})
+    names = {0: "$c_{k-2}$", 1: "$c_{k-1}$", "out": "output", **{i + 2: str(i) for i in range(len(nodes))}}
+    for i, node in enumerate(nodes):
+        for k, (op, src) in enumerate(node):
+            (x0, y0), (x1, y1) = pos[src], pos[i + 2]
+            bend = 0.18 if k == 0 else -0.18
+            ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(
+                arrowstyle="-|>", color=colours[op], lw=1.5, shrinkA=14, shrinkB=14,
+                connectionstyle=f"arc3,rad={bend}"))
+            mx, my = (x0 + x1) / 2 + bend / 2 * (y1 - y0), (y0 + y1) / 2 - bend / 2 * (x1 - x0)
+            ax.text(mx, my, op, fontsize=7, ha="center", va="center", color=colours[op],
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+    for state in concat:  # the cell's output concatenates these states
+        ax.annotate("", xy=pos["out"], xytext=pos[state], arrowprops=dict(
+            arrowstyle="-|>", color="grey", lw=1, ls="--", shrinkA=14, shrinkB=18))
+    for key, (x, y) in pos.items():
+        ax.text(x, y, names[key], ha="center", va="center", fontsize=9, zorder=3,
+                bbox=dict(boxstyle="round,pad=0.35", fc="lightblue" if key in (0, 1) else
+                          "khaki" if key == "out" else "white", ec="black"))
+    ax.set_xlim(-0.7, STEP * (len(nodes) + 1) + 0.9)
+    ax.set_ylim(-1.6, 1.6)
+    ax.set_aspect("equal", adjustable="box")  # arc3 bends in screen space: keep data and screen alike
+    ax.axis("off")
+    ax.set_title(title)
+
+
+def draw_search(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/search.png`` from a search folder, finished or partial (no genotype.json: no cells)."""
+    run_dir = _folder(run_dir)
+    history = _records(run_dir / HISTORY)
+    config = _optional_json(run_dir / "config.json")[0] or {}
+    genotype, why_not = None, "no genotype.json (search not finished)"
+    if (run_dir / "genotype.json").exists():
+        try:
+            genotype = GenotypeRecord.from_json((run_dir / "genotype.json").read_text()).genotype
+        except (OSError, UnicodeDecodeError, GenotypeError) as exc:
+            why_not = f"genotype.json unreadable: {one_line(exc, 80)}"
+    try:
+        fig = _search_figure(history, config, genotype)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{run_dir / HISTORY} has a record this version cannot read ({one_line(exc, 80)}); "
+                        f"check the file or re-run the search") from None
+    method = config.get("ntk_type", "?")
+    method += f" ({config.get('algorithm')})" if method == "MetaNTK_anl" else ""
+    title = (f"search {run_dir.name}: {method} on {config.get('dataset', '?')}, seed {config.get('rand_seed', '?')}, "
+             f"{len(history)} rounds")
+    fig.suptitle(title if genotype is not None else f"{title}; cells not drawn: {why_not}")
+    return _save(fig, run_dir / SEARCH_PNG)
+
+
+def _search_figure(history: list[dict], config: dict, genotype):
+    """Panels (a) and (c) side by side on top, the heatmaps of (b) in a grid below."""
+    op_rounds = [r for r in history if r.get("phase") == "ops"]
+    rows, ops = _op_order(op_rounds, config.get("search_space_name"))
+    columns = min(len(op_rounds), HEATMAP_COLUMNS) or 1
+    grid_rows = math.ceil(len(op_rounds) / columns)
+    heat_height, top_height = 0.2 * len(rows) + 1.8, 6.0
+    fig = _figure(max(15.0, 4.2 * columns), top_height + grid_rows * heat_height)
+    top, bottom = (fig.subfigures(2, 1, height_ratios=[top_height, grid_rows * heat_height]) if grid_rows
+                   else (fig, None))
+    if genotype is not None:  # the cells need width more than height: stacked, right of (a)
+        axes = top.subplot_mosaic([["a", "normal"], ["a", "reduce"]], width_ratios=[1, 1.6])
+        ax_scores, ax_normal, ax_reduce = axes["a"], axes["normal"], axes["reduce"]
+        used = sorted({op for cell in (genotype.normal, genotype.reduce) for node in cell for op, _ in node})
+        colours = {op: f"C{i % 10}" for i, op in enumerate(used)}  # one colour per op, alike in both cells
+        _draw_cell(ax_normal, genotype.normal, genotype.normal_concat, "(c) normal cell", colours)
+        _draw_cell(ax_reduce, genotype.reduce, genotype.reduce_concat, "(c) reduction cell", colours)
+    else:
+        ax_scores = top.subplots(1, 1)
+    _draw_scores(ax_scores, history)
+    if bottom is not None:
+        for k, ax in enumerate(bottom.subplots(grid_rows, columns, squeeze=False).ravel()):
+            if k < len(op_rounds):
+                _draw_heatmap(bottom, ax, op_rounds[k], rows, ops, labels=k % columns == 0)
+            else:
+                ax.axis("off")
+    return fig
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+def _twin_curves(ax, metrics: list[dict], left: str, right: str, labels: tuple[str, str], colours, title: str):
+    """Two per-epoch curves of metrics.jsonl, on the left and right axes (their scales differ)."""
+    from matplotlib.ticker import MaxNLocator
+    epochs = [m["epoch"] for m in metrics]
+    ax.plot(epochs, [m[left] for m in metrics], "o-", color=colours[0])
+    ax.set_ylabel(labels[0], color=colours[0])
+    twin = ax.twinx()
+    twin.plot(epochs, [m.get(right, math.nan) for m in metrics], "s--", color=colours[1])
+    twin.set_ylabel(labels[1], color=colours[1])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+
+
+def _draw_fewshot(ax, fewshot: dict) -> None:
+    """Mean accuracy per split and number of shots, error bars = the 95% interval over the episodes."""
+    shots = sorted({int(s) for per_split in fewshot.values() for s in per_split})
+    width = 0.8 / max(len(fewshot), 1)
+    for k, (split, per_split) in enumerate(sorted(fewshot.items())):
+        xs = [shots.index(int(s)) + (k - (len(fewshot) - 1) / 2) * width for s in per_split]
+        means = [r["mean"] for r in per_split.values()]
+        cis = [r.get("ci95") or 0.0 for r in per_split.values()]
+        episodes = sorted({r.get("episodes") for r in per_split.values()} - {None})
+        ax.errorbar(xs, means, yerr=cis, fmt="o", capsize=4,
+                    label=f"{split} ({', '.join(map(str, episodes))} episodes)")
+        for x, m in zip(xs, means):
+            ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(6, 0), fontsize=8, va="center")
+    ax.set_xticks(range(len(shots)), [f"{s}-shot" for s in shots])
+    ax.set_xlim(-0.6, len(shots) - 0.4)
+    low, high = ax.get_ylim()  # an interval from few episodes can pass 0 or 100%; accuracies cannot
+    ax.set_ylim(max(low, 0.0), min(high, 100.0))
+    ax.set_ylabel("few-shot accuracy (%), 95% CI")
+    ax.legend(fontsize=8)
+    ax.set_title("few-shot test")
+
+
+def draw_training(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/training.png`` from a training folder (results.json may be absent: still training)."""
+    run_dir = _folder(run_dir)
+    metrics = _records(run_dir / METRICS)
+    results, why_not = _optional_json(run_dir / "results.json")
+    config = _optional_json(run_dir / "config.json")[0] or {}
+    fig = _figure(15, 4.2)
+    axes = fig.subplots(1, 3)
+    try:
+        if metrics:
+            _twin_curves(axes[0], metrics, "loss", "acc", ("training loss", "training accuracy (%)"),
+                         ("tab:red", "tab:green"), "loss and accuracy")
+            _twin_curves(axes[1], metrics, "lr", "drop_path_prob", ("learning rate", "drop-path probability"),
+                         ("tab:purple", "tab:grey"), "schedule (at the start of each epoch)")
+            lrs = [m["lr"] for m in metrics]
+            if min(lrs) > 0 and max(lrs) / min(lrs) > 3:  # step decays read best on a log scale
+                _log_axis(axes[1], lrs)
+        else:
+            _note(axes[0], "no finished epoch yet")
+            _note(axes[1], "no finished epoch yet")
+        fewshot = (results or {}).get("fewshot")
+        if fewshot:
+            _draw_fewshot(axes[2], fewshot)
+        else:
+            _note(axes[2], f"no few-shot results yet ({why_not or 'none in results.json'})")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{run_dir} holds a metrics or results record this version cannot read "
+                        f"({one_line(exc, 80)}); check metrics.jsonl and results.json") from None
+    epochs = f"{metrics[-1]['epoch']}/{config.get('epochs', '?')} epochs" if metrics else "no epoch yet"
+    fig.suptitle(f"training {run_dir.name}: {config.get('dataset', '?')}, {config.get('layers', '?')} cells, "
+                 f"C={config.get('init_channels', '?')}, seed {config.get('seed', '?')}, {epochs}")
+    return _save(fig, run_dir / TRAINING_PNG)
+
+
+# ---- folders, the hooks and the command line --------------------------------------------------------------
+
+def _folder(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"run folder {path} does not exist; give the --save_dir of a search or a training")
+    return path
+
+
+def report_kinds(run_dir: str | Path) -> list[Callable[[Path], Path]]:
+    """The drawing functions that apply to a folder; UsageError when none does."""
+    path = _folder(run_dir)
+    kinds = [draw for name, draw in ((HISTORY, draw_search), (METRICS, draw_training)) if (path / name).exists()]
+    if not kinds:
+        raise UsageError(f"{path} holds neither {HISTORY} (a search) nor {METRICS} (a training); give the "
+                         f"--save_dir of a search or a training that has finished at least one round or epoch")
+    return kinds
+
+
+def draw_report(run_dir: str | Path) -> list[Path]:
+    """Draw every picture that applies to a run folder (search.png and/or training.png); their paths."""
+    return [draw(Path(run_dir)) for draw in report_kinds(run_dir)]
+
+
+def draw_quietly(draw: Callable[[Path], Path], run_dir: str | Path, logger: logging.Logger) -> Path | None:
+    """The end-of-run hook: draw, and on any failure log one warning line instead of failing a run whose
+    results are already written (the picture can be redrawn from them)."""
+    try:
+        path = draw(Path(run_dir))
+    except Exception as exc:  # noqa: BLE001 - deliberately broad: the run's results matter, the picture does not
+        logger.warning("could not draw the picture of %s (%s); redraw with: python -m search_lib.report %s",
+                       run_dir, one_line(exc, 200), run_dir)
+        return None
+    logger.info("picture: %s", path)
+    return path
+
+
+def build_parser():
+    p = make_parser("python -m search_lib.report",
+                    "Draw search.png / training.png into run folders of searches and trainings (finished or not).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the --save_dir of a search or a training")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        jobs = [(Path(d), report_kinds(d)) for d in args.run_dirs]  # every folder checked before any drawing
+        for run_dir, kinds in jobs:
+            for draw in kinds:
+                print(draw(run_dir))
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
