@@ -15,6 +15,7 @@ import torch
 from search_lib.cli import flag, flag_fields
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.errors import UsageError
+from search_lib.tensorboard_log import require_tensorboard
 from search_lib.utils import DEVICE_CHOICES
 
 from .fewshot import BACKENDS, CLASSIFIERS, PROTO_RULES, canonical_classifier
@@ -171,6 +172,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=flag("delete the run found in --save_dir and start over",
                                                          group=_RUN))
     progress: bool = field(default=True, metadata=flag("show progress bars", group=_RUN))
+    tensorboard: bool = field(default=False, metadata=_after_search(
+        "also log the per-epoch loss, accuracy, learning rate, drop-path and the few-shot means to "
+        "<save_dir>/tensorboard (needs the tensorboard package)", group=_RUN))
     stop_after_epoch: int | None = field(default=None, metadata=flag(  # testing hook: stop (resumably) there
         "stop after this many epochs (resumable)", type=int, group=_RUN, hidden=True))
 
@@ -280,6 +284,8 @@ class TrainConfig:
             if not self.checkpoint:
                 raise UsageError("--eval_only needs --checkpoint PATH (a checkpoint.pt of a training run)")
         else:
+            if self.tensorboard:
+                require_tensorboard()  # a missing package fails here, before the run folder is touched
             if self.random_arch and self.genotype:
                 raise UsageError("give either --genotype or --random_arch, not both")
             if not self.random_arch and not self.genotype:

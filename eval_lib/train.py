@@ -13,6 +13,8 @@ weights as an uninterrupted run. Files of a run folder (`eval_lib.checkpoints.tr
     checkpoint_prev.pt  the checkpoint before the last one
     metrics.jsonl     one record per epoch: epoch, loss, acc, lr, drop_path_prob, time
     results.json      genotype, params, MACs, few-shot accuracy per split and shot (mean and 95% CI, percent)
+    training.png      loss, accuracy, schedule and few-shot accuracies (`search_lib.report`)
+    tensorboard/      the same scalars for TensorBoard, with --tensorboard
     train.log         the log
     done              written after the final test; a finished run is not recomputed unless overwrite
 
@@ -42,7 +44,9 @@ from search_lib.data.batch_augment import DeviceBatches
 from search_lib.distributed import World
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
+from search_lib.report import draw_quietly, draw_training
 from search_lib.run_dir import RunDir
+from search_lib.tensorboard_log import TrainingBoard
 from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, configure_threads, resolve_device,
                               rng_state, set_rng_state, set_seed)
 
@@ -83,7 +87,8 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
             run.clear()
     world.barrier()  # ... and reads it only after that
     with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-        return _train_and_evaluate(cfg, genotype, device, run, data, world)
+        with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
+            return _train_and_evaluate(cfg, genotype, device, run, data, world, board)
 
 
 @dataclass
@@ -106,7 +111,7 @@ class TrainingData:
 
 
 def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.device, run: RunDir,
-                        data: TrainingData, world: World) -> dict:
+                        data: TrainingData, world: World, board: TrainingBoard) -> dict:
     started = time.time()
     conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
     keys = TRAINING_KEYS + ("genotype_resolved",)
@@ -157,13 +162,15 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     # what every checkpoint of this run records besides the training state
     describe = {"genotype": genotype.to_json(), "genotype_str": str(genotype), "net_kwargs": net_kwargs,
                 "input_shape": list(data.input_shape)}
-    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf, world)
+    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf, world,
+                            board)
     if stopped is not None:
         return stopped
 
     t_eval = time.time()
     fewshot = fewshot_evaluate(model, cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size, device,
                                data.episode_sets, world)
+    board.fewshot(fewshot, cfg.epochs)
     results = {
         "status": "finished",
         "mode": "train",
@@ -188,6 +195,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
         atomic_write_json(run / "results.json", results)
         run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         logger.info("results written to %s", run / "results.json")
+        draw_quietly(draw_training, run.path, logger)  # training.png; a failure is a warning, not a failed run
     world.barrier()  # no rank reports the run finished before its files exist
     return results
 
@@ -225,7 +233,7 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
 
 def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data: TrainingData,
                   device: torch.device, run: RunDir, progress: dict, describe: dict, conf: dict,
-                  world: World) -> dict | None:
+                  world: World, board: TrainingBoard) -> dict | None:
     """Train from ``progress["epoch"]`` to ``cfg.epochs``, checkpointing every epoch; updates ``progress``.
 
     Under torchrun the network is wrapped in DistributedDataParallel: each rank trains on its shard of
@@ -291,6 +299,7 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
                 "last_metrics": last, **({"rng_ranks": rng_ranks} if rng_ranks else {}),
             })
             append_jsonl(metrics_path, last)
+            board.epoch(last)  # --tensorboard (does nothing without it)
         logger.info("epoch %d/%d loss %.4f acc %.2f lr %.5g drop-path %.3f (%.1f s)", epoch + 1, cfg.epochs,
                     loss, acc, lr, model.drop_path_prob, elapsed)
         epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
