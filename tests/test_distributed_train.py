@@ -43,6 +43,7 @@ def test_two_process_training_writes_one_run_folder(two_process_training):
     results = json.loads((run / "results.json").read_text())
     assert results["processes"] == 2 and results["status"] == "finished"
     assert (run / "done").exists() and not list(run.glob("*.tmp"))
+    assert (run / "training.png").stat().st_size > 0  # drawn by rank 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert len(ckpt["rng_ranks"]) == 2 and ckpt["epoch"] == 1
