@@ -62,7 +62,8 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
             res = meta_test(model, share, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
                             progress=cfg.progress and world.is_main, num_workers=cfg.workers(device.type),
                             desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
-                            normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch)
+                            normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch,
+                            inference=cfg.inference)
         if world.active:
             accs = world.merge(n, [] if res is None else res["accuracies"])
             res = dict(world.gather(res)[0])  # rank 0 always has episodes: its description of the test

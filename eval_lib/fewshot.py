@@ -18,6 +18,7 @@ Two back ends give the same numbers (tests/test_fewshot_batched.py checks it aga
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -26,9 +27,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from tqdm.auto import tqdm
 
-from search_lib.errors import DataError, UsageError
+from search_lib.errors import DataError, UsageError, one_line
 
 from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
                           l2_normalize, logistic_regression_batched, predict_batched, predict_episodes)
@@ -121,19 +123,60 @@ class _EpisodeSupports(torch.utils.data.Dataset):
         return self.episodes.support_images(self.plans[i])
 
 
-class _Features:
-    """The network's features (float32, on the device) of image batches, ``batch_size`` images at a time."""
+INFERENCE_MODES = ("fused", "eager")
 
-    def __init__(self, model: nn.Module, device: torch.device, use_logits: bool, batch_size: int):
-        self.model, self.device, self.use_logits, self.batch_size = model, device, use_logits, int(batch_size)
+
+class _FeatureNet(nn.Module):
+    """The part of the network the test classifies: penultimate features (or logits), flattened."""
+
+    def __init__(self, model: nn.Module, use_logits: bool):
+        super().__init__()
+        self.model, self.use_logits = model, use_logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x) if self.use_logits else self.model(x, return_features=True)[0]
+        return out.reshape(out.shape[0], -1)
+
+
+class _Features:
+    """The network's features (float32, on the device) of image batches, ``batch_size`` images at a time.
+
+    ``inference``: ``eager`` runs the network as it is (the reference); ``fused`` runs a copy with every
+    BatchNorm folded into the convolution before it (`torch.fx.experimental.optimization.fuse`) in the
+    channels_last memory format: the same features up to float rounding (about 1e-6) and about twice as
+    fast on the CPU, where the forward pass over the augmented support copies dominates the test. A network
+    that cannot be traced by torch.fx runs eagerly, with a warning.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, use_logits: bool, batch_size: int,
+                 inference: str = "eager"):
+        if inference not in INFERENCE_MODES:
+            raise UsageError(f"unknown inference mode {inference!r}; use one of {', '.join(INFERENCE_MODES)}")
+        self.device, self.batch_size, self.inference = device, int(batch_size), inference
+        self.net: nn.Module = _FeatureNet(model, use_logits)
+        self.net.training = model.training
+        if inference == "fused":
+            self.net = self._fused(self.net)
+
+    @staticmethod
+    def _fused(net: nn.Module) -> nn.Module:
+        assert not net.model.training, "BatchNorm is folded with its running statistics: eval mode only"
+        copy_ = copy.deepcopy(net).to(memory_format=torch.channels_last)  # the caller's network is untouched
+        try:
+            return fx_fuse(copy_)
+        except Exception as exc:  # torch.fx cannot trace every network; eagerly it computes the same features
+            logger.warning("could not fuse the network for the few-shot test (%s); running it eagerly",
+                           one_line(exc, 120))
+            return copy_
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outs = []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start:start + self.batch_size].to(self.device, dtype=torch.float32, non_blocking=True)
-            out = self.model(chunk) if self.use_logits else self.model(chunk, return_features=True)[0]
-            outs.append(out.reshape(out.shape[0], -1).float())
+            if self.inference == "fused":
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            outs.append(self.net(chunk).float())
         return torch.cat(outs)
 
 
@@ -195,7 +238,8 @@ def _l2_normalize_t(x: torch.Tensor) -> torch.Tensor:
 def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
               device: torch.device | str | None = None, use_logits: bool = False, progress: bool = True,
               batch_size: int = 256, num_workers: int = 0, desc: str = "meta-test", *, backend: str = "torch",
-              C: float = 1.0, normalize: bool = True, proto_rule: str = "mean", episode_batch: int = 100) -> dict:
+              C: float = 1.0, normalize: bool = True, proto_rule: str = "mean", episode_batch: int = 100,
+              inference: str = "eager") -> dict:
     """Few-shot accuracy of ``model`` over every episode of ``episode_dataset``.
 
     Each item of the dataset is ``(support_xs, support_ys, query_xs, query_ys)``. For an `EpisodeDataset`
@@ -203,7 +247,8 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     support copies of ``episode_batch`` episodes at a time (the same images ``__getitem__`` gives); other
     datasets are read item by item. ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the
     reference); ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the
-    features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`). Returns a dict with ``mean`` and
+    features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`); ``inference``: ``eager`` or ``fused``
+    (see `_Features`). Returns a dict with ``mean`` and
     ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``, ``classifier`` and the
     per-episode ``accuracies`` (percent).
     """
@@ -230,7 +275,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     model.eval()
     accs: list[float] = []
     ways = queries = None
-    feats = _Features(model, device, use_logits, batch_size)
+    feats = _Features(model, device, use_logits, batch_size, inference)
     pin = device.type == "cuda"
     try:
         if _fast_path_ok(episode_dataset):
@@ -278,7 +323,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
 
 
 __all__ = [
-    "Classifier", "BACKENDS", "CLASSIFIERS", "PROTO_RULES", "canonical_classifier", "draws_no_random_numbers", "extract_features",
+    "Classifier", "BACKENDS", "CLASSIFIERS", "INFERENCE_MODES", "PROTO_RULES", "canonical_classifier", "draws_no_random_numbers", "extract_features",
     "get_classifier", "l2_normalize", "logistic_regression_batched", "mean_confidence_interval", "meta_test",
     "predict_batched", "predict_episodes",
 ]

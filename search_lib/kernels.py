@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -78,13 +77,16 @@ def _logits(out) -> torch.Tensor:
 
 
 def _backward_per_sample(gsm: GradSampleModule, inputs: torch.Tensor) -> None:
-    """One forward/backward of sum(logits); leaves each hooked parameter's ``grad_sample``."""
+    """One forward/backward of sum(logits); leaves each hooked parameter's ``grad_sample``.
+
+    The backward asks autograd for the gradient of the input images only: every layer's output gradient
+    (what Opacus's hooks turn into per-sample gradients) is on that path, while the summed weight gradients
+    are not, so autograd skips them (about a third of a plain backward's work, never used here).
+    """
     _clear_grads(gsm)
-    with torch.enable_grad(), warnings.catch_warnings():
-        # The input needs no gradient, so PyTorch notes that the first module's full backward hook
-        # fires with respect to its outputs; that is exactly what Opacus needs.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        _logits(gsm(inputs)).sum().backward()
+    x = inputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        torch.autograd.grad(_logits(gsm(x)).sum(), x)
 
 
 def _clear_grads(gsm: GradSampleModule) -> None:

@@ -219,3 +219,33 @@ def test_batched_classifiers_match_sklearn_on_cuda(name):
         ref = predict_episodes(name, sx, sy, qx, 5, backend="sklearn", n_aug=5).numpy()
         assert (fast == ref).mean() >= 0.995
         assert abs(100 * ((fast == qy).mean() - (ref == qy).mean())) <= 0.1
+
+
+def test_fused_features_equal_eager_features(synthetic_mini):
+    """The fused (BatchNorm folded, channels_last) network gives the eager network's features."""
+    from eval_lib.models import AugmentCNN
+    from search_lib.genotypes import PRESETS
+
+    torch.manual_seed(0)
+    net = AugmentCNN(C=4, layers=2, num_classes=5, genotype=PRESETS["mini-5cell-1"], in_channels=3)
+    for m in net.modules():  # non-trivial running statistics, so that folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = torch.randn(11, 3, 16, 16)
+    eager = _Features(net, torch.device("cpu"), False, 4)(x)
+    fused = _Features(net, torch.device("cpu"), False, 4, inference="fused")
+    out = fused(x)  # chunks of 4, 4 and 3
+    assert isinstance(fused.net, torch.fx.GraphModule)
+    def bns(module):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+    # a BatchNorm right after a convolution is folded into it (those after a pooling or a concatenation stay)
+    assert bns(fused.net) < bns(net) // 2
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    assert next(net.parameters()).is_contiguous()  # the caller's network is left as it was
+    ds = _episodes(synthetic_mini, shots=1, n_test_runs=6)
+    a = meta_test(net, ds, progress=False, inference="eager")
+    b = meta_test(net, ds, progress=False, inference="fused")
+    assert a["accuracies"] == b["accuracies"]
