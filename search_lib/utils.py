@@ -104,6 +104,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(text), "w")
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes (an image, ...) to ``path`` via a temp file in the same folder and ``os.replace``."""
+    _atomic_write(Path(path), lambda fh: fh.write(data), "wb")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
