@@ -138,7 +138,8 @@ def initial_network(genotype: Genotype, tcfg: TrainConfig, data: BaselineData) -
 
 
 def grad_norm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
-    """Σ over parameters of ‖∂L/∂θ‖₂, L the mean cross-entropy of one batch (train mode, as the first step)."""
+    """Σ over parameters of ‖∂L/∂θ‖₂, L the mean cross-entropy of one batch (train mode, as at the first
+    training step)."""
     model.train()
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(images), targets).backward()

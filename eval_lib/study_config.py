@@ -36,7 +36,8 @@ _ARCHS, _STUDY = "architectures", "study"
 
 @dataclass
 class StudyConfig:
-    """Settings of one proxy study; each flag field is the flag of the same name of ``python -m eval_lib.proxy_study``."""
+    """Settings of one proxy study; each flag field is the flag of the same name of
+    ``python -m eval_lib.proxy_study``."""
 
     n_archs: int = field(default=12, metadata=flag("seeded random genotypes of the search space", group=_ARCHS))
     published: bool = field(default=False, metadata=flag(

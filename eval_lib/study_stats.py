@@ -45,7 +45,8 @@ def _finite(value: float) -> float | None:
 def kendall_tau_b(x, y, axis: int = -1) -> np.ndarray:
     """Kendall's τ-b along ``axis``, vectorised over the other axes (scipy.stats.kendalltau's statistic, which
     it equals; NaN where x or y is constant). The bootstrap evaluates it on thousands of resamples at once."""
-    x, y = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1), np.moveaxis(np.asarray(y, dtype=np.float64), axis, -1)
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    y = np.moveaxis(np.asarray(y, dtype=np.float64), axis, -1)
     n = x.shape[-1]
     dx = np.sign(x[..., :, None] - x[..., None, :])
     dy = np.sign(y[..., :, None] - y[..., None, :])
@@ -159,7 +160,7 @@ def format_table(summary: dict) -> str:
     worst_nan = 0
     for entry in summary["proxies"].values():
         for s, row in entry["shots"].items():
-            worst_nan = max(worst_nan, row["kendall_tau_ci95"]["nan_resamples"], row["spearman_rho_ci95"]["nan_resamples"])
+            worst_nan = max(worst_nan, *(row[f"{s}_ci95"]["nan_resamples"] for s in STATS))
             rows.append((f"{'-' if entry['sign'] < 0 else '+'}{entry['label']}", s,
                          f"{_num(row['kendall_tau'])} {_ci(row['kendall_tau_ci95'])}",
                          f"{_num(row['spearman_rho'])} {_ci(row['spearman_rho_ci95'])}", f"{row['top_k_hit']:.2f}"))
@@ -192,7 +193,7 @@ def scatter_png(records: list[dict], summary: dict, shots: str) -> bytes:
             y = np.array([res["mean"] for _, res in pts])
             err = np.array([res.get("ci95") or 0.0 for _, res in pts])
             ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=2, alpha=0.8)
-            if x.min() > 0 and x.max() / x.min() > 100:
+            if x.min() > 0 and x.max() / x.min() > 10:
                 ax.set_xscale("log")
         row = summary["proxies"][p]["shots"].get(shots, {})
         ax.set_title(f"{label} ({'low' if sign < 0 else 'high'} is good)\nτ = {_num(row.get('kendall_tau'))}, "

@@ -122,7 +122,8 @@ def test_zero_cost_proxies_on_a_linear_layer():
     expected = sum(float(p.grad.norm()) for p in net.parameters())
     assert grad_norm(net, x, y) == pytest.approx(expected)
     # R = Σ_o (Σ_i |W_oi| + |b_o|) for an all-ones input, so θ ⊙ ∂R/∂θ = |θ|: synflow is Σ |θ|
-    assert synflow(net, (3,), torch.device("cpu")) == pytest.approx(sum(float(p.detach().abs().sum()) for p in net.parameters()))
+    expected = sum(float(p.detach().abs().sum()) for p in net.parameters())
+    assert synflow(net, (3,), torch.device("cpu")) == pytest.approx(expected)
 
 
 # ---- the command line ----
