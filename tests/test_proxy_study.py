@@ -208,6 +208,12 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "n_archs: 3 -> 4" in err and "aug_epochs" in err and "--overwrite" in err
     assert (save_dir / "config.json").read_text() == config
+    # --overwrite starts over with the new settings (one architecture: no bootstrap interval)
+    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--n_archs", "1", "--overwrite")) == 0
+    assert [p.name for p in (save_dir / "archs").iterdir()] == ["000-random0"] and (save_dir / "done").is_file()
+    assert len((save_dir / "study.jsonl").read_text().splitlines()) == 1
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["proxies"]["kappa_maml"]["shots"]["5"]["kendall_tau_ci95"]["low"] is None
 
 
 def test_shards_give_the_records_of_one_process(reference, synthetic_mini, tmp_path):
