@@ -105,7 +105,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes (an image, ...) to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write bytes (e.g. a rendered PNG) to ``path`` atomically, like `atomic_write_text`."""
     _atomic_write(Path(path), lambda fh: fh.write(data), "wb")
 
 
