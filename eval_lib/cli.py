@@ -1,4 +1,5 @@
-"""The command line of eval_searched_arch.py, and the hand-off from a search (``--train_after_search``).
+"""The command line of eval_searched_arch.py, the search's ``--aug_*`` flags and the hand-off from a search
+(``--train_after_search``) or a proxy study (`eval_lib.proxy_study`) to the training.
 
 Every flag is generated from a `TrainConfig` field (its default, type, choices and help), so the flags,
 the library's defaults and the search's ``--aug_*`` flags cannot disagree.
@@ -78,15 +79,32 @@ def add_aug_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGrou
                      help_suffix=lambda f: f" (eval_searched_arch.py --{f.name}; default {field_default(f)})")
 
 
+def split_aug_values(values: dict) -> tuple[dict, dict]:
+    """Parsed flags split into (the other flags, the --aug_* values keyed by the training flag's name)."""
+    aug = {k[len(AUG_PREFIX):]: v for k, v in values.items() if k.startswith(AUG_PREFIX)}
+    return {k: v for k, v in values.items() if not k.startswith(AUG_PREFIX)}, aug
+
+
+def aug_train_config(aug: dict, genotype: Genotype, *, space: str, max_nodes: int, data, data_path: str | None,
+                     device: str, save_dir) -> TrainConfig:
+    """The `TrainConfig` of a genotype trained after a search or in a proxy study.
+
+    ``aug`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its space
+    and node count, the dataset (the supervised name of ``data``, a `DatasetSpec`), the data folder, the
+    device and the run folder are the caller's.
+    """
+    overrides = {k: v for k, v in aug.items() if v is not None}
+    return TrainConfig(genotype=str(genotype), arch_space=space, arch_max_nodes=max_nodes, dataset=data.plain_name,
+                       data_path=data_path, device=device, save_dir=str(save_dir), **overrides)
+
+
 def train_after_search(result, search_cfg) -> int:
     """Train and few-shot test a search's genotype in-process (prune_metantknas.py --train_after_search).
 
     ``result`` is the search's `SearchResult`: its genotype and space are handed over as they are (no
     string round trip). The run folder is <search save_dir>/train; unset aug_* values take the defaults.
     """
-    overrides = {k: v for k, v in search_cfg.train.items() if v is not None}
-    cfg = TrainConfig(genotype=str(result.genotype), arch_space=result.search_space,
-                      arch_max_nodes=result.max_nodes, dataset=search_cfg.data.plain_name,
-                      data_path=search_cfg.data_path, device=search_cfg.device,
-                      save_dir=str(result.save_dir / "train"), **overrides)
+    cfg = aug_train_config(search_cfg.train, result.genotype, space=result.search_space,
+                           max_nodes=result.max_nodes, data=search_cfg.data, data_path=search_cfg.data_path,
+                           device=search_cfg.device, save_dir=result.save_dir / "train")
     return run(cfg, result.genotype)

@@ -107,7 +107,8 @@ def flag(help: str, *, type: Callable[[str], Any] | None = None, choices: Iterab
     """Field metadata that makes a config field a command-line flag (see `add_config_flags`).
 
     ``type`` defaults to the type of the field's default (int, float, str; bool gives a true/false flag);
-    a field whose default is None or a list needs it. ``extra`` keys are free for the config's own use.
+    a field whose default is None or a list needs it (with ``nargs="+"`` in ``extra`` a list field takes
+    several values, each of that type). Other ``extra`` keys are free for the config's own use.
     """
     return {_FLAG: dict(help=help, type=type, choices=tuple(choices) if choices else None, group=group,
                         metavar=metavar, hidden=hidden, **extra)}
@@ -157,7 +158,7 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclass
             add_bool_flag(target, name, None if unset_default else default, text)
             continue
         target.add_argument(f"--{name}", type=kind, choices=meta["choices"], metavar=meta["metavar"],
-                            default=None if unset_default else default, help=text)
+                            nargs=meta.get("nargs"), default=None if unset_default else default, help=text)
 
 
 __all__ = ["add_bool_flag", "add_config_flags", "field_default", "flag", "flag_fields", "make_parser", "run_cli",

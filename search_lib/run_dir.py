@@ -49,8 +49,10 @@ class SavedState:
 class RunDir:
     """A run folder: config check, rotating atomic saves with fallback, outputs, ``done`` marker, log."""
 
-    def __init__(self, path: str | os.PathLike, state: SavedState, outputs: Sequence[str], log_name: str,
+    def __init__(self, path: str | os.PathLike, state: SavedState | None, outputs: Sequence[str], log_name: str,
                  logger: logging.Logger):
+        """``state`` None: a run that keeps no rotating saved state (a proxy study keeps one record per
+        architecture instead); `save_state` and `load_state` are then not used."""
         self.path = Path(path)
         self.state = state
         self.outputs = tuple(outputs)
@@ -75,7 +77,8 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove every file a run writes here (``--overwrite``); other files in the folder are left alone."""
-        for name in (CONFIG_FILE, DONE_FILE, self.log_name, *self.state.files(), *self.outputs):
+        for name in (CONFIG_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()),
+                     *self.outputs):
             try:
                 (self.path / name).unlink()
             except FileNotFoundError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from eval_lib.cli import AUG_PREFIX, add_aug_flags, train_after_search
+from eval_lib.cli import add_aug_flags, split_aug_values, train_after_search
 
 from .cli import add_config_flags, flag_fields, make_parser, run_cli
 from .config import SearchConfig
@@ -25,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    values = vars(args)
-    train = {k[len(AUG_PREFIX):]: v for k, v in values.items() if k.startswith(AUG_PREFIX)}
-    fields = {k: v for k, v in values.items() if not k.startswith(AUG_PREFIX)}
+    fields, train = split_aug_values(vars(args))
     return SearchConfig(**fields, train=train)
 
 

@@ -1,0 +1,214 @@
+"""``python -m eval_lib.proxy_study``: does the search's proxy predict few-shot accuracy? (docs/method.md §9)
+
+For a set of architectures (seeded random genotypes, the published ones, a search's genotype.json files)
+it computes the proxies of `eval_lib.proxies` at initialisation, trains and few-shot tests every
+architecture (`eval_lib.train.train_and_evaluate`), and measures how well each proxy ranks the
+architectures by test accuracy (`eval_lib.study_stats`).
+
+    python -m eval_lib.proxy_study --dataset MetaDigits --n_archs 12 --save_dir runs/proxy_study \\
+        --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 2 --aug_epochs 4 --aug_eval_splits test
+
+Files of a study folder (``--save_dir``):
+
+    config.json               the flags (--aug_* included); compared when the folder is used again
+    archs/<id>/proxies.json   the proxies of one architecture (kept while its training runs)
+    archs/<id>/train/         its training and few-shot test (a resumable training run folder)
+    archs/<id>/record.json    its record, written when it is finished
+    study.jsonl               the records in id order
+    summary.json              correlations, 95% intervals and top-k hit rates per proxy and shots
+    study.png                 one panel per proxy: the proxy against the 5-shot test accuracy
+    study.log                 the log
+    done                      every architecture has a record and the summary is written
+
+Re-running the same command continues with the next architecture without a record (an interrupted
+training resumes at its last epoch). ``--shard i/n`` processes the architectures whose index % n == i, so
+several processes (or GPUs) can share one folder; whichever finds every record present writes the
+summary. ``--summarize`` rebuilds the summary from the records there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from typing import Sequence
+
+from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
+from search_lib.config import SearchConfig
+from search_lib.errors import UsageError
+from search_lib.run_dir import RunDir
+from search_lib.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
+
+from .checkpoints import read_json
+from .cli import add_aug_flags
+from .proxies import BaselineData, KernelProxies, alive_mask, baselines
+from .study_config import PROXY_FLAGS, Arch, StudyConfig, architectures, result_keys
+from .study_stats import format_table, scatter_png, summarize
+from .train import TrainingData, train_and_evaluate
+
+log = logging.getLogger("metantknas.study")
+
+ARCHS_DIR = "archs"
+OUTPUTS = ("study.jsonl", "summary.json", "study.png")
+DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at initialisation (κ of the MetaNTK of "
+               "MAML and ANIL and of the NTK, linear regions, #params, MACs, grad_norm, synflow) against the "
+               "few-shot test accuracy of trained architectures: Kendall τ, Spearman ρ, bootstrap intervals.")
+
+
+def study_run_dir(path) -> RunDir:
+    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, study.png, study.log."""
+    return RunDir(path, None, outputs=OUTPUTS, log_name="study.log", logger=log)
+
+
+class StudyWork:
+    """What studying an architecture needs, loaded once: the scorers, the baselines' batch, the device."""
+
+    def __init__(self, cfg: StudyConfig, first: Arch):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.proxy.device)
+        probe = cfg.train_config(first.genotype, "unused")
+        TrainingData.load(probe)  # the training data and its test episodes are usable: fails before any write
+        self.data = BaselineData.load(probe, cfg.seed)
+        self.kernels = KernelProxies(cfg.search_config(), self.device)
+
+    def proxies(self, arch: Arch, folder) -> dict:
+        """The proxies of ``arch`` (computed, or read back from its proxies.json after an interruption)."""
+        cached = read_json(folder / "proxies.json")
+        if cached is not None and cached.get("genotype") == str(arch.genotype):
+            return cached
+        t0 = time.time()
+        proxies, sentinels = self.kernels.score(alive_mask(arch.genotype, self.cfg.proxy.space.name), arch.id)
+        t1 = time.time()
+        base = baselines(arch.genotype, self.cfg.train_config(arch.genotype, "unused"), self.data, self.device)
+        out = {"genotype": str(arch.genotype), "proxies": proxies, "kappa_sentinels": sentinels, "baselines": base,
+               "timings": {"proxies_s": t1 - t0, "baselines_s": time.time() - t1}}
+        atomic_write_json(folder / "proxies.json", out)
+        return out
+
+    def study(self, arch: Arch, folder) -> dict:
+        """Proxies, training and few-shot test of one architecture: its record."""
+        measured = self.proxies(arch, folder)
+        results = train_and_evaluate(self.cfg.train_config(arch.genotype, folder / "train"), arch.genotype)
+        if results.get("params") != measured["baselines"]["params"]:
+            log.warning("%s: the trained network has %s parameters, the baseline network %s", arch.id,
+                        results.get("params"), measured["baselines"]["params"])
+        accuracy = {split: {s: {k: res.get(k) for k in ("mean", "ci95", "episodes")} for s, res in per.items()}
+                    for split, per in results["fewshot"].items()}
+        return {"id": arch.id, "index": arch.index, "source": arch.source, "name": arch.name,
+                "arch_seed": arch.arch_seed, "genotype": str(arch.genotype), "proxies": measured["proxies"],
+                "kappa_sentinels": measured["kappa_sentinels"], "baselines": measured["baselines"],
+                "accuracy": accuracy, "train_dir": f"{ARCHS_DIR}/{arch.id}/train",
+                "timings": {**measured["timings"], "train_s": results["train"]["train_time_s"],
+                            "test_s": results["eval_time_s"]}}
+
+
+def read_record(run: RunDir, arch: Arch) -> dict | None:
+    """The record of ``arch`` in the folder, None when it has none; UsageError when it holds another genotype."""
+    record = read_json(run / ARCHS_DIR / arch.id / "record.json")
+    if record is not None and record.get("genotype") != str(arch.genotype):
+        raise UsageError(f"{run / ARCHS_DIR / arch.id / 'record.json'} holds another genotype than architecture "
+                         f"{arch.id} of this study (a genotype file changed?); use --overwrite to start over")
+    return record
+
+
+def run_study(cfg: StudyConfig) -> int:
+    """Study the architectures of this process's shard, then summarise once every record is present."""
+    cfg.validate()
+    run = study_run_dir(cfg.save_dir)
+    if cfg.summarize:
+        return summarize_folder(run, cfg)
+    archs = architectures(cfg)
+    old = None if cfg.overwrite else run.read_config()
+    if old is not None:
+        run.check_config(result_keys(old), cfg.result_dict(), what="a proxy study")
+    index, count = cfg.shard_index()
+    todo = [a for a in archs if a.index % count == index and (cfg.overwrite or read_record(run, a) is None)]
+    work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
+    run.create()
+    if cfg.overwrite:
+        run.clear()
+        shutil.rmtree(run / ARCHS_DIR, ignore_errors=True)
+    run.write_config(cfg.flags())
+    with run.attach_log("metantknas", console=True):
+        log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),
+                 f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
+                 run.path)
+        for n, arch in enumerate(todo, 1):
+            folder = run / ARCHS_DIR / arch.id
+            log.info("[%d/%d] %s: %s", n, len(todo), arch.id, arch.genotype)
+            record = work.study(arch, folder)
+            atomic_write_json(folder / "record.json", record)
+            log.info("[%d/%d] %s: %s", n, len(todo), arch.id, _brief(record))
+        return write_outputs(run, cfg, archs)
+
+
+def _brief(record: dict) -> str:
+    p, t = record["proxies"], record["timings"]
+    acc = ", ".join(f"{s}-shot {r['mean']:.2f}" for s, r in record["accuracy"]["test"].items())
+    return (f"κ MAML {p['kappa_maml']['mean']:.4g}, regions {p['regions']['mean']:.0f}, "
+            f"params {record['baselines']['params']}; test {acc} (proxies {t['proxies_s'] + t['baselines_s']:.1f} s, "
+            f"training {t['train_s']:.1f} s, test {t['test_s']:.1f} s)")
+
+
+def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
+    """study.jsonl, summary.json, study.png (and done) from the records, once all are present (or ``partial``)."""
+    records = [r for r in (read_record(run, a) for a in archs) if r is not None]
+    if len(records) < len(archs) and not partial:
+        log.info("%d of %d architectures have records; the process that finishes the last writes the summary "
+                 "(or run with --summarize)", len(records), len(archs))
+        return 0
+    if not records:
+        raise UsageError(f"--save_dir {run.path} holds no architecture records yet; run the study first")
+    shots = [str(s) for s in cfg.train_config(archs[0].genotype, "unused").n_shots]
+    summary = summarize(records, shots=shots, top_k=cfg.top_k, seed=cfg.seed, n_resamples=cfg.bootstrap_resamples,
+                        expected=len(archs))
+    atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_json(run / "summary.json", summary)
+    atomic_write_bytes(run / "study.png", scatter_png(records, summary, "5" if "5" in shots else shots[-1]))
+    if len(records) == len(archs):
+        run.mark_done()
+    print(format_table(summary))
+    print(f"outputs: {run.path} (study.jsonl, summary.json, study.png)")
+    sys.stdout.flush()
+    return 0
+
+
+def summarize_folder(run: RunDir, cfg: StudyConfig) -> int:
+    """--summarize: the architectures of the recorded config, --top_k, --bootstrap_resamples of this command."""
+    old = run.read_config()
+    if old is None:
+        raise UsageError(f"--save_dir {run.path} holds no proxy study (no config.json); run the study first")
+    recorded = StudyConfig.from_flags(old)
+    recorded.top_k, recorded.bootstrap_resamples = cfg.top_k, cfg.bootstrap_resamples
+    return write_outputs(run, recorded, architectures(recorded), partial=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m eval_lib.proxy_study", DESCRIPTION)
+    groups = {"search": p.add_argument_group("proxy repeats, initialisation and device")}
+    add_config_flags(p, flag_fields(StudyConfig), groups=groups)
+    add_config_flags(p, [f for f in flag_fields(SearchConfig) if f.name in PROXY_FLAGS], groups=groups)
+    add_aug_flags(p, p.add_argument_group("training and few-shot test (eval_searched_arch.py's flags)"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    return StudyConfig.from_flags(vars(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        return run_study(config_from_args(build_parser().parse_args(argv)))
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

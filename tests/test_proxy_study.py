@@ -1,0 +1,230 @@
+"""The proxy study (python -m eval_lib.proxy_study): its statistics against scipy, a tiny study end to end,
+resuming after a kill between architectures, shards, and its user errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+from eval_lib import proxy_study
+from eval_lib.proxies import PROXIES, KernelProxies, grad_norm, synflow
+from eval_lib.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
+from eval_lib.study_stats import bootstrap_interval, kendall_tau_b, spearman_rho, summarize, top_k_hit
+from search_lib.cli import field_default, flag_fields
+from search_lib.config import SearchConfig
+
+# A tiny study on the synthetic miniImageNet of conftest (6 base classes of 12 images at 20x20).
+TINY = ["--dataset", "MetaMiniImageNet", "--n_archs", "3", "--seed", "1", "--ntk_channels", "4", "--ntk_layers", "2",
+        "--image_size", "16", "--batch_size", "2", "--repeat", "1", "--lr_batches", "1", "--lr_batch_size", "40",
+        "--device", "cpu", "--bootstrap_resamples", "200",
+        "--aug_init_channels", "4", "--aug_layers", "2", "--aug_epochs", "1", "--aug_batch_size", "16",
+        "--aug_image_size", "16", "--aug_n_queries", "4", "--aug_n_test_runs", "4",
+        "--aug_n_aug_support_samples", "1", "--aug_eval_splits", "test"]
+
+
+def _argv(data, save_dir, *extra) -> list[str]:
+    return [*TINY, "--data_path", str(data), "--save_dir", str(save_dir), *extra]
+
+
+def _records(save_dir) -> list[dict]:
+    """study.jsonl without the timings."""
+    lines = (save_dir / "study.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "timings"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_mini, tmp_path_factory):
+    """One uninterrupted tiny study (treat its folder as read-only)."""
+    save_dir = tmp_path_factory.mktemp("study") / "ref"
+    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 0
+    return save_dir
+
+
+# ---- statistics ----
+
+def _fake_records(kappa, regions, acc1, acc5) -> list[dict]:
+    out = []
+    for i, (k, r, a1, a5) in enumerate(zip(kappa, regions, acc1, acc5)):
+        proxies = {name: {"mean": k * (j + 1), "std": 0.0} for j, name in enumerate(("kappa_maml", "kappa_anil",
+                                                                                     "kappa_ntk"))}
+        proxies["regions"] = {"mean": r, "std": 0.0}
+        out.append({"id": f"{i:03d}", "proxies": proxies,
+                    "baselines": {"params": 100 + r, "macs": 1000 + i, "grad_norm": 1.0 / (i + 1), "synflow": k},
+                    "accuracy": {"test": {"1": {"mean": a1, "ci95": 1.0}, "5": {"mean": a5, "ci95": 1.0}}}})
+    return out
+
+
+def test_correlations_are_scipys_with_the_methods_sign():
+    rng = np.random.default_rng(0)
+    kappa, regions = rng.lognormal(3, 1, 9), rng.integers(10, 14, 9).astype(float)  # regions with ties
+    acc1, acc5 = rng.normal(50, 5, 9), rng.normal(70, 5, 9)
+    summary = summarize(_fake_records(kappa, regions, acc1, acc5), shots=["1", "5"], top_k=3, seed=0, n_resamples=50)
+    for shots, acc in (("1", acc1), ("5", acc5)):
+        row = summary["proxies"]["kappa_maml"]["shots"][shots]
+        assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(-kappa, acc).statistic, abs=1e-12)
+        assert row["kendall_tau"] == pytest.approx(-scipy.stats.kendalltau(kappa, acc).statistic, abs=1e-12)
+        assert row["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(-kappa, acc).statistic, abs=1e-12)
+        assert row["kendall_p"] == pytest.approx(scipy.stats.kendalltau(kappa, acc).pvalue)
+        row = summary["proxies"]["regions"]["shots"][shots]  # high is good: no flip
+        assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(regions, acc).statistic, abs=1e-12)
+        assert row["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(regions, acc).statistic, abs=1e-12)
+    assert {p: e["sign"] for p, e in summary["proxies"].items()} == {p: s for p, (_, s) in PROXIES.items()}
+    assert [e["sign"] for p, e in summary["proxies"].items() if p.startswith("kappa")] == [-1, -1, -1]
+    # the bootstrap's vectorised statistics are scipy's, ties and constant inputs (NaN) included
+    for _ in range(50):
+        n = int(rng.integers(2, 12))
+        x, y = rng.integers(0, 4, n).astype(float), np.round(rng.normal(size=n))
+        for mine, theirs in ((kendall_tau_b, scipy.stats.kendalltau), (spearman_rho, scipy.stats.spearmanr)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant input
+                expected = theirs(x, y).statistic
+            np.testing.assert_allclose(mine(x, y), expected, atol=1e-12, equal_nan=True)
+
+
+def test_bootstrap_interval_is_reproducible_and_leaves_out_undefined_resamples():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=10), rng.normal(size=10)
+    a = bootstrap_interval(x, y, "kendall_tau", seed=5, n_resamples=300)
+    assert a == bootstrap_interval(x, y, "kendall_tau", seed=5, n_resamples=300)
+    assert a != bootstrap_interval(x, y, "kendall_tau", seed=6, n_resamples=300)
+    assert -1 <= a["low"] <= a["high"] <= 1 and a["nan_resamples"] == 0
+    # no undefined resample: scipy's own percentile interval
+    ref = scipy.stats.bootstrap((x, y), lambda u, v: scipy.stats.spearmanr(u, v).statistic, paired=True,
+                                vectorized=False, method="percentile", n_resamples=300,
+                                rng=np.random.default_rng(5)).confidence_interval
+    b = bootstrap_interval(x, y, "spearman_rho", seed=5, n_resamples=300)
+    assert (b["low"], b["high"]) == pytest.approx((ref.low, ref.high))
+    # three architectures: some resamples repeat one architecture (NaN); they are counted and left out
+    c = bootstrap_interval([1.0, 2.0, 3.0], [3.0, 1.0, 2.0], "kendall_tau", seed=0, n_resamples=400)
+    assert 0 < c["nan_resamples"] < 400 and c["low"] is not None
+    assert bootstrap_interval([1.0, 2.0], [2.0, 1.0], "kendall_tau", seed=0, n_resamples=10)["low"] is None
+
+
+def test_top_k_hit_rate():
+    acc = [50.0, 60.0, 70.0, 80.0]
+    assert top_k_hit([1, 2, 3, 4], acc, 1) == 1.0
+    assert top_k_hit([4, 3, 2, 1], acc, 3) == 0.0
+    assert top_k_hit([1, 1, 4, 4], acc, 1) == 0.5  # tied best: half of them are the best architecture
+
+
+def test_zero_cost_proxies_on_a_linear_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    expected = sum(float(p.grad.norm()) for p in net.parameters())
+    assert grad_norm(net, x, y) == pytest.approx(expected)
+    # R = Σ_o (Σ_i |W_oi| + |b_o|) for an all-ones input, so θ ⊙ ∂R/∂θ = |θ|: synflow is Σ |θ|
+    expected = sum(float(p.detach().abs().sum()) for p in net.parameters())
+    assert synflow(net, (3,), torch.device("cpu")) == pytest.approx(expected)
+
+
+# ---- the command line ----
+
+def test_flags_are_the_study_search_and_aug_fields():
+    values = vars(proxy_study.build_parser().parse_args([]))
+    search = {f.name: f for f in flag_fields(SearchConfig)}
+    assert set(PROXY_FLAGS) == set(search) - set(LEFT_OUT)
+    for name in PROXY_FLAGS:
+        assert values[name] == field_default(search[name]), name
+    own = {f.name for f in flag_fields(StudyConfig)}  # the study's own --save_dir and --overwrite among them
+    assert own <= set(values) and not (set(LEFT_OUT) - own) & set(values)
+    cfg = proxy_study.config_from_args(proxy_study.build_parser().parse_args(
+        ["--genotype_files", "a.json", "b.json", "--aug_epochs", "2", "--ntk_channels", "8"]))
+    assert cfg.genotype_files == ["a.json", "b.json"] and cfg.train["epochs"] == 2 and cfg.proxy.ntk_channels == 8
+    assert StudyConfig.from_flags(json.loads(json.dumps(cfg.flags()))) == cfg
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])
+def test_bad_shard_is_one_line(shard, capsys, tmp_path):
+    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), f"--shard={shard}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--shard" in err and "i/n" in err
+    assert not (tmp_path / "s").exists()
+
+
+# ---- a tiny study ----
+
+def test_tiny_study_writes_its_outputs(reference):
+    records = [json.loads(line) for line in (reference / "study.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["000-random0", "001-random1", "002-random2"]
+    for name in ("config.json", "summary.json", "study.png", "done", "study.log"):
+        assert (reference / name).is_file(), name
+    assert (reference / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = records[0]
+    assert set(r["proxies"]) == {"kappa_maml", "kappa_anil", "kappa_ntk", "regions"}
+    assert r["proxies"]["kappa_maml"]["mean"] > 1 and r["proxies"]["regions"]["mean"] >= 1
+    assert r["baselines"]["params"] > 0 and r["baselines"]["macs"] > 0 and r["baselines"]["synflow"] > 0
+    assert set(r["accuracy"]["test"]) == {"1", "5"} and r["accuracy"]["test"]["5"]["ci95"] is not None
+    assert (reference / r["train_dir"] / "done").is_file()
+    assert set(r["timings"]) == {"proxies_s", "baselines_s", "train_s", "test_s"}
+    assert json.loads((reference / "archs" / r["id"] / "record.json").read_text()) == r
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["architectures"] == 3 and set(summary["proxies"]) == set(PROXIES)
+    assert set(summary["proxies"]["kappa_maml"]["shots"]) == {"1", "5"}
+
+
+def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tmp_path, monkeypatch, capsys):
+    trained, scored = [], []
+    real_train, real_score = proxy_study.train_and_evaluate, KernelProxies.score
+
+    def train(cfg, genotype):
+        trained.append(cfg.save_dir)
+        if len(trained) == 2 and kill:
+            raise KeyboardInterrupt  # killed during the second architecture's training
+        return real_train(cfg, genotype)
+
+    def score(self, alive, label):
+        scored.append(label)
+        return real_score(self, alive, label)
+
+    monkeypatch.setattr(proxy_study, "train_and_evaluate", train)
+    monkeypatch.setattr(KernelProxies, "score", score)
+    save_dir = tmp_path / "study"
+    kill = True
+    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 130
+    assert scored == ["000-random0", "001-random1"]
+    assert (save_dir / "archs/000-random0/record.json").is_file() and not (save_dir / "done").exists()
+    assert not (save_dir / "archs/001-random1/record.json").exists()
+    trained.clear()
+    scored.clear()
+    kill = False
+    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 0
+    assert scored == ["002-random2"]  # the first is not redone; the second's proxies were kept
+    assert [p.split("/")[-2] for p in trained] == ["001-random1", "002-random2"]
+    assert (save_dir / "done").is_file()
+    assert _records(save_dir) == _records(reference)
+    # the same folder with other settings: refused on one line, nothing overwritten
+    config = (save_dir / "config.json").read_text()
+    capsys.readouterr()
+    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--n_archs", "4", "--aug_epochs", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "n_archs: 3 -> 4" in err and "aug_epochs" in err and "--overwrite" in err
+    assert (save_dir / "config.json").read_text() == config
+    # --overwrite starts over with the new settings (one architecture: no bootstrap interval)
+    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--n_archs", "1", "--overwrite")) == 0
+    assert [p.name for p in (save_dir / "archs").iterdir()] == ["000-random0"] and (save_dir / "done").is_file()
+    assert len((save_dir / "study.jsonl").read_text().splitlines()) == 1
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["proxies"]["kappa_maml"]["shots"]["5"]["kendall_tau_ci95"]["low"] is None
+
+
+def test_shards_give_the_records_of_one_process(reference, synthetic_mini, tmp_path):
+    save_dir = tmp_path / "sharded"
+    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--shard", "1/2")) == 0
+    assert sorted(p.parent.name for p in (save_dir / "archs").glob("*/record.json")) == ["001-random1"]
+    assert not (save_dir / "done").exists() and not (save_dir / "summary.json").exists()
+    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--shard", "0/2")) == 0
+    assert (save_dir / "done").is_file()
+    assert _records(save_dir) == _records(reference)
+    # --summarize rebuilds the summary from the records (the recorded settings, this command's --top_k)
+    (save_dir / "summary.json").unlink()
+    assert proxy_study.main(["--save_dir", str(save_dir), "--summarize", "--top_k", "2"]) == 0
+    assert json.loads((save_dir / "summary.json").read_text())["top_k"] == 2
