@@ -242,6 +242,10 @@ class TrainConfig:
         for name in ("init_channels", "layers", "stem_multiplier", "fsr", "batch_size", "n_ways", "n_queries",
                      "n_test_runs", "n_aug_support_samples"):
             positive_int(name)
+        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: the global batch is split
+        if not self.eval_only and self.batch_size % processes:
+            raise UsageError(f"--batch_size {self.batch_size} does not split over {processes} processes; use a "
+                             f"multiple of {processes} (it is the global batch)")
         if int(self.epochs) != self.epochs or self.epochs < 0:
             raise UsageError(f"--epochs must be a non-negative integer, got {self.epochs!r}")
         if self.num_workers is not None and (int(self.num_workers) != self.num_workers or self.num_workers < 0):

@@ -74,9 +74,6 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
         return evaluate_checkpoint(cfg.checkpoint, cfg)
     genotype = resolve_architecture(cfg, genotype)
     world, device = distributed.init(resolve_device(cfg.device))
-    if cfg.batch_size % world.size:
-        raise UsageError(f"--batch_size {cfg.batch_size} does not split over {world.size} processes; use a "
-                         f"multiple of {world.size} (it is the global batch)")
     configure_threads(cfg.workers(device.type), cfg.threads)
     data = TrainingData.load(cfg)  # data errors surface before anything is written
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))

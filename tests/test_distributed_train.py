@@ -64,12 +64,13 @@ def test_fewshot_test_on_two_processes_equals_one(two_process_training, tmp_path
     assert one == two  # same episodes (9 = 5 + 4 per rank), same per-episode accuracies, same mean and interval
 
 
-def test_batch_size_that_does_not_split_is_one_line(tmp_path):
+def test_batch_size_that_does_not_split_is_one_line(tmp_path, monkeypatch, capsys):
+    # checked with the settings, before any process group or file: torchrun's WORLD_SIZE is enough
+    monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "bad"
-    proc = _torchrun("eval_searched_arch.py", [*TRAIN, "--batch_size", "63", "--save_dir", str(run)])
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "--batch_size 63" in lines[0]
+    assert eval_searched_arch.main([*TRAIN, "--batch_size", "63", "--save_dir", str(run)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "--batch_size 63" in lines[0] and "2 processes" in lines[0]
     assert not run.exists()
 
 

@@ -216,6 +216,7 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
     assert summary["proxies"]["kappa_maml"]["shots"]["5"]["kendall_tau_ci95"]["low"] is None
 
 
+@pytest.mark.slow
 def test_shards_give_the_records_of_one_process(reference, synthetic_mini, tmp_path):
     save_dir = tmp_path / "sharded"
     assert proxy_study.main(_argv(synthetic_mini, save_dir, "--shard", "1/2")) == 0
