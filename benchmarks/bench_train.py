@@ -5,8 +5,9 @@
 (a) images/s of the training step (forward, backward, SGD step) of the AugmentCNN of ``--genotype`` on
     batches of the digits training set already in memory (float32, and bf16 autocast with ``--amp bf16``);
 (b) the few-shot test of the same network on ``--episodes`` digits episodes per shot (5-way, 15 queries,
-    5 augmented support copies, LR), in seconds per 1,000 episodes: the fast path (``--fewshot_backend
-    torch``: each query's features once, batched classifiers), the fast features with the reference
+    5 augmented support copies, LR), in seconds per 1,000 episodes: the default path (``fast_fused``:
+    ``--inference fused``, BatchNorm folded into the convolutions, channels_last), the fast path with the
+    network as it is (``fast``: each query's features once, batched classifiers), the fast features with the reference
     scikit-learn classifier (``sklearn``), and the per-episode pipeline of earlier versions (item by item,
     scikit-learn), which is the baseline the ratios are against;
 (c) the peak memory (CUDA: allocated; CPU: the process's maximum resident set).
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
         result["train_images_per_s_bf16"] = train_step_rate(copy.deepcopy(net), train, device, args.batch_size,
                                                             args.train_steps, torch.bfloat16)
     shots = [int(s) for s in args.shots.split(",")]
-    variants = [("fast", lambda ds: meta_test(net, ds, device=device, progress=False)),
+    variants = [("fast_fused", lambda ds: meta_test(net, ds, device=device, progress=False, inference="fused")),
+                ("fast", lambda ds: meta_test(net, ds, device=device, progress=False)),
                 ("fast_features_sklearn", lambda ds: meta_test(net, ds, device=device, progress=False,
                                                                backend="sklearn"))]
     if args.baseline:

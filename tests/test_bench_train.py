@@ -12,5 +12,5 @@ def test_bench_train_json(capsys):
                              "--episodes", "2", "--shots", "1", "--threads", "1", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["train_images_per_s_fp32"] > 0 and out["peak_memory_mb"] > 0
-    assert set(out["fewshot"]) == {"fast", "fast_features_sklearn", "per_episode_sklearn"}
+    assert set(out["fewshot"]) == {"fast_fused", "fast", "fast_features_sklearn", "per_episode_sklearn"}
     assert out["fewshot"]["per_episode_sklearn"]["speedup"] == 1.0
