@@ -180,6 +180,7 @@ def scatter_png(records: list[dict], summary: dict, shots: str) -> bytes:
     """A PNG: one panel per proxy, the proxy against the test accuracy at ``shots`` (with its 95% interval)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(16, 7.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -195,6 +196,7 @@ def scatter_png(records: list[dict], summary: dict, shots: str) -> bytes:
             ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=2, alpha=0.8)
             if x.min() > 0 and x.max() / x.min() > 10:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on short ranges
         row = summary["proxies"][p]["shots"].get(shots, {})
         ax.set_title(f"{label} ({'low' if sign < 0 else 'high'} is good)\nτ = {_num(row.get('kendall_tau'))}, "
                      f"ρ = {_num(row.get('spearman_rho'))}", fontsize=9)
