@@ -212,14 +212,27 @@ def _finish(job: Job, code: int, status: str | None = None) -> None:
     print(f"[{job.status}] {job.name} after {job.wall_s:.1f} s{why}", flush=True)
 
 
-def run_jobs(jobs: list[Job], slots: list[int | None], log_dir: Path, threads: int) -> bool:
+class _Stop:
+    """Set by SIGINT / SIGTERM. The loop checks it between polls, so a signal never lands as an exception inside
+    `subprocess` internals (a KeyboardInterrupt there can leave a child's wait lock held and hang the sweep)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def run_jobs(jobs: list[Job], slots: list[int | None], log_dir: Path, threads: int,
+             stop: _Stop | None = None) -> bool:
     """Run the jobs, one per free slot (a GPU number, or None on the CPU); False when interrupted."""
+    stop = stop or _Stop()
     pending = [j for j in jobs if j.status == "not run"]
     running: list[tuple[Job, int | None]] = []
     free = list(slots)
     try:
-        while pending or running:
-            while pending and free:
+        while (pending or running) and stop.signum is None:
+            while pending and free and stop.signum is None:
                 job, slot = pending.pop(0), free.pop(0)
                 _start(job, slot, log_dir, threads)
                 running.append((job, slot))
@@ -230,25 +243,33 @@ def run_jobs(jobs: list[Job], slots: list[int | None], log_dir: Path, threads: i
                     running.remove((job, slot))
                     free.append(slot)
             time.sleep(POLL_S)
-    except (KeyboardInterrupt, RunFailure) as exc:  # stop the running jobs, never leave them orphaned:
-        # SIGINT to each (the scripts save their state and exit 130), then kill the stragglers
-        alive = [job for job, _ in running if job.proc is not None and job.proc.poll() is None]
-        for job in alive:
-            job.proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + GRACE_S
-        for job, _ in running:
-            code = job.exit_code
-            if job.proc is not None:
-                try:
-                    code = job.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    job.proc.kill()
-                    code = job.proc.wait()
-            _finish(job, code, "interrupted" if job in alive else None)
-        if isinstance(exc, RunFailure):  # a log that cannot be written
+    except (KeyboardInterrupt, RunFailure) as exc:  # a log that cannot be written (or a signal before ours)
+        _interrupt(running)
+        if isinstance(exc, RunFailure):
             raise
         return False
+    if stop.signum is not None:
+        _interrupt(running)
+        return False
     return True
+
+
+def _interrupt(running: list[tuple[Job, int | None]]) -> None:
+    """Stop the running jobs, never leave them orphaned: SIGINT to each (the scripts save their state and exit
+    130), then kill the stragglers after GRACE_S."""
+    alive = [job for job, _ in running if job.proc is not None and job.proc.poll() is None]
+    for job in alive:
+        job.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + GRACE_S
+    for job, _ in running:
+        code = job.exit_code
+        if job.proc is not None:
+            try:
+                code = job.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                code = job.proc.wait()
+        _finish(job, code, "interrupted" if job in alive else None)
 
 
 def table(jobs: Sequence[Job]) -> str:
@@ -345,16 +366,18 @@ def sweep(cfg: SweepConfig) -> int:
     print(f"sweep: {len(jobs)} jobs ({sum(j.status == 'skipped' for j in jobs)} done already), {len(slots)} at once "
           f"on {'GPUs ' + ','.join(_cuda_id(g) for g in cfg.gpus) if cfg.gpus else 'the CPU'}; logs in {log_dir}",
           flush=True)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:  # a batch system's SIGTERM stops the jobs like a Ctrl-C (only the main thread may set handlers)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop = _Stop()
+    previous = {}
+    try:  # Ctrl-C, and a batch system's SIGTERM, stop the jobs (only the main thread may set handlers)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, stop)
     except ValueError:
-        previous = None
+        pass
     try:
-        completed = run_jobs(jobs, slots, log_dir, max(1, cores // len(slots)))
+        completed = run_jobs(jobs, slots, log_dir, max(1, cores // len(slots)), stop)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = [j for j in jobs if j.status == "failed"]
     code = 130 if not completed else (1 if failed else 0)
     print(table(jobs))
