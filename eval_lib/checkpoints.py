@@ -26,7 +26,7 @@ logger = logging.getLogger("metantknas.eval")
 CHECKPOINT_FORMAT = "metantknas-eval-checkpoint"
 CHECKPOINT_VERSION = 1
 TRAIN_LOG = "train.log"
-TRAIN_OUTPUTS = ("metrics.jsonl", "results.json", "training.png")
+TRAIN_OUTPUTS = ("metrics.jsonl", "results.json", "training.png", "tensorboard")  # --tensorboard's event folder
 
 
 def training_run_dir(path: str | os.PathLike) -> RunDir:

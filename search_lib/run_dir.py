@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,11 +77,16 @@ class RunDir:
         return self
 
     def clear(self) -> None:
-        """Remove every file a run writes here (``--overwrite``); other files in the folder are left alone."""
+        """Remove every file (and output folder) a run writes here (``--overwrite``); other files in the folder
+        are left alone."""
         for name in (CONFIG_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()),
                      *self.outputs):
+            target = self.path / name
             try:
-                (self.path / name).unlink()
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
             except FileNotFoundError:
                 pass
             except OSError as exc:

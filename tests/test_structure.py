@@ -93,6 +93,11 @@ def test_run_dir_config_done_and_clear(tmp_path):
         (run / name).write_text("x")
     run.clear()
     assert sorted(p.name for p in run.path.iterdir()) == ["keep.txt"]
+    board = training_run_dir(tmp_path / "t").create()  # an output folder (--tensorboard's) goes too
+    (board / "tensorboard").mkdir()
+    (board / "tensorboard" / "events.out").write_text("x")
+    board.clear()
+    assert not (board / "tensorboard").exists()
     (run / "config.json").write_text("[1, 2]")
     with pytest.raises(UsageError, match="unreadable.*--overwrite"):
         run.read_config()
