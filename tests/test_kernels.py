@@ -428,3 +428,23 @@ def test_condition_number_of_network_ntk_is_finite(base):
     kappa = condition_number(K)
     eig = np.linalg.eigvalsh(K.numpy())
     assert kappa != KAPPA_SENTINEL and kappa == pytest.approx(eig.max() / eig.min(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,bias", [
+    (3, 1, 1, 1, 1, False), (3, 2, 1, 1, 1, True), (3, 1, 2, 2, 4, False), ((1, 5), 2, (0, 2), 1, 1, False),
+    ((5, 1), 1, (2, 0), 1, 4, True), (1, 1, 0, 1, 1, True)])
+def test_grouped_conv_grad_sample_equals_opacus(kernel, stride, padding, dilation, groups, bias):
+    """The grouped-convolution per-sample gradient of a Conv2d equals Opacus's unfold-based one."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from search_lib.kernels import conv2d_grad_sample
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    x = torch.randn(5, 4, 9, 9)
+    backprops = torch.randn_like(layer(x))
+    fast = conv2d_grad_sample(layer, [x], backprops)
+    ref = compute_conv_grad_sample(layer, [x], backprops)
+    assert set(fast) == set(ref)
+    for p in ref:
+        torch.testing.assert_close(fast[p], ref[p], rtol=1e-5, atol=1e-5)
