@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +13,10 @@ import torch
 
 from search_lib.cli import flag, flag_fields
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
+from search_lib.distributed import launched_size
 from search_lib.errors import UsageError
 from search_lib.tensorboard_log import require_tensorboard
-from search_lib.utils import DEVICE_CHOICES
+from search_lib.utils import DEVICE_CHOICES, available_cpus
 
 from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, canonical_classifier
 
@@ -209,8 +209,7 @@ class TrainConfig:
         """Loader worker processes: the flag, else 0 on the CPU and min(4, cores) on CUDA."""
         if self.num_workers is not None:
             return int(self.num_workers)
-        return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
-            if device_type == "cuda" else 0
+        return min(4, available_cpus()) if device_type == "cuda" else 0
 
     def amp_dtype(self, device_type: str) -> torch.dtype | None:
         """The autocast dtype of the training: bf16 by default on CUDA, none (float32) on the CPU."""
@@ -242,7 +241,7 @@ class TrainConfig:
         for name in ("init_channels", "layers", "stem_multiplier", "fsr", "batch_size", "n_ways", "n_queries",
                      "n_test_runs", "n_aug_support_samples"):
             positive_int(name)
-        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: the global batch is split
+        processes = launched_size()  # under torchrun the global batch is split over the processes
         if not self.eval_only and self.batch_size % processes:
             raise UsageError(f"--batch_size {self.batch_size} does not split over {processes} processes; use a "
                              f"multiple of {processes} (it is the global batch)")

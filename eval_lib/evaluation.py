@@ -64,9 +64,10 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
                             desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
                             normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch,
                             inference=cfg.inference)
-        if world.active:
-            accs = world.merge(n, [] if res is None else res["accuracies"])
-            res = dict(world.gather(res)[0])  # rank 0 always has episodes: its description of the test
+        if world.active:  # one gather: every rank's result; rank 0 always has episodes and describes the test
+            parts = world.gather(res)
+            accs = world.interleave(n, [[] if part is None else part["accuracies"] for part in parts])
+            res = dict(parts[0])
             res["mean"], res["ci95"] = mean_confidence_interval(accs)
             res["accuracies"], res["episodes"] = accs, n
         res["shots"] = shots

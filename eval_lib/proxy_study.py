@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from typing import Sequence
@@ -59,8 +58,9 @@ DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at in
 
 
 def study_run_dir(path) -> RunDir:
-    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, study.png, study.log."""
-    return RunDir(path, None, outputs=OUTPUTS, log_name="study.log", logger=log)
+    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, study.png, study.log
+    (``--overwrite`` removes them all, the archs/ folder included)."""
+    return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR), log_name="study.log", logger=log)
 
 
 class StudyWork:
@@ -130,7 +130,6 @@ def run_study(cfg: StudyConfig) -> int:
     run.create()
     if cfg.overwrite:
         run.clear()
-        shutil.rmtree(run / ARCHS_DIR, ignore_errors=True)
     run.write_config(cfg.flags())
     with run.attach_log("metantknas", console=True):
         log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),

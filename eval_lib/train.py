@@ -270,11 +270,11 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         t0 = time.time()
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
         lr = optimizer.param_groups[0]["lr"]
-        generator.manual_seed(epoch_seed(cfg.seed, epoch) if world.rank == 0
-                              else rank_seed(epoch_seed(cfg.seed, epoch), world.rank))
+        data_seed = epoch_seed(cfg.seed, epoch)
+        generator.manual_seed(data_seed if world.rank == 0 else rank_seed(data_seed, world.rank))
         if sampler is not None:
             sampler.set_epoch(epoch)
-        batches = loader if device_batches is None else device_batches.epoch(epoch_seed(cfg.seed, epoch))
+        batches = loader if device_batches is None else device_batches.epoch(data_seed)
         loss, acc = train_one_epoch(trained, batches, optimizer, device, desc=f"epoch {epoch + 1}",
                                     progress=cfg.progress and world.is_main, amp_dtype=cfg.amp_dtype(device.type),
                                     channels_last=cfg.channels_last, world=world)

@@ -50,10 +50,12 @@ class World:
 
     def merge(self, n: int, local: list[Any]) -> list[Any]:
         """Reassemble items 0..n-1 computed as ``local`` for `shard(n)` on each rank, on every rank."""
-        if not self.active:
-            return list(local)
+        return self.interleave(n, self.gather(local)) if self.active else list(local)
+
+    def interleave(self, n: int, parts: list[list[Any]]) -> list[Any]:
+        """Items 0..n-1 from every rank's part (rank order, as `gather` gives them) of `shard(n)`."""
         merged: list[Any] = [None] * n
-        for rank, part in enumerate(self.gather(local)):
+        for rank, part in enumerate(parts):
             for i, item in zip(range(rank, n, self.size), part):
                 merged[i] = item
         return merged
@@ -69,9 +71,15 @@ class World:
             dist.barrier()
 
 
+def launched_size() -> int:
+    """The number of processes the launcher started (torchrun's WORLD_SIZE; 1 without a launcher), known
+    before `init` joins the group, so that settings can be checked against it first."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def launched() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_size() > 1
 
 
 _WORLD = World()

@@ -30,7 +30,7 @@ from .cli import make_parser, run_cli, str2bool
 from .config import PAPER_PRESETS
 from .errors import RunFailure, UsageError, one_line
 from .run_dir import DONE_FILE
-from .utils import atomic_write_json
+from .utils import atomic_write_json, available_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")
@@ -362,7 +362,7 @@ def sweep(cfg: SweepConfig) -> int:
     except OSError as exc:
         raise RunFailure(f"cannot create --log_dir {log_dir}: {exc.strerror}; choose a writable folder") from None
     slots = list(cfg.gpus) if cfg.gpus else [None] * cfg.jobs
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cpus()
     print(f"sweep: {len(jobs)} jobs ({sum(j.status == 'skipped' for j in jobs)} done already), {len(slots)} at once "
           f"on {'GPUs ' + ','.join(_cuda_id(g) for g in cfg.gpus) if cfg.gpus else 'the CPU'}; logs in {log_dir}",
           flush=True)
