@@ -17,7 +17,7 @@ import torch
 from ..errors import DataError, UsageError
 from .files import SplitData, load_split
 from .names import DatasetSpec, normalise_partition, resolve_dataset
-from .transforms import apply_seeded, resolve_transform, torch_seed
+from .transforms import apply_seeded, resolve_transform, torch_seed, transform_stack
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Whole-image classification over one partition: items are ``(image, target, index)``."""
@@ -137,16 +137,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def support_images(self, plan: EpisodePlan) -> torch.Tensor:
         """The transformed support copies of an episode, exactly as ``__getitem__`` returns them (the same
         seeded torch generator, the same order)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(plan.seed)
-            return torch.stack([self.support_transform(self.split.images[i]) for i in plan.support_idx])
+        return apply_seeded(self.support_transform, self.split.images, plan.support_idx, plan.seed)
 
     def __getitem__(self, item: int):
         plan = self.episode_plan(item)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
-            support_xs = torch.stack([self.support_transform(self.split.images[i]) for i in plan.support_idx])
-            query_xs = torch.stack([self.query_transform(self.split.images[i]) for i in plan.query_idx])
+            support_xs = transform_stack(self.support_transform, self.split.images, plan.support_idx)
+            query_xs = transform_stack(self.query_transform, self.split.images, plan.query_idx)
         return (support_xs, torch.from_numpy(plan.support_labels.astype(np.int64)),
                 query_xs, torch.from_numpy(plan.query_labels.astype(np.int64)))
 

@@ -115,15 +115,32 @@ def resolve_transform(transform, train: bool, image_size, dataset: str | Dataset
     raise UsageError(f"transform must be one of {', '.join(TRANSFORM_NAMES)} or a callable, got {transform!r}")
 
 
-def apply_seeded(transform, images: np.ndarray, indices: Sequence[int], seed: int | None) -> torch.Tensor:
-    """Transform images[indices] and stack; under a forked torch RNG seeded with ``seed`` when it is given."""
+def transform_stack(transform, images: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
+    """``torch.stack([transform(images[i]) for i in indices])``, drawing from torch's global generator.
+
+    Transform A's pipeline (and any other `pil_batch` can batch) runs on the whole stack at once: the same
+    tensor bit for bit and the same draws, about ten times faster than image by image.
+    """
+    from .pil_batch import batched
+
     if len(indices) == 0:
         raise DataError("no images to transform; ask for at least one image")
+    fast = batched(transform)
+    if fast is not None:
+        picked = images[np.asarray(indices, dtype=np.int64)]
+        if fast.accepts(picked):
+            return fast(picked)
+    return torch.stack([transform(images[i]) for i in indices])
+
+
+def apply_seeded(transform, images: np.ndarray, indices: Sequence[int], seed: int | None) -> torch.Tensor:
+    """Transform images[indices] and stack (`transform_stack`); under a forked torch RNG seeded with
+    ``seed`` when it is given."""
     if seed is None:
-        return torch.stack([transform(images[i]) for i in indices])
+        return transform_stack(transform, images, indices)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return torch.stack([transform(images[i]) for i in indices])
+        return transform_stack(transform, images, indices)
 
 
 def torch_seed(generator: np.random.Generator) -> int:

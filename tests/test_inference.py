@@ -1,0 +1,103 @@
+"""The few-shot test's rewritten network (eval_lib/inference.py) against the network as it is."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval_lib.inference import inference_network, shifted_for_stride2
+from eval_lib.models import AugmentCNN
+from search_lib.errors import UsageError
+from search_lib.genotypes import PRESETS, random_genotype
+
+
+class _Features(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x, return_features=True)[0]
+
+
+def _network(genotype, seed=0, C=4, layers=5):
+    torch.manual_seed(seed)
+    net = AugmentCNN(genotype, C=C, layers=layers, num_classes=5)
+    for m in net.modules():  # non-trivial running statistics, so that folding them matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return _Features(net).eval()
+
+
+def _count(gm, pred) -> int:
+    return sum(1 for n in gm.graph.nodes if pred(n))
+
+
+@pytest.mark.parametrize("size", [16, 15, 9])  # even; odd at the first reduction; odd at the second
+@pytest.mark.parametrize("genotype", [PRESETS["mini-5cell-1"], random_genotype(seed=3),
+                                      random_genotype("darts", seed=1), random_genotype("darts", seed=2)],
+                         ids=["mini-5cell-1", "fewshot-random", "darts-random-1", "darts-random-2"])
+def test_rewritten_network_gives_the_eager_features(genotype, size):
+    net = _network(genotype)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = inference_network(net, "fused")
+    x = torch.randn(6, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), net(x),
+                                   rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the caller's network untouched
+    assert next(net.parameters()).is_contiguous()
+
+
+def test_the_rewrites_apply():
+    """The preset's cells: ReLUs of a shared input, node sums, FactorizedReduce after each reduction."""
+    net = _network(PRESETS["mini-5cell-1"])
+    traced = torch.fx.symbolic_trace(net)
+    fast = inference_network(net, "fused")
+    relu = lambda gm: lambda n: n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)  # noqa: E731
+    assert _count(fast, relu(fast)) < _count(traced, relu(traced))
+    relu_inputs = [n.args[0] for n in fast.graph.nodes if relu(fast)(n)]
+    assert len(relu_inputs) == len(set(relu_inputs))  # one ReLU per tensor
+    zero_add = lambda n: n.op == "call_function" and n.target is operator.add and n.args[0] == 0  # noqa: E731
+    assert _count(traced, zero_add) > 0 and _count(fast, zero_add) == 0
+    pads = lambda n: n.op == "call_function" and n.target is F.pad  # noqa: E731
+    assert _count(traced, pads) > 0 and _count(fast, pads) == 0
+    assert _count(fast, lambda n: n.target is shifted_for_stride2) == _count(traced, pads)
+    bns = lambda m: sum(isinstance(k, nn.BatchNorm2d) for k in m.modules())  # noqa: E731
+    assert bns(fast) < bns(net) // 2  # those after a conv are folded (after a pooling or a concat they stay)
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 7), (8, 7), (7, 8), (2, 2), (1, 1)])
+def test_shift_equals_pad_for_a_stride2_1x1_conv(h, w):
+    conv = nn.Conv2d(3, 4, 1, stride=2, bias=False)
+    x = torch.randn(2, 3, h, w)
+    ref = conv(F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:])
+    torch.testing.assert_close(conv(shifted_for_stride2(x)), ref, rtol=0, atol=0)
+
+
+def test_eager_is_the_network_itself_and_bad_modes_are_refused():
+    net = _network(PRESETS["mini-5cell-1"], layers=2)
+    assert inference_network(net, "eager") is net
+    with pytest.raises(UsageError, match="fused, eager"):
+        inference_network(net, "compiled")
+
+
+def test_untraceable_network_runs_eagerly_with_a_warning(caplog):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    net = Branchy().eval()
+    fast = inference_network(net, "fused")
+    assert not isinstance(fast, torch.fx.GraphModule) and "could not rewrite" in caplog.text
+    x = torch.rand(2, 3, 5, 5)
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), net(x))
