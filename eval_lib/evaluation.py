@@ -22,7 +22,7 @@ from search_lib.data import EpisodeDataset, EpisodeSubset, resolve_dataset
 from search_lib.distributed import World
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import GenotypeRecord, resolve_genotype
-from search_lib.utils import atomic_write_json, configure_threads, resolve_device
+from search_lib.utils import atomic_write_json, configure_threads, resolve_device, threads_fixed, ThreadTuner
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
@@ -53,6 +53,19 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
     world = world or distributed.world()
     if episode_sets is None:
         episode_sets = build_episode_sets(cfg, dataset, data_path, transform, image_size)
+    # one tuner for every test: what it learnt about this box's load carries over (CPU only)
+    tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if device.type == "cpu" else None
+    try:
+        return _fewshot_sets(model, cfg, episode_sets, device, world, tuner)
+    finally:
+        if tuner is not None:
+            tuner.close()
+            if len(tuner.counts) > 1:
+                logger.info("few-shot test on the CPU: %s (chosen by timing them)", tuner.summary())
+
+
+def _fewshot_sets(model: nn.Module, cfg: TrainConfig, episode_sets: dict, device: torch.device, world: World,
+                  tuner: ThreadTuner | None) -> dict:
     out: dict[str, dict[str, dict]] = {}
     for (split, shots), episodes in episode_sets.items():
         n = len(episodes)
@@ -63,7 +76,7 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
                             progress=cfg.progress and world.is_main, num_workers=cfg.workers(device.type),
                             desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
                             normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch,
-                            inference=cfg.inference)
+                            inference=cfg.inference, tuner=tuner)
         if world.active:  # one gather: every rank's result; rank 0 always has episodes and describes the test
             parts = world.gather(res)
             accs = world.interleave(n, [[] if part is None else part["accuracies"] for part in parts])

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, UsageError
+from search_lib.utils import ThreadTuner
 
 from .inference import INFERENCE_MODES, inference_network
 from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
@@ -144,8 +145,9 @@ class _Features:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, use_logits: bool, batch_size: int,
-                 inference: str = "eager"):
+                 inference: str = "eager", tuner: ThreadTuner | None = None):
         self.device, self.batch_size, self.inference = device, int(batch_size), inference
+        self.tuner = tuner if device.type == "cpu" else None
         net = _FeatureNet(model, use_logits)
         net.training = model.training
         self.net = inference_network(net, inference)
@@ -157,7 +159,11 @@ class _Features:
             chunk = images[start:start + self.batch_size].to(self.device, dtype=torch.float32, non_blocking=True)
             if self.inference == "fused":
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-            outs.append(self.net(chunk).float())
+            if self.tuner is None:
+                outs.append(self.net(chunk).float())
+            else:
+                with self.tuner.step(chunk.shape[0]):
+                    outs.append(self.net(chunk).float())
         return torch.cat(outs)
 
 
@@ -220,7 +226,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
               device: torch.device | str | None = None, use_logits: bool = False, progress: bool = True,
               batch_size: int | None = None, num_workers: int = 0, desc: str = "meta-test", *, backend: str = "torch",
               C: float = 1.0, normalize: bool = True, proto_rule: str = "mean", episode_batch: int = 100,
-              inference: str = "eager") -> dict:
+              inference: str = "eager", tuner: ThreadTuner | None = None) -> dict:
     """Few-shot accuracy of ``model`` over every episode of ``episode_dataset``.
 
     Each item of the dataset is ``(support_xs, support_ys, query_xs, query_ys)``. For an `EpisodeDataset`
@@ -229,7 +235,8 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     datasets are read item by item. ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the
     reference); ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the
     features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`); ``inference``: ``eager`` or ``fused``
-    (see `_Features`). Returns a dict with ``mean`` and
+    (see `_Features`); ``tuner``: on the CPU, a `search_lib.utils.ThreadTuner` that chooses torch's thread
+    count by timing the forward passes (the caller closes it). Returns a dict with ``mean`` and
     ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``, ``classifier`` and the
     per-episode ``accuracies`` (percent).
     """
@@ -258,7 +265,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     ways = queries = None
     if batch_size is None:  # on the CPU a smaller chunk keeps the activations in cache (64: ~20% faster
         batch_size = 64 if device.type == "cpu" else 256  # than 256 on the demo's network)
-    feats = _Features(model, device, use_logits, batch_size, inference)
+    feats = _Features(model, device, use_logits, batch_size, inference, tuner)
     pin = device.type == "cuda"
     try:
         if _fast_path_ok(episode_dataset):

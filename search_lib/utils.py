@@ -156,6 +156,12 @@ def available_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def threads_fixed(threads: int | None = None) -> bool:
+    """True when the user fixed the thread count (``--threads``, METANTKNAS_THREADS or OMP_NUM_THREADS):
+    then nothing tunes it (`ThreadTuner`)."""
+    return threads is not None or any(os.environ.get(name, "").strip() for name in (THREADS_ENV, "OMP_NUM_THREADS"))
+
+
 def configure_threads(workers: int = 0, threads: int | None = None) -> int:
     """Set the compute threads deliberately instead of letting torch, the BLAS under numpy / scipy /
     scikit-learn and the loader workers each assume the whole machine; returns the count chosen.
@@ -185,3 +191,95 @@ def configure_threads(workers: int = 0, threads: int | None = None) -> int:
         return count
     threadpool_limits(limits=count)
     return count
+
+
+class ThreadTuner:
+    """Chooses torch's intra-op thread count for a loop of similar steps by timing them.
+
+    Alone on its cores a run is fastest with one thread per core. On a box shared with another busy
+    process it is not: OpenMP threads spin at every barrier while their partner core runs someone else's
+    work, and a network of many small operations hits thousands of barriers a second (two few-shot tests
+    side by side on 2 cores each took 5x the time of one alone). One thread per process has no barriers.
+    The tuner times the steps at each candidate count (the current one and 1) and uses the faster per unit
+    of work, but several threads only when their steps got (nearly) all of their cores: process CPU time
+    at least ``min_share`` of wall time x threads (alone, 0.96-1.02 measured; beside another test, 0.5-0.75).
+    Speed alone is not enough: when both processes run two threads, each one's single-thread probe still
+    competes with the other's spinning threads, so both would stay at two. It measures again after
+    ``period`` steps, doubling the period while the choice holds (the load may change). ``step(work)``
+    wraps one step; ``close()`` restores the count it started from. With a single candidate (one thread,
+    or ``enabled=False``: the user fixed the count) it does nothing.
+    """
+
+    def __init__(self, enabled: bool = True, period: int = 16, max_period: int = 256, probe_steps: int = 2,
+                 min_share: float = 0.85, timer=None, cpu_timer=None):
+        import time
+
+        self.min_share = float(min_share)
+        self.cpu_timer = cpu_timer or time.process_time
+        self.start = torch.get_num_threads()
+        self.counts = [self.start, 1] if enabled and self.start > 1 else [self.start]
+        self.period = self.base_period = int(period)
+        self.max_period, self.probe_steps = int(max_period), int(probe_steps)
+        self.timer = timer or time.perf_counter
+        self.best = self.start
+        self._plan: list[int] = self._probe_plan()
+        self._times: dict[int, float] = {}
+        self._used: dict[int, float] = {}
+        self._left = 0
+        self.history: list[int] = []  # the count of every step (for tests and logs)
+
+    def _probe_plan(self) -> list[int]:
+        return [c for c in self.counts for _ in range(self.probe_steps)] if len(self.counts) > 1 else []
+
+    def _set(self, count: int) -> None:
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+
+    def step(self, work: float = 1.0):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            probing = bool(self._plan)
+            count = self._plan[0] if probing else self.best
+            self._set(count)
+            t0, c0 = self.timer(), self.cpu_timer()
+            yield count
+            wall = self.timer() - t0
+            if probing and work > 0 and wall > 0:
+                per = wall / work  # the fastest of the probe's steps, per unit of work
+                self._times[count] = min(self._times.get(count, float("inf")), per)
+                used = (self.cpu_timer() - c0) / (wall * count)  # the share of its cores the step got
+                self._used[count] = max(self._used.get(count, 0.0), used)
+            self.history.append(count)
+            self._advance(probing)
+
+        return timed()
+
+    def _advance(self, probing: bool) -> None:
+        if probing:
+            self._plan.pop(0)
+            if not self._plan:  # probe done: choose, then exploit for a while
+                # several threads only when they got their cores: sharing them, they spin at every barrier
+                # while the other process runs, and one thread per process is faster for both
+                fair = [c for c in self._times if c == 1 or self._used.get(c, 0.0) >= self.min_share]
+                best = min(fair or self._times, key=self._times.get)
+                if best != self.best:
+                    self.period = self.base_period
+                elif len(self.history) > len(self.counts) * self.probe_steps:
+                    self.period = min(self.max_period, self.period * 2)
+                self.best, self._times, self._used, self._left = best, {}, {}, self.period
+            return
+        if len(self.counts) > 1:
+            self._left -= 1
+            if self._left <= 0:
+                self._plan = self._probe_plan()
+
+    def summary(self) -> str:
+        """How many steps ran at each count, e.g. ``2 threads: 118 steps, 1: 8``."""
+        counts = {c: self.history.count(c) for c in sorted(set(self.history), reverse=True)}
+        return ", ".join(f"{c} thread{'s' * (c > 1)}: {n} steps" for c, n in counts.items()) or "no steps"
+
+    def close(self) -> None:
+        self._set(self.start)
+
