@@ -5,7 +5,8 @@
 For each channel count C, on the built-in digits data with the paper's search batch (MetaNTK of MAML,
 3 tasks x 5-way x (1 support + 1 query) = 30 images), one repeat's weights and batch:
 (a) plain forward + backward of the same GroupNorm supernet on the same 30 images (the floor);
-(b) the fast path: per candidate (κ and linear regions), several candidates per pass;
+(b) the search's default path: per candidate (κ and linear regions): the regions of 16 candidates per pass of
+    the thin network, the kernels of as many per pass as the memory rule allows (one at C=16 on the CPU);
 (c) the reference path: per candidate, one pass each (what the search did before).
 Prints (b)/(a), (c)/(a), the candidates per pass, the peak memory, the GPU busy fraction on CUDA, and an
 estimate of the whole paper search (3 repeats x 507 scorings). Absolute times depend on the machine;
@@ -25,7 +26,7 @@ import torch
 from benchmarks.common import peak_memory_mb, sync
 from search_lib.config import SearchConfig
 from search_lib.data import load_split
-from search_lib.pruning import CandidateScorer, PruningSearch, repeat_seed
+from search_lib.pruning import REGIONS_PER_PASS, CandidateScorer, PruningSearch, repeat_seed
 from search_lib.utils import resolve_device
 
 # Scorings of the paper's 5-cell search per repeat: op rounds of 126, 108, 90, 72, 54, 36 candidates,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--iters", type=int, default=3, help="timed repetitions of (a) (median reported)")
     p.add_argument("--candidates", type=int, default=0,
-                   help="candidates timed on the fast path (default: one full pass)")
+                   help="candidates timed on the fast path (default: one full pass of each network)")
     p.add_argument("--reference_candidates", type=int, default=3, help="candidates timed on the reference path")
     p.add_argument("--candidates_per_pass", type=int, default=0, help="0: chosen from the memory, as the search")
     p.add_argument("--device", default="auto")
@@ -86,11 +87,10 @@ def bench_channels(C: int, args, device: torch.device) -> dict:
     scorer.begin_repeat(repeat_seed(0, 0, 0))
     try:
         per_pass = scorer.candidates_per_pass()
-        n_fast = min(len(cands), args.candidates or per_pass)
+        n_fast = min(len(cands), args.candidates or max(per_pass, REGIONS_PER_PASS))
         fast_archs = cands[:n_fast]
-        scorer.score_many(fast_archs[:1], ["warm-up"])  # first-call costs (allocator, Opacus) out of the timing
-        t_fast = sum(_timed(lambda chunk=fast_archs[i:i + per_pass]: scorer.score_many(chunk, ["c"] * len(chunk)),
-                            device) for i in range(0, n_fast, per_pass))
+        search.score_archs(scorer, fast_archs[:1], ["warm-up"])  # first-call costs (allocator, Opacus) untimed
+        t_fast = _timed(lambda: search.score_archs(scorer, fast_archs, ["c"] * n_fast), device)
         busy = _gpu_busy(lambda: scorer.score_many(fast_archs[:per_pass], ["c"] * min(per_pass, n_fast)), device)
         n_ref = min(len(cands), args.reference_candidates)
         t_ref = sum(_timed(lambda a=a: (scorer.kappa(a, "c"), scorer.regions(a)), device)

@@ -106,6 +106,32 @@ def test_candidates_per_pass_is_chosen_from_memory_and_can_be_forced():
         scorer.end_repeat()
 
 
+def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeypatch):
+    """A large supernet on the CPU (one kernel per pass): the kernels go one by one, the regions
+    `REGIONS_PER_PASS` at a time, and the scores equal the reference path's exactly."""
+    import search_lib.pruning as pruning
+
+    cfg = SearchConfig(**BASE).validate()
+    split = load_split(cfg.data, None, "train")
+    scorer = CandidateScorer(cfg, split, torch.device("cpu"), len(split.class_ids))
+    search = PruningSearch(cfg)
+    archs = _archs(search, search.initial_alive(), np.random.default_rng(2))
+    monkeypatch.setattr(pruning, "CPU_BATCHING_LIMIT", 0)
+    monkeypatch.setattr(pruning, "REGIONS_PER_PASS", 4)  # several passes, the last one partial
+    passes = []
+    score_many = scorer.regions_scorer.score_many
+    monkeypatch.setattr(scorer.regions_scorer, "score_many", lambda n, r: passes.append(len(n)) or score_many(n, r))
+    scorer.begin_repeat(repeat_seed(cfg.rand_seed, 0, 0))
+    try:
+        assert scorer.candidates_per_pass() == 1
+        fast = search.score_archs(scorer, archs, ["fast"] * len(archs))
+        ref = [(scorer.kappa(a, "ref"), scorer.regions(a)) for a in archs]
+    finally:
+        scorer.end_repeat()
+    assert passes == [4, 4, 3]
+    assert fast == ref
+
+
 def test_fast_path_reports_non_finite_and_failed_kernels(synthetic_mini, monkeypatch, tmp_path):
     """Blocks with NaN/Inf entries and MetaNTK solves that fail get the sentinel, each counted once."""
     import search_lib.pruning as pruning

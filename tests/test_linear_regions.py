@@ -105,6 +105,15 @@ def test_count_distinct_codes_equals_original_formula(n, bits, seed):
     assert got == len(set(map(tuple, codes.tolist())))
 
 
+@pytest.mark.parametrize("bits", [8, 9, 15, 1182])  # whole bytes, a padded last byte, a search's code length
+def test_packed_count_equals_torch_unique(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.rand(400, bits, generator=g) > 0.5
+    codes[200:300] = codes[:100]  # duplicates
+    codes[300:, :-1] = codes[:100, :-1]  # rows differing in the last bit only
+    assert count_distinct_codes(codes) == torch.unique(codes, dim=0).shape[0]
+
+
 def test_count_distinct_codes_edge_cases():
     assert count_distinct_codes(torch.zeros(5, 3, dtype=torch.bool)) == 1
     assert count_distinct_codes(torch.eye(4, dtype=torch.bool)) == 4
