@@ -2,7 +2,7 @@
 
 * Training-free proxies of the search (docs/method.md §2–§3), on the search's supernet with only the
   genotype's ops alive: κ of the analytical MetaNTK of MAML and of ANIL, κ of the plain NTK, and the
-  linear-region count. One `search_lib.pruning.CandidateScorer` per kernel type; repeat r of every
+  linear-region count. One `search_lib.scoring.CandidateScorer` per kernel type; repeat r of every
   architecture uses the seed ``repeat_seed(seed, 0, r)`` (weights, batch, head, crops), so all
   architectures are scored with the same random numbers, as the candidates of a search round are.
 * Baselines on the network that is then trained (`eval_lib.trainer.build_network`, the training's
@@ -26,7 +26,7 @@ from search_lib.data import SupervisedDataset, build_transform, load_split, samp
 from search_lib.errors import DataError
 from search_lib.genotypes import PRUNED_ALPHA, Genotype, alphas_from_genotype
 from search_lib.kernels import KAPPA_SENTINEL
-from search_lib.pruning import CandidateScorer
+from search_lib.scoring import CandidateScorer
 from search_lib.ranking import repeat_seed
 
 from .config import TrainConfig

@@ -22,7 +22,8 @@ from .config import SearchConfig
 from .data import SplitData, load_split, sample_batch, sample_meta_batch
 from .errors import DataError, GenotypeError, UsageError, one_line
 from .genotypes import Genotype, GenotypeRecord
-from .pruning import PruningSearch, search_run_dir, search_transform
+from .pruning import PruningSearch, search_run_dir
+from .scoring import search_transform
 from .report import draw_quietly, draw_search
 from .supernet import Supernet, replace_norm
 from .utils import resolve_device

@@ -29,6 +29,7 @@ import torch
 import eval_searched_arch
 import prune_metantknas
 import search_lib.pruning as pruning
+import search_lib.scoring as scoring
 from eval_lib.train import read_checkpoint
 from search_lib.genotypes import PRESETS, edge_keys
 from search_lib.ops import space_ops
@@ -572,7 +573,7 @@ def test_kernel_search_is_deterministic(synthetic_mini, two_ops, tmp_path):
 
 def test_nan_inf_and_singular_kernels_use_the_sentinel(synthetic_mini, two_ops, monkeypatch, tmp_path):
     calls = {"n": 0}
-    real_gram, real_metantk = pruning.gram_by_group, pruning.analytical_metantk
+    real_gram, real_metantk = scoring.gram_by_group, scoring.analytical_metantk
 
     def gram(*a, **k):  # every third kernel has NaN / Inf entries
         calls["n"] += 1
@@ -587,8 +588,8 @@ def test_nan_inf_and_singular_kernels_use_the_sentinel(synthetic_mini, two_ops, 
             raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
         return real_metantk(*a, **k)
 
-    monkeypatch.setattr(pruning, "gram_by_group", gram)
-    monkeypatch.setattr(pruning, "analytical_metantk", metantk)
+    monkeypatch.setattr(scoring, "gram_by_group", gram)
+    monkeypatch.setattr(scoring, "analytical_metantk", metantk)
     run = _kernel_search(synthetic_mini, tmp_path / "run", "--candidates_per_pass", "1")  # the one-by-one path
     history = _history(run)
     events = sum(rec["sentinel_events"] for rec in history)
@@ -604,8 +605,8 @@ def test_nan_inf_and_singular_kernels_use_the_sentinel(synthetic_mini, two_ops, 
 
 
 def test_identical_scores_everywhere_do_not_crash(synthetic_mini, two_ops, monkeypatch, tmp_path):
-    monkeypatch.setattr(pruning, "condition_number", lambda *a, **k: 7.0)
-    monkeypatch.setattr(pruning.CandidateScorer, "regions", lambda self, alive: 11)
+    monkeypatch.setattr(scoring, "condition_number", lambda *a, **k: 7.0)
+    monkeypatch.setattr(scoring.CandidateScorer, "regions", lambda self, alive: 11)
     run = _kernel_search(synthetic_mini, tmp_path / "run", "--candidates_per_pass", "1")
     history = _history(run)
     assert all(rec["all_tied"] for rec in history) and all(rec["sentinel_events"] == 0 for rec in history)

@@ -19,7 +19,8 @@ import prune_metantknas
 from search_lib.config import SearchConfig
 from search_lib.data import load_split
 from search_lib.kernels import KAPPA_SENTINEL
-from search_lib.pruning import CandidateScorer, Candidate, PruningSearch, repeat_seed
+from search_lib.pruning import Candidate, PruningSearch, repeat_seed
+from search_lib.scoring import CandidateScorer
 
 BASE = dict(dataset="MetaDigits", ntk_channels=4, ntk_layers=5, image_size=8, batch_size=2, n_ways=3, repeat=1,
             lr_batches=2, lr_batch_size=200, rand_seed=0, device="cpu")
@@ -109,15 +110,15 @@ def test_candidates_per_pass_is_chosen_from_memory_and_can_be_forced():
 def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeypatch):
     """A large supernet on the CPU (one kernel per pass): the kernels go one by one, the regions
     `REGIONS_PER_PASS` at a time, and the scores equal the reference path's exactly."""
-    import search_lib.pruning as pruning
+    import search_lib.scoring as scoring
 
     cfg = SearchConfig(**BASE).validate()
     split = load_split(cfg.data, None, "train")
     scorer = CandidateScorer(cfg, split, torch.device("cpu"), len(split.class_ids))
     search = PruningSearch(cfg)
     archs = _archs(search, search.initial_alive(), np.random.default_rng(2))
-    monkeypatch.setattr(pruning, "CPU_BATCHING_LIMIT", 0)
-    monkeypatch.setattr(pruning, "REGIONS_PER_PASS", 4)  # several passes, the last one partial
+    monkeypatch.setattr(scoring, "CPU_BATCHING_LIMIT", 0)
+    monkeypatch.setattr(scoring, "REGIONS_PER_PASS", 4)  # several passes, the last one partial
     passes = []
     score_many = scorer.regions_scorer.score_many
     monkeypatch.setattr(scorer.regions_scorer, "score_many", lambda n, r: passes.append(len(n)) or score_many(n, r))
@@ -134,9 +135,9 @@ def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeyp
 
 def test_fast_path_reports_non_finite_and_failed_kernels(synthetic_mini, monkeypatch, tmp_path):
     """Blocks with NaN/Inf entries and MetaNTK solves that fail get the sentinel, each counted once."""
-    import search_lib.pruning as pruning
+    import search_lib.scoring as scoring
 
-    real_blocks, real_metantk = pruning.gram_blocks, pruning.analytical_metantk
+    real_blocks, real_metantk = scoring.gram_blocks, scoring.analytical_metantk
     calls = {"metantk": 0}
 
     def blocks(*a, **k):  # in every pass, architecture 1 gets NaN and architecture 2 Inf entries
@@ -152,8 +153,8 @@ def test_fast_path_reports_non_finite_and_failed_kernels(synthetic_mini, monkeyp
             raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
         return real_metantk(*a, **k)
 
-    monkeypatch.setattr(pruning, "gram_blocks", blocks)
-    monkeypatch.setattr(pruning, "analytical_metantk", metantk)
+    monkeypatch.setattr(scoring, "gram_blocks", blocks)
+    monkeypatch.setattr(scoring, "analytical_metantk", metantk)
     argv = ["--dataset", "MetaMiniImageNet", "--data_path", str(synthetic_mini), "--ntk_channels", "4",
             "--ntk_layers", "2", "--image_size", "8", "--batch_size", "2", "--n_ways", "2", "--repeat", "1",
             "--prune_number", "3", "--lr_batch_size", "50", "--lr_batches", "1", "--device", "cpu", "--rand_seed", "3",
