@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 # A MetaNTK (MAML) search on a small supernet, then a short training of the found genotype and its
-# 1-shot / 5-shot test on the novel digit classes. About 2 minutes on 2 CPU cores.
+# 1-shot / 5-shot test on the novel digit classes. About 1.5 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) prune_metantknas.py --dataset MetaDigits --save_dir $(DEMO_DIR) --rand_seed 0 \
 	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 1 --prune_number 2 --lr_batch_size 300 \
