@@ -200,8 +200,8 @@ class ThreadTuner:
     process it is not: OpenMP threads spin at every barrier while their partner core runs someone else's
     work, and a network of many small operations hits thousands of barriers a second (two few-shot tests
     side by side on 2 cores each took 5x the time of one alone). One thread per process has no barriers.
-    The tuner times the steps at each candidate count (the current one and 1) and uses the faster per unit
-    of work, but several threads only when their steps got (nearly) all of their cores: process CPU time
+    The tuner times the steps at each candidate count (the current one, half of it, and 1) and uses the
+    fastest per unit of work, but several threads only when their steps got (nearly) all of their cores: process CPU time
     at least ``min_share`` of wall time x threads (alone, 0.96-1.02 measured; beside another test, 0.5-0.75).
     Speed alone is not enough: when both processes run two threads, each one's single-thread probe still
     competes with the other's spinning threads, so both would stay at two. It measures again after
@@ -217,7 +217,8 @@ class ThreadTuner:
         self.min_share = float(min_share)
         self.cpu_timer = cpu_timer or time.process_time
         self.start = torch.get_num_threads()
-        self.counts = [self.start, 1] if enabled and self.start > 1 else [self.start]
+        # all the threads, half of them (two processes sharing the cores) and one (many sharing them)
+        self.counts = sorted({self.start, max(1, self.start // 2), 1}, reverse=True) if enabled else [self.start]
         self.period = self.base_period = int(period)
         self.max_period, self.probe_steps = int(max_period), int(probe_steps)
         self.timer = timer or time.perf_counter

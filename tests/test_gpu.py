@@ -29,3 +29,17 @@ def test_tiny_search_runs_on_cuda(tmp_path):
                                   "--lr_batch_size", "50", "--lr_batches", "1", "--device", "cuda",
                                   "--rand_seed", "0", "--save_dir", str(tmp_path / "s")])
     assert code == 0 and (tmp_path / "s" / "done").exists()
+
+
+def test_rewritten_inference_network_on_cuda_matches_eager():
+    from eval_lib.inference import inference_network
+    from eval_lib.models import AugmentCNN
+    from search_lib.genotypes import PRESETS
+
+    torch.manual_seed(0)
+    net = AugmentCNN(PRESETS["mini-5cell-1"], C=8, layers=5, num_classes=5).eval().cuda()
+    fast = inference_network(net, "fused")
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), net(x),
+                                   rtol=1e-3, atol=1e-4)

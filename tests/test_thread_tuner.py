@@ -99,3 +99,20 @@ def test_the_user_fixes_the_count_with_a_flag_or_the_environment(monkeypatch):
     assert not threads_fixed(None) and threads_fixed(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert threads_fixed(None)
+
+
+def test_four_cores_shared_by_two_runs_use_two_threads():
+    """Candidates: all the threads, half of them, one. Two threads get their cores, four do not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        m = _Machine(speed={4: 0.6e-3, 2: 0.7e-3, 1: 1.2e-3}, share={4: 0.55, 2: 0.98, 1: 1.0})
+        tuner = _tuner(m, period=4)
+        assert tuner.counts == [4, 2, 1]
+        m.run(tuner, 60)
+        assert tuner.best == 2
+        tuner.close()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
