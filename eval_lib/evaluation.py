@@ -22,7 +22,7 @@ from search_lib.data import EpisodeDataset, EpisodeSubset, resolve_dataset
 from search_lib.distributed import World
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import GenotypeRecord, resolve_genotype
-from search_lib.utils import atomic_write_json, configure_threads, resolve_device, threads_fixed, ThreadTuner
+from search_lib.utils import atomic_write_json, configure_threads, ThreadTuner, resolve_device, threads_fixed
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +203,9 @@ class ThreadTuner:
     work, and a network of many small operations hits thousands of barriers a second (two few-shot tests
     side by side on 2 cores each took 5x the time of one alone). One thread per process has no barriers.
     The tuner times the steps at each candidate count (the current one, half of it, and 1) and uses the
-    fastest per unit of work, but several threads only when their steps got (nearly) all of their cores: process CPU time
-    at least ``min_share`` of wall time x threads (alone, 0.96-1.02 measured; beside another test, 0.5-0.75).
+    fastest per unit of work, but several threads only when their steps got (nearly) all of their cores:
+    process CPU time at least ``min_share`` of wall time x threads (measured alone: 0.96-1.02; beside
+    another test: 0.5-0.75).
     Speed alone is not enough: when both processes run two threads, each one's single-thread probe still
     competes with the other's spinning threads, so both would stay at two. It measures again after
     ``period`` steps, doubling the period while the choice holds (the load may change). ``step(work)``
@@ -212,8 +215,6 @@ class ThreadTuner:
 
     def __init__(self, enabled: bool = True, period: int = 16, max_period: int = 256, probe_steps: int = 2,
                  min_share: float = 0.85, timer=None, cpu_timer=None):
-        import time
-
         self.min_share = float(min_share)
         self.cpu_timer = cpu_timer or time.process_time
         self.start = torch.get_num_threads()
@@ -237,7 +238,7 @@ class ThreadTuner:
             torch.set_num_threads(count)
 
     def step(self, work: float = 1.0):
-        import contextlib
+        """A context manager around one step of ``work`` units (e.g. images); it yields the thread count."""
 
         @contextlib.contextmanager
         def timed():
@@ -264,7 +265,7 @@ class ThreadTuner:
                 # several threads only when they got their cores: sharing them, they spin at every barrier
                 # while the other process runs, and one thread per process is faster for both
                 fair = [c for c in self._times if c == 1 or self._used.get(c, 0.0) >= self.min_share]
-                best = min(fair or self._times, key=self._times.get)
+                best = min(fair or self._times, key=self._times.get) if self._times else self.best
                 if best != self.best:
                     self.period = self.base_period
                 elif len(self.history) > len(self.counts) * self.probe_steps:
@@ -277,7 +278,7 @@ class ThreadTuner:
                 self._plan = self._probe_plan()
 
     def summary(self) -> str:
-        """How many steps ran at each count, e.g. ``2 threads: 118 steps, 1: 8``."""
+        """How many steps ran at each count, e.g. ``2 threads: 518 steps, 1 thread: 12 steps``."""
         counts = {c: self.history.count(c) for c in sorted(set(self.history), reverse=True)}
         return ", ".join(f"{c} thread{'s' * (c > 1)}: {n} steps" for c, n in counts.items()) or "no steps"
 

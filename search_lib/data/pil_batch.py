@@ -286,7 +286,7 @@ class BatchedPIL:
         return torch.stack([self.transform(img) for img in images])
 
     def _batched(self, images: np.ndarray) -> torch.Tensor:
-        shapes, params = [], []
+        shapes = []
         shape = tuple(images.shape[1:3])
         for step in self.steps:  # the shape entering each step (all images share it)
             shapes.append(shape)

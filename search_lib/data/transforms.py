@@ -119,13 +119,13 @@ def transform_stack(transform, images: np.ndarray, indices: Sequence[int]) -> to
     """``torch.stack([transform(images[i]) for i in indices])``, drawing from torch's global generator.
 
     Transform A's pipeline (and any other `pil_batch` can batch) runs on the whole stack at once: the same
-    tensor bit for bit and the same draws, about ten times faster than image by image.
+    tensor bit for bit and the same draws, 3-6x faster than image by image at 32x32, 2.5x at 84x84.
     """
     from .pil_batch import batched
 
     if len(indices) == 0:
         raise DataError("no images to transform; ask for at least one image")
-    fast = batched(transform)
+    fast = batched(transform) if isinstance(images, np.ndarray) else None
     if fast is not None:
         picked = images[np.asarray(indices, dtype=np.int64)]
         if fast.accepts(picked):
