@@ -57,14 +57,30 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def _may_be_mutated(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a user of ``node`` may change it in place (a ``*_`` method, an ``inplace`` module or keyword):
+    then sharing it with another consumer would be wrong, and it is left alone."""
+    for user in node.users:
+        if user.op == "call_method" and str(user.target).endswith("_") and not str(user.target).endswith("__"):
+            return True
+        if user.op == "call_module" and getattr(gm.get_submodule(user.target), "inplace", False):
+            return True
+        if user.kwargs.get("inplace", False) or (user.op == "call_function"
+                                                 and getattr(user.target, "__name__", "").endswith("_")):
+            return True
+    return False
+
+
 def _one_relu_per_tensor(gm: fx.GraphModule) -> int:
     first: dict[fx.Node, fx.Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
         if not _is_relu(gm, node) or not isinstance(node.args[0], fx.Node):
             continue
+        if _may_be_mutated(gm, node):
+            continue
         seen = first.setdefault(node.args[0], node)
-        if seen is not node:
+        if seen is not node and not _may_be_mutated(gm, seen):
             node.replace_all_uses_with(seen)
             gm.graph.erase_node(node)
             removed += 1
@@ -75,7 +91,8 @@ def _no_zero_add(gm: fx.GraphModule) -> int:
     removed = 0
     for node in list(gm.graph.nodes):
         if (node.op == "call_function" and node.target is operator.add and len(node.args) == 2
-                and type(node.args[0]) is int and node.args[0] == 0 and isinstance(node.args[1], fx.Node)):
+                and type(node.args[0]) is int and node.args[0] == 0 and isinstance(node.args[1], fx.Node)
+                and not _may_be_mutated(gm, node) and not _may_be_mutated(gm, node.args[1])):
             node.replace_all_uses_with(node.args[1])
             gm.graph.erase_node(node)
             removed += 1
@@ -126,8 +143,7 @@ def inference_network(net: nn.Module, mode: str = "fused") -> nn.Module:
                        one_line(exc, 120))
         return net
     counts = (_one_relu_per_tensor(gm), _no_zero_add(gm), _no_pad_before_shifted_conv(gm))
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+    gm.graph.lint()  # (no dead-code elimination: it would drop in-place method calls whose result is unused)
     gm.recompile()
     logger.debug("inference graph: %d duplicate ReLUs, %d zero additions, %d paddings removed", *counts)
     return gm

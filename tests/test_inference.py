@@ -101,3 +101,22 @@ def test_untraceable_network_runs_eagerly_with_a_warning(caplog):
     assert not isinstance(fast, torch.fx.GraphModule) and "could not rewrite" in caplog.text
     x = torch.rand(2, 3, 5, 5)
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), net(x))
+
+
+def test_tensors_changed_in_place_are_not_shared():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(x)
+            z.mul_(2.0)  # would also double y if the two ReLUs were merged
+            return y + z
+
+    net = InPlace().eval()
+    fast = inference_network(net, "fused")
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fast(x), net(x))
+    assert _count(fast, lambda n: n.op == "call_module") == 2
