@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import nullcontext
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -159,11 +160,8 @@ class _Features:
             chunk = images[start:start + self.batch_size].to(self.device, dtype=torch.float32, non_blocking=True)
             if self.inference == "fused":
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-            if self.tuner is None:
+            with self.tuner.step(chunk.shape[0]) if self.tuner is not None else nullcontext():
                 outs.append(self.net(chunk).float())
-            else:
-                with self.tuner.step(chunk.shape[0]):
-                    outs.append(self.net(chunk).float())
         return torch.cat(outs)
 
 

@@ -149,6 +149,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 THREADS_ENV = "METANTKNAS_THREADS"
+_THREAD_ENVS = (THREADS_ENV, "OMP_NUM_THREADS")  # where a user fixes the thread count, in order of precedence
 
 
 def available_cpus() -> int:
@@ -161,7 +162,7 @@ def available_cpus() -> int:
 def threads_fixed(threads: int | None = None) -> bool:
     """True when the user fixed the thread count (``--threads``, METANTKNAS_THREADS or OMP_NUM_THREADS):
     then nothing tunes it (`ThreadTuner`)."""
-    return threads is not None or any(os.environ.get(name, "").strip() for name in (THREADS_ENV, "OMP_NUM_THREADS"))
+    return threads is not None or any(os.environ.get(name, "").strip() for name in _THREAD_ENVS)
 
 
 def configure_threads(workers: int = 0, threads: int | None = None) -> int:
@@ -175,7 +176,7 @@ def configure_threads(workers: int = 0, threads: int | None = None) -> int:
     """
     source = threads
     if source is None:
-        for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        for name in _THREAD_ENVS:
             text = os.environ.get(name, "").strip()
             if text:
                 try:

@@ -170,3 +170,12 @@ def test_episode_supports_and_search_batches_equal_the_per_image_pipeline(synthe
     ref, _ = _reference(tf, split.images[q + s], torch_seed(gen))
     assert torch.equal(x, ref)
     assert torch.equal(apply_seeded(tf, split.images, q + s, 11), _reference(tf, split.images[q + s], 11)[0])
+
+
+def test_resize_after_the_colour_jitter_matches_pil():
+    """The steps may come in another order than transform A's: a resize after the jitter (whose values
+    are still integers 0..255) runs through PIL as well."""
+    tf = T.Compose([_ToPIL(), T.ColorJitter(0.4, 0.4, 0.4), _ResizeIfNeeded(9), T.RandomHorizontalFlip(),
+                    T.ToTensor()])
+    images = _images(12, 14, 2)
+    assert torch.equal(_batched(tf, images, 1)[0], _reference(tf, images, 1)[0])

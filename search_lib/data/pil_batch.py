@@ -119,8 +119,8 @@ class _ResizeStep(_Step):
         return (self.size, self.size)
 
     def apply(self, x, params):
-        if x.dtype != torch.uint8:
-            raise NotImplementedError("resize after a colour operation")
+        if x.dtype != torch.uint8:  # after a colour operation: integers 0..255, so uint8 holds them exactly
+            x = x.permute(0, 2, 3, 1).to(torch.uint8)
         if tuple(x.shape[1:3]) == (self.size, self.size):
             return x
         arr = x.numpy()
@@ -184,14 +184,12 @@ class _JitterStep(_Step):
         orders = torch.stack([p[0] for p in params])  # (N, 4): a permutation of 0..3 per image
         factors = torch.tensor([[np.nan if f is None else f for f in p[1]] for p in params], dtype=torch.float64)
         factors = factors.to(torch.float32)  # as Pillow receives them: C floats rounded from Python floats
-        off = torch.isnan(factors)
         for k in range(orders.shape[1]):
-            ops = orders[:, k].clone()
-            skip = ops > 2
-            ops[~skip & off.gather(1, ops.clamp(max=2).view(-1, 1)).view(-1)] = -1
-            ops[skip] = -1
+            ops = orders[:, k]
+            factor = factors.gather(1, ops.clamp(max=2).view(-1, 1)).view(-1)
+            ops = torch.where((ops > 2) | torch.isnan(factor), -1, ops)  # hue, or an operation turned off
             if bool((ops >= 0).any()):
-                x = _jitter_(x, ops, factors.gather(1, ops.clamp(0, 2).view(-1, 1)).view(-1))
+                x = _jitter_(x, ops, factor)
         return x
 
 
