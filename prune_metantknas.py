@@ -2,7 +2,7 @@
 
     python prune_metantknas.py --dataset MetaDigits --ntk_channels 8 --repeat 1 --save_dir runs/demo
 
-See README.md ("Search") for every flag and the outputs in --save_dir, and docs/method.md for the method.
+See docs/usage.md ("Search") for every flag and the outputs in --save_dir, and docs/method.md for the method.
 The command line lives in `search_lib.search_cli`; its flags come from `search_lib.config.SearchConfig`.
 """
 

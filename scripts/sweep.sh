@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Several runs on one machine (README "Several runs on one box"): one GPU per job, finished runs skipped,
+# Several runs on one machine (docs/batch_runs.md, "Several runs on one box"): one GPU per job, finished runs skipped,
 # one log per job, a summary table; exit 1 if any job failed. Every flag goes to search_lib.sweep, e.g.
 #   bash scripts/sweep.sh --presets all --seeds 0,1,2                      # data from $METANTKNAS_*_DATA
 #   bash scripts/sweep.sh --jobs_file scripts/sweep_jobs.example --gpus none --jobs 2
