@@ -1,14 +1,18 @@
 # Quickstart:  make demo   (set up, then search + train + few-shot test on the built-in digits data)
 #              make test   (set up, then the test suite; what CI runs)
 #              make study  (set up, then does the proxy predict few-shot accuracy? 12 architectures on digits)
+#              make lint   (set up, then ruff: lint and import order, configured in pyproject.toml)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 STUDY_DIR ?= runs/proxy_study
+# pytest-xdist workers of `make test`: the tests set torch to one thread each, so two workers keep two cores
+# busy; --dist loadfile keeps a file's module-scoped runs on one worker.
+TEST_WORKERS ?= 2
 
-.PHONY: setup demo study test test-slow bench bench-train clean-demo clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train clean-demo clean-study
 
 setup: $(STAMP)
 
@@ -37,11 +41,14 @@ study: $(STAMP)
 	  --aug_learning_rate 0.05 --aug_lr_decay_epochs 4 --aug_drop_path_prob 0.1 --aug_eval_splits test \
 	  --aug_n_test_runs 100 --aug_n_queries 15 --aug_n_aug_support_samples 1 --aug_num_workers 0
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_search --channels 16,48 --layers 5 --image_size 32

@@ -6,12 +6,12 @@
 The data folder comes from --data_path or the environment (METANTKNAS_MINI_DATA /
 METANTKNAS_TIERED_DATA, else METANTKNAS_DATA). Every other flag of prune_metantknas.py may follow
 and wins over the preset (so do --aug_* training flags over the paper's training preset). Returns the
-search's exit code. The command line lives in `search_lib.launch`.
+search's exit code. The command line lives in `eval_lib.launch`.
 """
 
 import sys
 
-from search_lib.launch import build_parser, main, search_argv
+from eval_lib.launch import build_parser, main, search_argv
 
 __all__ = ["build_parser", "main", "search_argv"]
 

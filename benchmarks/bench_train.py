@@ -26,7 +26,8 @@ from torch import nn
 
 from benchmarks.common import peak_memory_mb, sync
 from eval_lib.fewshot import meta_test
-from eval_lib.trainer import build_network, train_step
+from eval_lib.epoch import train_step
+from eval_lib.network import build_network
 from search_lib.data import EpisodeDataset, SupervisedDataset
 from search_lib.genotypes import resolve_genotype_record
 from search_lib.utils import configure_threads, resolve_device

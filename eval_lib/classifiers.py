@@ -115,13 +115,6 @@ def canonical_classifier(name: str) -> str:
 # batched classifiers (torch, float64): many episodes of the same shape at once
 # --------------------------------------------------------------------------------------------------
 
-def _softmax_parts(logits: torch.Tensor, y1h: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, C * sum of cross-entropies per episode)."""
-    lse = torch.logsumexp(logits, dim=2)
-    ce = (lse - (logits * y1h).sum(2)).sum(1)
-    return torch.softmax(logits, dim=2), C * ce
-
-
 def logistic_regression_batched(sx: torch.Tensor, sy: torch.Tensor, n_classes: int, C: float = 1.0,
                                 tol: float = 1e-8, max_iter: int = 100,
                                 max_cg: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from search_lib.cli import flag, flag_fields
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.distributed import launched_size
 from search_lib.errors import UsageError
-from search_lib.tensorboard_log import require_tensorboard
+from .tensorboard_log import require_tensorboard
 from search_lib.utils import DEVICE_CHOICES, available_cpus
 
 from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, canonical_classifier
@@ -155,8 +155,8 @@ class TrainConfig:
         "scikit-learn fit per episode", choices=BACKENDS, group=_TEST))
     inference: str = field(default="fused", metadata=_after_search(
         "few-shot feature extraction: fused (a torch.fx rewrite: BatchNorm folded into the convolutions, "
-        "repeated ReLUs and no-op copies removed, channels_last; 1.6x faster on the demo's CPU test, features "
-        "equal up to ~1e-6) or eager (the network as it is; the reference)",
+        "repeated ReLUs and no-op copies removed, channels_last; the same features up to float rounding) "
+        "or eager (the network as it is; the reference)",
         choices=INFERENCE_MODES, group=_TEST))
     episode_batch: int = field(default=100, metadata=_after_search(
         "episodes whose supports and classifiers are processed together (torch back end)", group=_TEST))

@@ -27,7 +27,7 @@ from search_lib.utils import atomic_write_json, configure_threads, ThreadTuner, 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
 from .fewshot import mean_confidence_interval, meta_test
-from .trainer import build_network, complexity, resolve_architecture
+from .network import build_network, complexity, resolve_architecture
 
 logger = logging.getLogger("metantknas.eval")
 

@@ -5,9 +5,9 @@
   linear-region count. One `search_lib.scoring.CandidateScorer` per kernel type; repeat r of every
   architecture uses the seed ``repeat_seed(seed, 0, r)`` (weights, batch, head, crops), so all
   architectures are scored with the same random numbers, as the candidates of a search round are.
-* Baselines on the network that is then trained (`eval_lib.trainer.build_network`, the training's
+* Baselines on the network that is then trained (`eval_lib.network.build_network`, the training's
   channels and cells, initialised exactly as the training initialises it): parameter count and MACs
-  (`eval_lib.trainer.complexity`), and two zero-cost proxies at initialisation, grad_norm and synflow.
+  (`eval_lib.network.complexity`), and two zero-cost proxies at initialisation, grad_norm and synflow.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from search_lib.scoring import CandidateScorer
 from search_lib.ranking import repeat_seed
 
 from .config import TrainConfig
-from .trainer import build_network, complexity, input_shape
+from .network import build_network, complexity, input_shape
 
 # name: (label, sign). The sign is how the method uses the proxy: +1 high is good, -1 low is good (κ).
 PROXIES: dict[str, tuple[str, int]] = {

@@ -42,7 +42,7 @@ from search_lib.run_dir import RunDir
 from search_lib.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
 
 from .checkpoints import read_json
-from .cli import add_aug_flags
+from .aug_flags import add_aug_flags
 from .proxies import BaselineData, KernelProxies, alive_mask, baselines
 from .study_config import PROXY_FLAGS, Arch, StudyConfig, architectures, result_keys
 from .study_stats import format_table, scatter_png, summarize

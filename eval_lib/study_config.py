@@ -20,7 +20,7 @@ from search_lib.config import SearchConfig
 from search_lib.errors import GenotypeError, UsageError
 from search_lib.genotypes import PRESETS, Genotype, GenotypeRecord, random_genotype
 
-from .cli import AUG_PREFIX, aug_train_config, split_aug_values
+from .aug_flags import AUG_PREFIX, aug_train_config, split_aug_values
 from .config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
 
 # The search's flags that make no sense in a study: every kernel type is computed, nothing is pruned.

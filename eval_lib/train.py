@@ -13,12 +13,13 @@ weights as an uninterrupted run. Files of a run folder (`eval_lib.checkpoints.tr
     checkpoint_prev.pt  the checkpoint before the last one
     metrics.jsonl     one record per epoch: epoch, loss, acc, lr, drop_path_prob, time
     results.json      genotype, params, MACs, few-shot accuracy per split and shot (mean and 95% CI, percent)
-    training.png      loss, accuracy, schedule and few-shot accuracies (`search_lib.report`)
+    training.png      loss, accuracy, schedule and few-shot accuracies (`eval_lib.report`)
     tensorboard/      the same scalars for TensorBoard, with --tensorboard
     train.log         the log
     done              written after the final test; a finished run is not recomputed unless overwrite
 
-The pieces live in `eval_lib.config` (settings), `eval_lib.trainer` (network, optimiser, one epoch),
+The pieces live in `eval_lib.config` (settings), `eval_lib.network` (architecture, network), `eval_lib.epoch`
+(optimiser, schedule, one epoch), `eval_lib.metrics` (metrics.jsonl),
 `eval_lib.checkpoints` and `eval_lib.evaluation` (few-shot test, `evaluate_checkpoint`); their public names
 are importable from here too.
 """
@@ -44,18 +45,20 @@ from search_lib.data.batch_augment import DeviceBatches
 from search_lib.distributed import World
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
-from search_lib.report import draw_quietly, draw_training
+from search_lib.report import draw_quietly
 from search_lib.run_dir import RunDir
-from search_lib.tensorboard_log import TrainingBoard
-from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, configure_threads, resolve_device,
-                              rng_state, set_rng_state, set_seed)
+from search_lib.utils import (atomic_write_json, config_diff, configure_threads, resolve_device, rng_state,
+                              set_rng_state, set_seed)
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
 from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, eval_settings, paper_training_preset
+from .epoch import build_optimizer, build_scheduler, epoch_seed, lr_factor, train_one_epoch
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
-from .trainer import (build_network, build_optimizer, build_scheduler, complexity, default_save_dir, epoch_seed,
-                      input_shape, lr_factor, resolve_architecture, train_one_epoch, truncate_metrics)
+from .metrics import append_epoch, epoch_record, truncate_metrics
+from .network import build_network, complexity, default_save_dir, input_shape, resolve_architecture
+from .report import REDRAW, draw_training
+from .tensorboard_log import TrainingBoard
 
 logger = logging.getLogger("metantknas.eval")
 
@@ -192,7 +195,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
         atomic_write_json(run / "results.json", results)
         run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         logger.info("results written to %s", run / "results.json")
-        draw_quietly(draw_training, run.path, logger)  # training.png; a failure is a warning, not a failed run
+        draw_quietly(draw_training, run.path, logger, REDRAW)  # training.png; a failure is a warning, not a failed run
     world.barrier()  # no rank reports the run finished before its files exist
     return results
 
@@ -239,9 +242,8 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
     same learning rate; rank 0 alone writes checkpoints and metrics.
     Returns the "stopped" result when ``cfg.stop_after_epoch`` is reached, else None.
     """
-    metrics_path = run / "metrics.jsonl"
     if world.is_main:
-        truncate_metrics(metrics_path, progress["epoch"], progress["last"])
+        truncate_metrics(run.path, progress["epoch"], progress["last"])
     generator = torch.Generator()
     train_set = data.train_set
     device_batches = sampler = None
@@ -284,8 +286,7 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         elapsed = time.time() - t0
         progress["epoch"] = epoch + 1
         progress["train_time_s"] += elapsed
-        progress["last"] = last = {"epoch": epoch + 1, "loss": loss, "acc": acc, "lr": lr,
-                                   "drop_path_prob": model.drop_path_prob, "time": elapsed}
+        progress["last"] = last = epoch_record(epoch + 1, loss, acc, lr, model.drop_path_prob, elapsed)
         rng = pack_rng(rng_state())
         rng_ranks = world.gather(rng) if world.active else None  # every rank's stream, for an exact resume
         if world.is_main:
@@ -295,7 +296,7 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
                 "scheduler": scheduler.state_dict(), "config": conf, "rng": rng, "train_time_s": progress["train_time_s"],
                 "last_metrics": last, **({"rng_ranks": rng_ranks} if rng_ranks else {}),
             })
-            append_jsonl(metrics_path, last)
+            append_epoch(run.path, last)
             board.epoch(last)  # --tensorboard (does nothing without it)
         logger.info("epoch %d/%d loss %.4f acc %.2f lr %.5g drop-path %.3f (%.1f s)", epoch + 1, cfg.epochs,
                     loss, acc, lr, model.drop_path_prob, elapsed)

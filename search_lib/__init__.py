@@ -1,21 +1,27 @@
-"""Training-free architecture search for few-shot learning (MetaNTK-NAS); the method is docs/method.md.
+"""Training-free architecture search for few-shot learning (MetaNTK-NAS): the base package.
+
+Everything the search needs lives here; `eval_lib` (training, few-shot test, proxy study) builds on it, and
+nothing here imports `eval_lib` (tests/test_structure.py keeps it so). The method is docs/method.md.
 
 Modules:
     errors          typed user-facing errors, their exit codes, one-line messages
-    cli             command-line plumbing; flags generated from config dataclasses
-    utils           device selection, seeding, atomic writes
+    cli             command-line plumbing: one-line errors, true/false flags, flags generated from configs
+    utils           device selection, seeding, atomic writes, JSONL, CPU counts and thread pools
     run_dir         the one owner of a run folder (search and training alike)
+    distributed     torchrun: the world of processes; sharding and gathering
     ops             operation registry of the search spaces
-    space           a search space resolved once (ops, edges, edge groups)
-    genotypes       genotype value type, parsing, presets, derivation from alphas, the genotype.json record
-    supernet        the DARTS-style cell supernet (search network) and its thin variant
-    data            few-shot data: names, RFS mini/tieredImageNet and digits loaders, transforms, episodes
+    space           a search space resolved once (ops, edge keys, edge groups: the cell topology)
+    genotypes       the genotype value type, parsing, presets, derivation from alphas, genotype.json
+    supernet        the DARTS-style cell supernet (search network), its thin variant, norms, initialisation
+    data            few-shot data: names, RFS / digits loaders, transforms, episodes, search samplers
     synthetic       writer of synthetic data in the RFS file formats
-    kernels         empirical NTK, analytical MetaNTK, condition numbers
-    linear_regions  TE-NAS linear-region counter
-    config          SearchConfig and the paper's search presets
-    pruning         the pruning-based search
-    search_run      a search in its run folder
-    search_cli      the command line of prune_metantknas.py
-    launch          the command line of prune_launch.py
+    kernels         empirical NTK (Opacus per-sample gradients), analytical MetaNTK, condition numbers
+    linear_regions  TE-NAS linear-region counting
+    config          SearchConfig (the search's flags) and the paper's search presets
+    ranking         seeds of the repeats, rounding and ranks of the scores
+    scoring         CandidateScorer: κ and linear regions of architectures, one or many per pass
+    pruning         the pruning rounds and their resumable state
+    search_run      a search in its run folder (resume, outputs)
+    report          search.png, and the figure helpers the training's picture shares
+    sweep           several runs side by side on one box (python -m search_lib.sweep)
 """

@@ -13,7 +13,6 @@ from .errors import UsageError
 from .space import SearchSpace
 from .ops import SEARCH_SPACES
 from .supernet import NORM_TYPES
-from .tensorboard_log import require_tensorboard
 from .utils import DEVICE_CHOICES
 
 NTK_TYPES = ("NTK", "MetaNTK_anl")
@@ -168,8 +167,6 @@ class SearchConfig:
             raise UsageError(f"--candidates_per_pass must be 0 (automatic) or positive, got {self.candidates_per_pass}")
         if self.rand_seed < -1:
             raise UsageError(f"--rand_seed must be -1 (random) or a non-negative integer, got {self.rand_seed}")
-        if self.train_after_search and self.train.get("tensorboard"):
-            require_tensorboard()  # fail before the search, not after it when the training starts
         return self
 
 

@@ -1,7 +1,7 @@
 """Genotypes: the discrete cell architectures a search produces and the evaluation network consumes.
 
-This module owns the cell topology (edge keys "i<-j", edge groups, `SearchSpace`), the `Genotype` value
-type, its paper-style string form (parsed safely with `ast`, never `eval`), its JSON form, the format of
+This module owns the `Genotype` value type (the cell topology it is read against, edge keys "i<-j" and
+edge groups, is `search_lib.space`'s), its paper-style string form (parsed safely with `ast`, never `eval`), its JSON form, the format of
 a search's ``genotype.json`` (`GenotypeRecord`), validation against a search space, the twelve
 published genotypes (`PRESETS`), derivation from pruned architecture parameters and seeded random
 genotypes (the random-architecture baseline). The cell layout is described in docs/method.md §1.

@@ -291,9 +291,5 @@ def condition_number(K: torch.Tensor, context: str = "") -> float:
     return kappa
 
 
-def is_sentinel(kappa: float) -> bool:
-    return kappa == KAPPA_SENTINEL
-
-
 __all__ = ["empirical_ntk", "analytical_metantk", "condition_number", "metantk_kernels", "MetaNTKModel",
            "kernel_parameters", "per_sample_gradients", "gram_by_group", "gram_blocks", "KAPPA_SENTINEL"]

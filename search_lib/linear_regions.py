@@ -2,7 +2,8 @@
 
 Each input's code is the sign pattern (output > 0) of every ReLU in the network; the count is the
 number of distinct codes. The original computed it as sum_i 1 / #{j : code_j = code_i}, which is the
-same number; here the codes are deduplicated with `torch.unique`.
+same number; here each code is packed into bytes and the distinct byte strings are counted
+(`count_distinct_codes`, tested against `torch.unique(codes, dim=0)`).
 
 `LinearRegionScorer.score` counts one architecture (the reference); `score_many` counts several in one
 pass over the crops repeated once per architecture, with BatchNorm statistics taken per architecture

@@ -1,13 +1,12 @@
-"""Pictures of run folders, written next to their JSON files.
+"""Pictures of run folders, written next to their JSON files, and the figure helpers they share.
 
 ``search.png`` (`draw_search`, a search folder): (a) κ and the linear-region count of the whole supernet per
 round; (b) per op-pruning round, a heatmap of every candidate's rank sum on every edge, pruned ones crossed;
-(c) the two final cells as graphs. ``training.png`` (`draw_training`, a training folder): loss and accuracy,
-learning rate and drop-path per epoch, and the few-shot accuracies with their 95% intervals.
+(c) the two final cells as graphs. The training's picture is `eval_lib.report`'s, on these helpers.
 
-A search and a training draw their picture when they finish (`draw_quietly`: a picture that cannot be drawn
-is a logged warning, never a failed run); ``python -m search_lib.report RUN_DIR ...`` (re)draws any folder,
-finished or not.
+A search draws its picture when it finishes (`draw_quietly`: a picture that cannot be drawn is a logged
+warning, never a failed run); ``python -m search_lib.report RUN_DIR ...`` (re)draws search folders, finished
+or not, and ``python -m eval_lib.report`` search and training folders alike.
 
 matplotlib is imported only when drawing, so the search and the training pay nothing for importing this
 module, and only `Figure` objects are used: no pyplot state and no backend switch that would change a
@@ -32,8 +31,8 @@ from .genotypes import GenotypeRecord
 from .ops import space_ops
 from .utils import atomic_write_bytes, read_jsonl
 
-SEARCH_PNG, TRAINING_PNG = "search.png", "training.png"
-HISTORY, METRICS = "history.jsonl", "metrics.jsonl"
+SEARCH_PNG = "search.png"
+HISTORY = "history.jsonl"
 DPI = 100
 HEATMAP_COLUMNS = 4  # op rounds per row of panel (b); the paper's searches have 6
 STEP = 2.4  # horizontal distance between the states of a drawn cell (room for the op names)
@@ -41,7 +40,7 @@ STEP = 2.4  # horizontal distance between the states of a drawn cell (room for t
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def _records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     try:
         records = read_jsonl(path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -51,7 +50,7 @@ def _records(path: Path) -> list[dict]:
     return records
 
 
-def _optional_json(path: Path) -> tuple[dict | None, str]:
+def optional_json(path: Path) -> tuple[dict | None, str]:
     """(content, "") or (None, why): a picture of a partial run is still worth drawing, so a missing or
     unreadable optional file only removes the panel it feeds."""
     if not path.exists():
@@ -71,7 +70,7 @@ def _mean(values) -> float:
 
 # ---- figures ----------------------------------------------------------------------------------------------
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -79,7 +78,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """Render to memory first, so that a reader never sees a half-written PNG (atomic replace)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -87,7 +86,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _log_axis(ax, values) -> None:
+def log_axis(ax, values) -> None:
     """A log y axis labelled 5, 6, 0.02 rather than 5x10^0, 2x10^-2; within a factor 4 the minor ticks get labels
     too, else a narrow range (κ often moves by a few percent) would show one label or none."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -98,7 +97,7 @@ def _log_axis(ax, values) -> None:
     ax.yaxis.set_minor_formatter(plain if max(positive) / min(positive) < 4 else NullFormatter())
 
 
-def _note(ax, text: str) -> None:
+def note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey", wrap=True)
     ax.axis("off")
 
@@ -136,7 +135,7 @@ def _rank_grid(record: dict, rows: list[str], ops: list[str]) -> tuple[np.ndarra
 def _draw_scores(ax, history: list[dict]) -> None:
     """Panel (a): the whole supernet's κ (log scale) and region count at the start of each round."""
     if not history:
-        _note(ax, "no finished round yet")
+        note(ax, "no finished round yet")
         return
     rounds = [int(r["round"]) for r in history]
     kappa = [_mean(r.get("kappa_full")) for r in history]
@@ -146,7 +145,7 @@ def _draw_scores(ax, history: list[dict]) -> None:
             ax.axvspan(r - 0.5, r + 0.5, color="grey", alpha=0.15, lw=0)
     if any(k > 0 for k in kappa):
         ax.plot(rounds, kappa, "o-", color="tab:blue", label="κ (mean over repeats)")
-        _log_axis(ax, kappa)
+        log_axis(ax, kappa)
     else:
         ax.text(0.5, 0.9, "κ not computed (--only_lrs)", ha="center", transform=ax.transAxes, color="grey")
     ax.set_ylabel("κ of the full network", color="tab:blue")
@@ -207,9 +206,9 @@ def _draw_cell(ax, nodes, concat, title: str, colours: dict) -> None:
 
 def draw_search(run_dir: str | Path) -> Path:
     """Write ``<run_dir>/search.png`` from a search folder, finished or partial (no genotype.json: no cells)."""
-    run_dir = _folder(run_dir)
-    history = _records(run_dir / HISTORY)
-    config = _optional_json(run_dir / "config.json")[0] or {}
+    run_dir = run_folder(run_dir)
+    history = read_records(run_dir / HISTORY)
+    config = optional_json(run_dir / "config.json")[0] or {}
     genotype, why_not = None, "no genotype.json (search not finished)"
     if (run_dir / "genotype.json").exists():
         try:
@@ -226,7 +225,7 @@ def draw_search(run_dir: str | Path) -> Path:
     title = (f"search {run_dir.name}: {method} on {config.get('dataset', '?')}, seed {config.get('rand_seed', '?')}, "
              f"{len(history)} rounds")
     fig.suptitle(title if genotype is not None else f"{title}; cells not drawn: {why_not}")
-    return _save(fig, run_dir / SEARCH_PNG)
+    return save_png(fig, run_dir / SEARCH_PNG)
 
 
 def _search_figure(history: list[dict], config: dict, genotype):
@@ -236,7 +235,7 @@ def _search_figure(history: list[dict], config: dict, genotype):
     columns = min(len(op_rounds), HEATMAP_COLUMNS) or 1
     grid_rows = math.ceil(len(op_rounds) / columns)
     heat_height, top_height = 0.2 * len(rows) + 1.8, 6.0
-    fig = _figure(max(15.0, 4.2 * columns), top_height + grid_rows * heat_height)
+    fig = figure(max(15.0, 4.2 * columns), top_height + grid_rows * heat_height)
     top, bottom = (fig.subfigures(2, 1, height_ratios=[top_height, grid_rows * heat_height]) if grid_rows
                    else (fig, None))
     if genotype is not None:  # the cells need width more than height: stacked, right of (a)
@@ -258,126 +257,63 @@ def _search_figure(history: list[dict], config: dict, genotype):
     return fig
 
 
-# ---- training ---------------------------------------------------------------------------------------------
-
-def _twin_curves(ax, metrics: list[dict], left: str, right: str, labels: tuple[str, str], colours, title: str):
-    """Two per-epoch curves of metrics.jsonl, on the left and right axes (their scales differ)."""
-    from matplotlib.ticker import MaxNLocator
-    epochs = [m["epoch"] for m in metrics]
-    ax.plot(epochs, [m[left] for m in metrics], "o-", color=colours[0])
-    ax.set_ylabel(labels[0], color=colours[0])
-    twin = ax.twinx()
-    twin.plot(epochs, [m.get(right, math.nan) for m in metrics], "s--", color=colours[1])
-    twin.set_ylabel(labels[1], color=colours[1])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
-    ax.set_xlabel("epoch")
-    ax.set_title(title)
-
-
-def _draw_fewshot(ax, fewshot: dict) -> None:
-    """Mean accuracy per split and number of shots, error bars = the 95% interval over the episodes."""
-    shots = sorted({int(s) for per_split in fewshot.values() for s in per_split})
-    width = 0.8 / max(len(fewshot), 1)
-    for k, (split, per_split) in enumerate(sorted(fewshot.items())):
-        xs = [shots.index(int(s)) + (k - (len(fewshot) - 1) / 2) * width for s in per_split]
-        means = [r["mean"] for r in per_split.values()]
-        cis = [r.get("ci95") or 0.0 for r in per_split.values()]
-        episodes = sorted({r.get("episodes") for r in per_split.values()} - {None})
-        ax.errorbar(xs, means, yerr=cis, fmt="o", capsize=4,
-                    label=f"{split} ({', '.join(map(str, episodes))} episodes)")
-        for x, m in zip(xs, means):
-            ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(6, 0), fontsize=8, va="center")
-    ax.set_xticks(range(len(shots)), [f"{s}-shot" for s in shots])
-    ax.set_xlim(-0.6, len(shots) - 0.4)
-    low, high = ax.get_ylim()  # an interval from few episodes can pass 0 or 100%; accuracies cannot
-    ax.set_ylim(max(low, 0.0), min(high, 100.0))
-    ax.set_ylabel("few-shot accuracy (%), 95% CI")
-    ax.legend(fontsize=8)
-    ax.set_title("few-shot test")
-
-
-def draw_training(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/training.png`` from a training folder (results.json may be absent: still training)."""
-    run_dir = _folder(run_dir)
-    metrics = _records(run_dir / METRICS)
-    results, why_not = _optional_json(run_dir / "results.json")
-    config = _optional_json(run_dir / "config.json")[0] or {}
-    fig = _figure(15, 4.2)
-    axes = fig.subplots(1, 3)
-    try:
-        if metrics:
-            _twin_curves(axes[0], metrics, "loss", "acc", ("training loss", "training accuracy (%)"),
-                         ("tab:red", "tab:green"), "loss and accuracy")
-            _twin_curves(axes[1], metrics, "lr", "drop_path_prob", ("learning rate", "drop-path probability"),
-                         ("tab:purple", "tab:grey"), "schedule (at the start of each epoch)")
-            lrs = [m["lr"] for m in metrics]
-            if min(lrs) > 0 and max(lrs) / min(lrs) > 3:  # step decays read best on a log scale
-                _log_axis(axes[1], lrs)
-        else:
-            _note(axes[0], "no finished epoch yet")
-            _note(axes[1], "no finished epoch yet")
-        fewshot = (results or {}).get("fewshot")
-        if fewshot:
-            _draw_fewshot(axes[2], fewshot)
-        else:
-            _note(axes[2], f"no few-shot results yet ({why_not or 'none in results.json'})")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{run_dir} holds a metrics or results record this version cannot read "
-                        f"({one_line(exc, 80)}); check metrics.jsonl and results.json") from None
-    epochs = f"{metrics[-1]['epoch']}/{config.get('epochs', '?')} epochs" if metrics else "no epoch yet"
-    fig.suptitle(f"training {run_dir.name}: {config.get('dataset', '?')}, {config.get('layers', '?')} cells, "
-                 f"C={config.get('init_channels', '?')}, seed {config.get('seed', '?')}, {epochs}")
-    return _save(fig, run_dir / TRAINING_PNG)
-
-
 # ---- folders, the hooks and the command line --------------------------------------------------------------
 
-def _folder(run_dir: str | Path) -> Path:
+def run_folder(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"run folder {path} does not exist; give the --save_dir of a search or a training")
     return path
 
 
-def report_kinds(run_dir: str | Path) -> list[Callable[[Path], Path]]:
-    """The drawing functions that apply to a folder; UsageError when none does."""
-    path = _folder(run_dir)
-    kinds = [draw for name, draw in ((HISTORY, draw_search), (METRICS, draw_training)) if (path / name).exists()]
+# The pictures this package draws: the record a folder holds -> (the kind of run, its drawing function).
+# `eval_lib.report` adds the training's (metrics.jsonl -> training.png); search_lib knows nothing of it.
+Reports = dict[str, tuple[str, Callable[[Path], Path]]]
+REPORTS: Reports = {HISTORY: ("a search", draw_search)}
+
+
+def report_kinds(run_dir: str | Path, reports: Reports = REPORTS) -> list[Callable[[Path], Path]]:
+    """The drawing functions of ``reports`` that apply to a folder; UsageError when none does."""
+    path = run_folder(run_dir)
+    kinds = [draw for name, (_, draw) in reports.items() if (path / name).exists()]
     if not kinds:
-        raise UsageError(f"{path} holds neither {HISTORY} (a search) nor {METRICS} (a training); give the "
-                         f"--save_dir of a search or a training that has finished at least one round or epoch")
+        held = " nor ".join(f"{name} ({kind})" for name, (kind, _) in reports.items())
+        runs = " or ".join(kind for kind, _ in reports.values())
+        raise UsageError(f"{path} holds {'neither ' if len(reports) > 1 else 'no '}{held}; give the --save_dir of "
+                         f"{runs} that has finished at least one round or epoch")
     return kinds
 
 
-def draw_report(run_dir: str | Path) -> list[Path]:
-    """Draw every picture that applies to a run folder (search.png and/or training.png); their paths."""
-    return [draw(Path(run_dir)) for draw in report_kinds(run_dir)]
+def draw_report(run_dir: str | Path, reports: Reports = REPORTS) -> list[Path]:
+    """Draw every picture of ``reports`` that applies to a run folder; their paths."""
+    return [draw(Path(run_dir)) for draw in report_kinds(run_dir, reports)]
 
 
-def draw_quietly(draw: Callable[[Path], Path], run_dir: str | Path, logger: logging.Logger) -> Path | None:
+def draw_quietly(draw: Callable[[Path], Path], run_dir: str | Path, logger: logging.Logger,
+                 redraw: str = "python -m search_lib.report") -> Path | None:
     """The end-of-run hook: draw, and on any failure log one warning line instead of failing a run whose
     results are already written (the picture can be redrawn from them)."""
     try:
         path = draw(Path(run_dir))
     except Exception as exc:  # noqa: BLE001 - deliberately broad: the run's results matter, the picture does not
-        logger.warning("could not draw the picture of %s (%s); redraw with: python -m search_lib.report %s",
-                       run_dir, one_line(exc, 200), run_dir)
+        logger.warning("could not draw the picture of %s (%s); redraw with: %s %s",
+                       run_dir, one_line(exc, 200), redraw, run_dir)
         return None
     logger.info("picture: %s", path)
     return path
 
 
-def build_parser():
-    p = make_parser("python -m search_lib.report",
-                    "Draw search.png / training.png into run folders of searches and trainings (finished or not).")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the --save_dir of a search or a training")
+def build_parser(prog: str = "python -m search_lib.report", what: str = "search.png into search folders"):
+    p = make_parser(prog, f"Draw {what} (finished or not).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the --save_dir of a run")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, reports: Reports = REPORTS,
+         parser: Callable[[], object] = build_parser) -> int:
     def body() -> int:
-        args = build_parser().parse_args(argv)
-        jobs = [(Path(d), report_kinds(d)) for d in args.run_dirs]  # every folder checked before any drawing
+        args = parser().parse_args(argv)
+        jobs = [(Path(d), report_kinds(d, reports)) for d in args.run_dirs]  # every folder checked before drawing
         for run_dir, kinds in jobs:
             for draw in kinds:
                 print(draw(run_dir))

@@ -46,11 +46,6 @@ class SearchResult:
         return GenotypeRecord(self.genotype, self.search_space, self.max_nodes, self.seed)
 
 
-def genotype_record(geno: Genotype, cfg: SearchConfig) -> dict:
-    """The content of a search's genotype.json (see `GenotypeRecord`)."""
-    return GenotypeRecord(geno, cfg.space.name, cfg.space.max_nodes, cfg.rand_seed).to_dict()
-
-
 def _check_network(cfg: SearchConfig) -> None:
     """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
     normalisation cannot divide fail here, before anything is written, not when the scorer is built."""

@@ -16,8 +16,8 @@ from torchvision import transforms as T
 
 import search_lib.data.pil_batch as pil_batch
 from search_lib.data import EpisodeDataset, build_transform, load_split, sample_meta_batch
-from search_lib.data.pil_batch import BatchedPIL, batched
-from search_lib.data.transforms import MINI_MEAN, MINI_STD, _ResizeIfNeeded, _ToPIL, apply_seeded
+from search_lib.data.pil_batch import BatchedPIL, apply_seeded, batched
+from search_lib.data.transforms import MINI_MEAN, MINI_STD, _ResizeIfNeeded, _ToPIL
 
 
 def _images(n: int, size: int, seed: int) -> np.ndarray:

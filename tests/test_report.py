@@ -1,5 +1,5 @@
-"""Pictures of run folders (search_lib.report): drawn by the hooks at the end of a real tiny search and
-training, redrawn by ``python -m search_lib.report``, drawn from partial folders; bad folders give one error
+"""Pictures of run folders (search_lib.report, eval_lib.report): drawn by the hooks at the end of a real tiny
+search and training, redrawn by ``python -m eval_lib.report``, drawn from partial folders; bad folders give one error
 line; a picture that fails is a warning, not a failed run; the training's optional TensorBoard log."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from PIL import Image
 
 import eval_searched_arch
 import prune_metantknas
-from search_lib import report, search_run
+from eval_lib import report
+from search_lib import report as search_report
+from search_lib import search_run
 from search_lib.errors import DataError, UsageError
-from search_lib.tensorboard_log import MISSING, TrainingBoard
+from eval_lib.tensorboard_log import MISSING, TrainingBoard
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_ARGV = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6",
@@ -66,8 +68,9 @@ def training_dir(search_dir) -> Path:
 
 def _captured(monkeypatch) -> list:
     """Record the figures `report` saves (to read their titles) while still writing them."""
-    figures, save = [], report._save
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    figures, save = [], search_report.save_png
+    for module in (search_report, report):
+        monkeypatch.setattr(module, "save_png", lambda fig, path: figures.append(fig) or save(fig, path))
     return figures
 
 
@@ -103,7 +106,7 @@ def test_draw_quietly_logs_the_reason_on_one_line(caplog, tmp_path):
         raise DataError("history.jsonl\nis torn")
 
     with caplog.at_level(logging.WARNING, logger="metantknas.test"):
-        assert report.draw_quietly(broken, tmp_path, logging.getLogger("metantknas.test")) is None
+        assert search_report.draw_quietly(broken, tmp_path, logging.getLogger("metantknas.test")) is None
     (record,) = caplog.records
     assert "history.jsonl is torn" in record.getMessage() and "\n" not in record.getMessage()
 
@@ -124,7 +127,7 @@ def test_cli_redraws_finished_folders(search_dir, training_dir, tmp_path, capsys
 
 def test_cli_on_a_folder_with_nothing_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    done = subprocess.run([sys.executable, "-m", "search_lib.report", str(tmp_path / "empty")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "eval_lib.report", str(tmp_path / "empty")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert "neither history.jsonl" in _error_line(done.stderr)

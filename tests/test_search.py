@@ -10,7 +10,7 @@ import pytest
 
 import prune_launch
 import prune_metantknas
-from search_lib import search_cli
+from eval_lib import search_cli
 from search_lib.config import SearchConfig
 from search_lib.errors import UsageError
 from search_lib.genotypes import Genotype

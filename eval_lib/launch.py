@@ -1,5 +1,5 @@
 """The command line of prune_launch.py: one of the paper's four searches (docs/method.md §5) from its
-preset, run in-process.
+preset, with the paper's training after it as --aug_* flags, run in-process (`eval_lib.search_cli`).
 
 The data folder comes from --data_path or the environment (METANTKNAS_MINI_DATA /
 METANTKNAS_TIERED_DATA, else METANTKNAS_DATA). Every other flag of prune_metantknas.py may follow
@@ -14,14 +14,14 @@ import os
 import sys
 from typing import Sequence
 
-from eval_lib.cli import AUG_PREFIX
-from eval_lib.config import TRAIN_AFTER_SEARCH_FLAGS, paper_training_preset
+from search_lib.cli import make_parser, run_cli
+from search_lib.config import PAPER_PRESETS, paper_preset
+from search_lib.data import resolve_dataset
+from search_lib.errors import UsageError
 
 from . import search_cli
-from .cli import make_parser, run_cli
-from .config import PAPER_PRESETS, paper_preset
-from .data import resolve_dataset
-from .errors import UsageError
+from .aug_flags import AUG_PREFIX
+from .config import TRAIN_AFTER_SEARCH_FLAGS, paper_training_preset
 
 ENV_VARS = {"mini": "METANTKNAS_MINI_DATA", "tiered": "METANTKNAS_TIERED_DATA"}
 GENERIC_ENV = "METANTKNAS_DATA"

@@ -1,4 +1,4 @@
-"""The pieces of a training run: the architecture, the network, the optimiser and schedule, one epoch.
+"""The optimiser, its learning-rate schedule and one epoch of training.
 
 RFS-style supervised pre-training on the base classes (docs/method.md §5): cross-entropy, SGD with
 momentum, a step / cosine / exponential learning-rate schedule, and a per-epoch data order that depends
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,51 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.distributed import World
-from search_lib.errors import DataError, UsageError, one_line
-from search_lib.genotypes import PRESETS, Genotype, random_genotype, resolve_genotype_record
-from search_lib.utils import atomic_write_text
+from search_lib.errors import DataError, UsageError
 
-from .complexity import model_complexity
 from .config import TrainConfig
-from .models import AugmentCNN
 
 logger = logging.getLogger("metantknas.eval")
-
-
-def resolve_architecture(cfg: TrainConfig, genotype: Genotype | None = None) -> Genotype:
-    """The genotype a config asks for (a seeded random one with random_arch), or ``genotype`` checked against
-    the config's space.
-
-    A search's genotype.json must fit the space and node count it records; any genotype must use the ops
-    of one search space.
-    """
-    if genotype is not None:
-        return genotype.validate(cfg.arch_space, cfg.arch_max_nodes)
-    if cfg.random_arch:
-        return random_genotype(space=cfg.arch_space, max_nodes=cfg.arch_max_nodes, seed=cfg.arch_seed)
-    if not cfg.genotype:
-        raise UsageError("no architecture given; pass --genotype or --random_arch")
-    genotype = resolve_genotype_record(cfg.genotype).genotype
-    genotype.space()  # refuses a genotype that mixes the ops of two search spaces
-    return genotype
-
-
-def arch_label(cfg: TrainConfig, genotype) -> str:
-    if cfg.random_arch:
-        return f"random{cfg.arch_seed}"
-    if cfg.genotype in PRESETS:
-        return cfg.genotype
-    return "geno-" + hashlib.sha1(str(genotype).encode()).hexdigest()[:8]
-
-
-def default_save_dir(cfg: TrainConfig, genotype) -> str:
-    ds = cfg.data.key
-    return os.path.join("output", "eval",
-                        f"{ds}-{arch_label(cfg, genotype)}-C{cfg.init_channels}-L{cfg.layers}-seed{cfg.seed}")
-
-
-def build_network(genotype, net_kwargs: dict) -> nn.Module:
-    return AugmentCNN(genotype, **net_kwargs)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -155,44 +112,3 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
     if world is not None and world.active:
         total_loss, correct, seen = world.sum([total_loss, correct, seen])
     return total_loss / seen, 100.0 * correct / seen
-
-
-def truncate_metrics(path: Path, epochs_done: int, last: dict | None = None) -> None:
-    """Make metrics.jsonl hold exactly the epochs of the resumed checkpoint.
-
-    Records of later epochs (they will be redone) and a line torn by a kill are dropped; the record of the
-    checkpoint's own epoch is restored from the checkpoint when the run was killed between writing the
-    checkpoint and appending its line. Unreadable lines are dropped with a warning, never a traceback.
-    """
-    original, records = None, []
-    if path.exists():
-        try:
-            original = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            logger.warning("metrics %s are unreadable (%s); rewriting them", path, one_line(exc, 100))
-        lines = (original or "").splitlines()
-        for i, line in enumerate(lines):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                record = None
-                if i < len(lines) - 1:
-                    logger.warning("metrics %s: line %d is unreadable; dropped", path, i + 1)
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                records.append(record)
-    kept = [r for r in records if r["epoch"] <= epochs_done]
-    if last and last.get("epoch") == epochs_done > 0 and all(r["epoch"] != epochs_done for r in kept):
-        kept.append(dict(last))
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    if (original != text) if path.exists() else bool(text):
-        atomic_write_text(path, text)
-
-
-def input_shape(dataset) -> tuple[int, ...]:
-    with torch.random.fork_rng(devices=[]):
-        return tuple(int(s) for s in dataset[0][0].shape)
-
-
-def complexity(model: nn.Module, input_shape) -> dict:
-    with torch.random.fork_rng(devices=[]):
-        return model_complexity(model, tuple(input_shape))

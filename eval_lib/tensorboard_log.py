@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UsageError
+from search_lib.errors import UsageError
+
+from .metrics import EPOCH_CURVES
 
 TENSORBOARD_DIR = "tensorboard"
-EPOCH_SCALARS = ("loss", "acc", "lr", "drop_path_prob")
 MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard"
 
 
@@ -47,7 +48,7 @@ class TrainingBoard:
         """One metrics.jsonl record at step = its epoch, so a resumed run continues the same curves."""
         if self._writer_class is None:
             return
-        for key in EPOCH_SCALARS:
+        for key in EPOCH_CURVES:
             if record.get(key) is not None:
                 self._add(f"train/{key}", record[key], record["epoch"])
         self._writer.flush()  # like metrics.jsonl: a run killed later keeps the epochs it finished

@@ -1,0 +1,63 @@
+"""The command line of prune_metantknas.py: the search's flags (from `search_lib.config.SearchConfig`), the
+``--aug_*`` flags of the training after it (`eval_lib.aug_flags`), and running both in-process.
+
+It lives here, above both packages, because it composes them: `search_lib` knows nothing of the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
+from search_lib.config import SearchConfig
+from search_lib.search_run import SearchResult, run_search
+
+from . import cli as eval_cli
+from .aug_flags import add_aug_flags, aug_train_config, split_aug_values
+from .tensorboard_log import require_tensorboard
+
+DESCRIPTION = "Pruning-based training-free NAS with NTK / MetaNTK and linear regions."
+TRAIN_GROUP = "training after search"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("prune_metantknas.py", DESCRIPTION)
+    groups: dict = {}
+    add_config_flags(p, flag_fields(SearchConfig), groups=groups)
+    add_aug_flags(p, groups[TRAIN_GROUP])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    fields, train = split_aug_values(vars(args))
+    return SearchConfig(**fields, train=train)
+
+
+def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
+    """Train and few-shot test a search's genotype in-process (prune_metantknas.py --train_after_search).
+
+    ``result`` is the search's `SearchResult`: its genotype and space are handed over as they are (no
+    string round trip). The run folder is <search save_dir>/train; unset aug_* values take the defaults.
+    """
+    cfg = aug_train_config(search_cfg.train, result.genotype, space=result.search_space,
+                           max_nodes=result.max_nodes, data=search_cfg.data, data_path=search_cfg.data_path,
+                           device=search_cfg.device, save_dir=result.save_dir / "train")
+    return eval_cli.run(cfg, result.genotype)
+
+
+def run(cfg: SearchConfig) -> int:
+    if cfg.train_after_search and cfg.train.get("tensorboard"):
+        require_tensorboard()  # fail before the search, not after it when the training starts
+    result = run_search(cfg)  # logs the genotype and where the outputs are
+    if cfg.train_after_search:
+        return train_after_search(result, cfg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        return run(config_from_args(args))
+
+    return run_cli(body)
