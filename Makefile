@@ -12,7 +12,7 @@ STUDY_DIR ?= runs/proxy_study
 # busy; --dist loadfile keeps a file's module-scoped runs on one worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study lint test test-slow bench bench-train clean-demo clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms clean-demo clean-study
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ bench: $(STAMP)
 # Training step (images/s), few-shot test per 1,000 episodes (fast vs reference, same run), peak memory.
 bench-train: $(STAMP)
 	$(PY) -m benchmarks.bench_train --init_channels 8 --layers 5 --episodes 100 --amp bf16
+
+# The batched image transforms (transform A, the search's TENAS) against PIL image by image, same run.
+bench-transforms: $(STAMP)
+	$(PY) -m benchmarks.bench_transforms
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 from search_lib import distributed
 from search_lib.data import SupervisedDataset
-from search_lib.data.batch_augment import DeviceBatches
 from search_lib.distributed import World
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
@@ -52,6 +51,7 @@ from search_lib.utils import (atomic_write_json, config_diff, configure_threads,
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
+from .device_batches import DeviceBatches
 from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, eval_settings, paper_training_preset
 from .epoch import build_optimizer, build_scheduler, epoch_seed, lr_factor, train_one_epoch
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
@@ -251,7 +251,7 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         if cfg.normalised()["transform"] != "A":
             raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
         device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
-                                       int(data.input_shape[-1]), world.rank, world.size)
+                                       train_set.transform, world.rank, world.size)
     if world.active:  # each rank a seeded shard of the same permutation (padded to equal lengths)
         sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed)
     local_batch = cfg.batch_size // world.size

@@ -1,4 +1,5 @@
-"""Transform A on tensors in batch (the GPU data path) against the PIL path (the reference)."""
+"""Transform A on tensors in batch (the GPU data path: the device sampler and the fast executor) against the
+PIL path (the reference), and the one description both paths read."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from PIL import Image
 from torchvision.transforms import RandomCrop
 from torchvision.transforms import functional as TF
 
-from search_lib.data import MINI_MEAN, MINI_STD
-from search_lib.data.batch_augment import AugmentParams, BatchTransformA
+from eval_lib.device_batches import DeviceBatches
+from search_lib.data import MINI_MEAN, MINI_STD, build_transform
+from search_lib.data.augment import AugmentParams
+from search_lib.data.tensor_augment import DeviceAugment
 from search_lib.errors import DataError
 
 SIZE = 32
@@ -21,6 +24,14 @@ PAD = SIZE * 8 // 84  # 3, as build_transform("A") at 32
 # allows 5/255 and 1.5/255. Crop and flip alone agree exactly.
 JITTER_TOLERANCE = 5.0 / 255.0
 JITTER_MEAN_TOLERANCE = 1.5 / 255.0
+
+
+def _transform():
+    return build_transform("A", True, SIZE, "mini")
+
+
+def _augment() -> DeviceAugment:
+    return DeviceAugment(_transform())
 
 
 def _images(n=16, seed=0):
@@ -47,8 +58,8 @@ def _unnormalise(x: torch.Tensor) -> torch.Tensor:
 
 def test_crop_and_flip_are_identical_to_pil():
     imgs = _images()
-    aug = BatchTransformA(SIZE)
-    p = aug.sample(len(imgs), torch.Generator().manual_seed(0))
+    aug = _augment()
+    p = aug.sample(len(imgs), (SIZE, SIZE), torch.Generator().manual_seed(0))
     p.factors = torch.ones_like(p.factors)  # no colour change: crop and flip only
     out = _unnormalise(aug.apply(torch.from_numpy(imgs), p))
     ref = torch.stack([_pil_reference(img, p, i) for i, img in enumerate(imgs)])
@@ -58,8 +69,8 @@ def test_crop_and_flip_are_identical_to_pil():
 
 def test_colour_jitter_matches_pil_within_the_measured_bound():
     imgs = _images(seed=1)
-    aug = BatchTransformA(SIZE)
-    p = aug.sample(len(imgs), torch.Generator().manual_seed(1))
+    aug = _augment()
+    p = aug.sample(len(imgs), (SIZE, SIZE), torch.Generator().manual_seed(1))
     out = _unnormalise(aug.apply(torch.from_numpy(imgs), p))
     ref = torch.stack([_pil_reference(img, p, i) for i, img in enumerate(imgs)])
     diff = (out - ref).abs()
@@ -69,7 +80,7 @@ def test_colour_jitter_matches_pil_within_the_measured_bound():
 
 def test_offsets_and_flips_are_uniform_like_the_pil_path():
     n = 20000
-    p = BatchTransformA(SIZE).sample(n, torch.Generator().manual_seed(2))
+    p = _augment().sample(n, (SIZE, SIZE), torch.Generator().manual_seed(2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         pil_tops = [RandomCrop.get_params(torch.zeros(3, SIZE + 2 * PAD, SIZE + 2 * PAD), (SIZE, SIZE))[0]
@@ -88,7 +99,7 @@ def test_offsets_and_flips_are_uniform_like_the_pil_path():
 
 def test_seeded_generator_repeats_and_bad_input_is_refused():
     imgs = torch.from_numpy(_images(4))
-    aug = BatchTransformA(SIZE)
+    aug = _augment()
     a = aug(imgs, torch.Generator().manual_seed(5))
     b = aug(imgs, torch.Generator().manual_seed(5))
     c = aug(imgs, torch.Generator().manual_seed(6))
@@ -101,21 +112,19 @@ def test_seeded_generator_repeats_and_bad_input_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batch_augment_matches_the_cpu_one():
     imgs = torch.from_numpy(_images(8))
-    aug = BatchTransformA(SIZE)
-    p = aug.sample(8, torch.Generator(device="cuda").manual_seed(0))
+    aug = _augment()
+    p = aug.sample(8, (SIZE, SIZE), torch.Generator(device="cuda").manual_seed(0))
     gpu = aug.apply(imgs.cuda(), p).cpu()
     cpu = aug.apply(imgs, AugmentParams(*(t.cpu() for t in (p.top, p.left, p.flip, p.factors, p.order))))
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
 
 
 def test_device_batches_are_a_function_of_the_epoch_seed():
-    from search_lib.data.batch_augment import DeviceBatches
-
     imgs = _images(10)
-    batches = DeviceBatches(imgs, np.arange(10) % 3, torch.device("cpu"), 4, SIZE)
+    batches = DeviceBatches(imgs, np.arange(10) % 3, torch.device("cpu"), 4, _transform())
     a, b, c = (list(batches.epoch(s)) for s in (7, 7, 8))
     assert len(a) == 2 and all(x.shape == (4, 3, SIZE, SIZE) for x, _ in a)  # last incomplete batch dropped
     assert all(torch.equal(x, y) and torch.equal(t, u) for (x, t), (y, u) in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0])
     with pytest.raises(DataError, match="uint8"):
-        DeviceBatches(imgs.astype(np.float32), np.zeros(10), torch.device("cpu"), 4, SIZE)
+        DeviceBatches(imgs.astype(np.float32), np.zeros(10), torch.device("cpu"), 4, _transform())

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import eval_searched_arch
-from search_lib.data.batch_augment import DeviceBatches
+from eval_lib.device_batches import DeviceBatches
+from search_lib.data import build_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--dataset", "Digits", "--random_arch", "--seed", "0", "--init_channels", "4", "--layers", "2",
@@ -108,8 +109,9 @@ def test_device_batches_of_the_ranks_partition_the_global_batch():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(20, 12, 12, 3), dtype=np.uint8)
     targets = np.arange(20) % 4
-    whole = list(DeviceBatches(images, targets, torch.device("cpu"), 8, 12).epoch(5))
-    ranks = [list(DeviceBatches(images, targets, torch.device("cpu"), 8, 12, rank, 2).epoch(5)) for rank in (0, 1)]
+    tf = build_transform("A", True, 12, "mini")
+    whole = list(DeviceBatches(images, targets, torch.device("cpu"), 8, tf).epoch(5))
+    ranks = [list(DeviceBatches(images, targets, torch.device("cpu"), 8, tf, rank, 2).epoch(5)) for rank in (0, 1)]
     assert len(whole) == len(ranks[0]) == len(ranks[1]) == 2
     for b, (x, y) in enumerate(whole):
         for rank in (0, 1):

@@ -1,4 +1,5 @@
-"""The batched PIL pipeline (search_lib/data/pil_batch.py) against the per-image PIL pipeline it replaces.
+"""The batched PIL pipeline (search_lib/data/pil_batch.py, the exact executor) against the per-image PIL
+pipeline it replaces.
 
 The reference is torchvision + Pillow, image by image, under the same seed: the batched output must be
 bit-identical and leave torch's generator in the same state, on random, flat, saturated and low-contrast
@@ -16,8 +17,8 @@ from torchvision import transforms as T
 
 import search_lib.data.pil_batch as pil_batch
 from search_lib.data import EpisodeDataset, build_transform, load_split, sample_meta_batch
-from search_lib.data.pil_batch import BatchedPIL, apply_seeded, batched
-from search_lib.data.transforms import MINI_MEAN, MINI_STD, _ResizeIfNeeded, _ToPIL
+from search_lib.data.pil_batch import BatchedPIL, batched
+from search_lib.data.transforms import MINI_MEAN, MINI_STD, _ResizeIfNeeded, _ToPIL, apply_seeded
 
 
 def _images(n: int, size: int, seed: int) -> np.ndarray:
@@ -96,9 +97,25 @@ def test_pipelines_it_cannot_batch_are_left_to_pil(tf):
     assert BatchedPIL.build(tf) is None
 
 
-@pytest.mark.parametrize("name", ["B", "C", "D", "TENAS"])
+@pytest.mark.parametrize("name", ["B", "C", "D"])
 def test_other_rfs_train_transforms_are_not_batched(name):
     assert batched(build_transform(name, True, 16, "mini")) is None
+
+
+@pytest.mark.parametrize("train,dataset,image_size,raw", [
+    (True, "mini", None, 84),     # the search's default: resized to 32 through PIL, flip, crop with padding 4
+    (True, "digits", 16, 32),     # the demo's search: 16x16, padding 2
+    (True, "mini", 20, 20),       # already the size: the resize leaves the image as it is
+    (False, "mini", 32, 40),      # the linear regions' pool transform: resize, ToTensor, Normalize
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_search_transform_is_bit_identical_to_pil(train, dataset, image_size, raw, seed):
+    tf = build_transform("TENAS", train, image_size, dataset)
+    assert batched(tf) is not None
+    images = _images(30, raw, seed)
+    ref, ref_state = _reference(tf, images, seed)
+    out, state = _batched(tf, images, seed)
+    assert torch.equal(out, ref) and torch.equal(state, ref_state)
 
 
 def test_other_inputs_go_through_pil():

@@ -5,7 +5,13 @@
   unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels), and ``Digits``: a small bundled
   demo dataset built from ``sklearn.datasets.load_digits`` (no download): 10 digits x {upright, rotated 90
   degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
-* `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` and the TE-NAS search transform ``TENAS``.
+* `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` and the TE-NAS search transform ``TENAS`` (the
+  torchvision pipelines: the one definition of every step), and ``transform_stack`` / ``apply_seeded``.
+* `augment`: those pipelines read as step descriptions (crop and padding, jitter factors, flip,
+  normalisation) and the two samplers of their random choices (``sample_exact``: torch's global generator in
+  torchvision's order; ``sample_device``: a seeded generator per batch).
+* `pil_batch`: the exact executor (a pipeline on a stack of images, bit-identical to PIL image by image).
+* `tensor_augment`: the fast executor (float tensors on the CPU or a GPU; the training's ``--gpu_augment``).
 * `episodes`: ``SupervisedDataset`` (pre-training), ``EpisodeDataset`` (RFS episodes) and the samplers of
   the kernel search, ``sample_meta_batch`` (MetaNTK) and ``sample_batch`` (plain NTK).
 
@@ -21,6 +27,6 @@ from .transforms import CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, TRANSFORM_NA
 __all__ = [
     "DATASET_NAMES", "DEFAULT_IMAGE_SIZE", "TRANSFORM_NAMES", "PARTITIONS", "MINI_MEAN", "MINI_STD", "CIFAR_MEAN",
     "CIFAR_STD", "DatasetSpec", "SplitData", "canonical_dataset", "resolve_dataset", "is_episodic_name",
-    "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset", "EpisodeDataset", "EpisodePlan", "EpisodeSubset",
-    "sample_meta_batch", "sample_batch",
+    "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset", "EpisodeDataset",
+    "EpisodePlan", "EpisodeSubset", "sample_meta_batch", "sample_batch",
 ]

@@ -17,8 +17,7 @@ import torch
 from ..errors import DataError, UsageError
 from .files import SplitData, load_split
 from .names import DatasetSpec, normalise_partition, resolve_dataset
-from .pil_batch import apply_seeded, transform_stack
-from .transforms import resolve_transform, torch_seed
+from .transforms import apply_seeded, resolve_transform, torch_seed, transform_stack
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Whole-image classification over one partition: items are ``(image, target, index)``."""

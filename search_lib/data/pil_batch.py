@@ -1,42 +1,42 @@
-"""A PIL transform pipeline applied to a whole stack of images at once, bit for bit.
+"""The exact executor: a PIL transform pipeline applied to a whole stack of images at once, bit for bit.
 
 The few-shot test transforms every support image of every episode several times with the *training*
 transform (RFS's transform A: zero-padded random crop, colour jitter, horizontal flip): 30,000 images for
 the demo's 4 x 100 episodes. Through PIL one image costs about 0.3 ms, almost all of it Python and object
 overhead around a few thousand pixels, which made the transforms a third of the test on 2 CPU cores.
 
-`BatchedPIL.build(transform)` reads a torchvision ``Compose`` made of steps it knows (`_STEPS`) and returns
-an object that gives exactly what ``torch.stack([transform(img) for img in images])`` gives:
+`BatchedPIL.build(transform)` reads a torchvision ``Compose`` as an `augment.Pipeline` and returns an object
+that gives exactly what ``torch.stack([transform(img) for img in images])`` gives:
 
-* the random choices are drawn image after image, step after step, with each step's own ``get_params`` /
-  ``torch.rand`` calls, in the order the ``Compose`` would make them, so the torch generator is left in the
-  same state and every image gets the same crop, jitter factors and order, and flip;
-* the steps then run on the whole stack as uint8 arithmetic that reproduces Pillow's: ``Image.blend``
-  computes ``in1 + alpha * (in2 - in1)`` in float32 and truncates (clipping when extrapolating); grey
-  levels are ``(299 R + 587 G + 114 B) / 1000`` in Pillow's 16-bit fixed point, rounded; the contrast
-  reference is the mean grey level rounded to an integer (``ImageEnhance.Contrast``); ``ToTensor`` and
-  ``Normalize`` are the same float32 operations torchvision applies.
+* the random choices are drawn by `augment.sample_exact`: image after image, step after step, with each
+  step's own ``get_params`` / ``torch.rand`` calls, in the order the ``Compose`` would make them, so the torch
+  generator is left in the same state and every image gets the same crop, jitter factors and order, and flip;
+* `run_exact` then applies the steps to the whole stack as uint8 arithmetic that reproduces Pillow's:
+  ``Image.blend`` computes ``in1 + alpha * (in2 - in1)`` in float32 and truncates (clipping when
+  extrapolating); grey levels are ``(299 R + 587 G + 114 B) / 1000`` in Pillow's 16-bit fixed point, rounded;
+  the contrast reference is the mean grey level rounded to an integer (``ImageEnhance.Contrast``); resizes
+  run through PIL image by image (the step itself); ``ToTensor`` and ``Normalize`` are the same float32
+  operations torchvision applies.
 
 The per-image PIL pipeline stays the reference (tests/test_pil_batch.py compares the two on random images,
 sizes and seeds). Because Pillow's arithmetic is not a documented interface, the first call of every
 `BatchedPIL` also checks its first images against the reference; on any difference it warns once and
-falls back to PIL for good. A pipeline with a step not listed here (RandomResizedCrop, a hue jitter,
-another padding mode, ...) is not batched: `build` returns None and the caller transforms image by image.
+falls back to PIL for good. A pipeline that `augment.Pipeline.read` does not describe (RandomResizedCrop, a
+hue jitter, another padding mode, ...) is not batched: `build` returns None and the caller transforms image
+by image.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
-from ..errors import DataError
-from .transforms import _ResizeIfNeeded, _ToPIL  # the project's own two PIL steps
+from .augment import AugmentParams, Crop, Flip, Jitter, Normalize, Pipeline, Resize, ToTensor, sample_exact
 
 logger = logging.getLogger("metantknas.data")
 
@@ -90,190 +90,99 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the steps: each draws its per-image choices (``draw``) and applies them to the stack (``apply``)
+# the steps on the stack: uint8 (N, H, W, 3) until a step needs arithmetic, then float32 (N, 3, H, W)
 # ----------------------------------------------------------------------------------------------------------
 
-class _Step:
-    random = False
-
-    def draw(self, shape: tuple[int, int]) -> tuple:  # shape (H, W) of the image entering the step
-        return ()
-
-    def out_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
-        return shape
-
-    def apply(self, x: torch.Tensor, params: list[tuple]) -> torch.Tensor:
-        """x: uint8 (N, H, W, 3) or, once a step needed arithmetic, float32 (N, 3, H, W) (`_as_float`)."""
-        raise NotImplementedError
-
-
-class _ToPILStep(_Step):
-    def apply(self, x, params):
+def _resize(x: torch.Tensor, step: Resize, params: AugmentParams) -> torch.Tensor:
+    """Through PIL, image by image (deterministic: the step itself)."""
+    if x.dtype != torch.uint8:  # after a colour operation: integers 0..255, so uint8 holds them exactly
+        x = x.permute(0, 2, 3, 1).to(torch.uint8)
+    if tuple(x.shape[1:3]) == step.size:  # the step returns such an image unchanged
         return x
+    out = [np.asarray(step.step(Image.fromarray(a))) for a in x.numpy()]
+    return torch.from_numpy(np.stack(out))
 
 
-class _ResizeStep(_Step):
-    """`transforms._ResizeIfNeeded`: deterministic, so it runs per image through PIL itself."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def out_shape(self, shape):
-        return (self.size, self.size)
-
-    def apply(self, x, params):
-        if x.dtype != torch.uint8:  # after a colour operation: integers 0..255, so uint8 holds them exactly
-            x = x.permute(0, 2, 3, 1).to(torch.uint8)
-        if tuple(x.shape[1:3]) == (self.size, self.size):
-            return x
-        arr = x.numpy()
-        out = [np.asarray(Image.fromarray(a).resize((self.size, self.size), Image.BILINEAR)) for a in arr]
-        return torch.from_numpy(np.stack(out))
-
-
-class _CropStep(_Step):
-    """``T.RandomCrop(size, padding=int)`` with zero fill: pad, then ``get_params`` on the padded image."""
-
-    random = True
-
-    def __init__(self, t: T.RandomCrop):
-        self.size, self.pad = tuple(t.size), int(t.padding or 0)
-        self._dummies: dict[tuple[int, int], torch.Tensor] = {}
-
-    def draw(self, shape):
-        padded = (shape[0] + 2 * self.pad, shape[1] + 2 * self.pad)
-        dummy = self._dummies.get(padded)
-        if dummy is None:  # get_params only reads the size of its image
-            dummy = self._dummies[padded] = torch.empty(1, 1, 1).expand(3, *padded)
-        i, j, _, _ = T.RandomCrop.get_params(dummy, self.size)
-        return (i, j)
-
-    def out_shape(self, shape):
-        return self.size
-
-    def apply(self, x, params):
-        hw = (1, 2) if x.dtype == torch.uint8 else (2, 3)
-        p, (h, w) = self.pad, self.size
-        if p:
-            shape = list(x.shape)
-            shape[hw[0]] += 2 * p
-            shape[hw[1]] += 2 * p
-            padded = x.new_zeros(shape)
-            padded.narrow(hw[0], p, x.shape[hw[0]]).narrow(hw[1], p, x.shape[hw[1]]).copy_(x)
-            x = padded
+def _crop(x: torch.Tensor, step: Crop, params: AugmentParams) -> torch.Tensor:
+    """Zero padding, then one strided copy per image (faster than a gather)."""
+    hw = (1, 2) if x.dtype == torch.uint8 else (2, 3)
+    p, (h, w) = step.pad, step.size
+    if p:
         shape = list(x.shape)
-        shape[hw[0]], shape[hw[1]] = h, w
-        out = x.new_empty(shape)
-        for k, (i, j) in enumerate(params):  # one strided copy per image: faster than a gather
-            out[k] = x[k].narrow(hw[0] - 1, i, h).narrow(hw[1] - 1, j, w)
-        return out
+        shape[hw[0]] += 2 * p
+        shape[hw[1]] += 2 * p
+        padded = x.new_zeros(shape)
+        padded.narrow(hw[0], p, x.shape[hw[0]]).narrow(hw[1], p, x.shape[hw[1]]).copy_(x)
+        x = padded
+    shape = list(x.shape)
+    shape[hw[0]], shape[hw[1]] = h, w
+    out = x.new_empty(shape)
+    for k, (i, j) in enumerate(zip(params.top.tolist(), params.left.tolist())):
+        out[k] = x[k].narrow(hw[0] - 1, i, h).narrow(hw[1] - 1, j, w)
+    return out
 
 
-class _JitterStep(_Step):
-    """``T.ColorJitter(brightness, contrast, saturation)`` (no hue): factors and order per image."""
-
-    random = True
-
-    def __init__(self, t: T.ColorJitter):
-        self.t = t
-
-    def draw(self, shape):
-        t = self.t
-        order, b, c, s, _ = T.ColorJitter.get_params(t.brightness, t.contrast, t.saturation, t.hue)
-        return (order, (b, c, s))
-
-    def apply(self, x, params):
-        x = _as_float(x)
-        orders = torch.stack([p[0] for p in params])  # (N, 4): a permutation of 0..3 per image
-        factors = torch.tensor([[np.nan if f is None else f for f in p[1]] for p in params], dtype=torch.float64)
-        factors = factors.to(torch.float32)  # as Pillow receives them: C floats rounded from Python floats
-        for k in range(orders.shape[1]):
-            ops = orders[:, k]
-            factor = factors.gather(1, ops.clamp(max=2).view(-1, 1)).view(-1)
-            ops = torch.where((ops > 2) | torch.isnan(factor), -1, ops)  # hue, or an operation turned off
-            if bool((ops >= 0).any()):
-                x = _jitter_(x, ops, factor)
-        return x
+def _jitter(x: torch.Tensor, step: Jitter, params: AugmentParams) -> torch.Tensor:
+    """The operations in each image's order, one position at a time; factors as Pillow receives them (C
+    floats rounded from Python floats); hue (3) and operations turned off (NaN) are skipped."""
+    x = _as_float(x)
+    orders = params.order
+    factors = params.factors.to(torch.float32)
+    for k in range(orders.shape[1]):
+        ops = orders[:, k]
+        factor = factors.gather(1, ops.clamp(max=2).view(-1, 1)).view(-1)
+        ops = torch.where((ops > 2) | torch.isnan(factor), -1, ops)
+        if bool((ops >= 0).any()):
+            x = _jitter_(x, ops, factor)
+    return x
 
 
-class _FlipStep(_Step):
-    random = True
-
-    def __init__(self, t: T.RandomHorizontalFlip):
-        self.p = t.p
-
-    def draw(self, shape):
-        return (bool(torch.rand(1) < self.p),)
-
-    def apply(self, x, params):
-        flip = torch.tensor([p[0] for p in params], dtype=torch.bool)
-        if bool(flip.any()):
-            idx = flip.nonzero().squeeze(1)
-            x[idx] = x[idx].flip(2 if x.dtype == torch.uint8 else 3)
-        return x
+def _flip(x: torch.Tensor, step: Flip, params: AugmentParams) -> torch.Tensor:
+    if bool(params.flip.any()):
+        idx = params.flip.nonzero().squeeze(1)
+        x[idx] = x[idx].flip(2 if x.dtype == torch.uint8 else 3)
+    return x
 
 
-class _ToTensorStep(_Step):
-    def apply(self, x, params):  # 0..255 -> [0, 1], as ToTensor's ``.div(255)``
-        return _as_float(x).div_(255)
+def _to_tensor(x: torch.Tensor, step: ToTensor, params: AugmentParams) -> torch.Tensor:
+    return _as_float(x).div_(255)  # as ToTensor's ``.div(255)``
 
 
-class _NormalizeStep(_Step):
-    def __init__(self, t: T.Normalize):
-        self.mean = torch.as_tensor(t.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.as_tensor(t.std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def apply(self, x, params):
-        return x.sub_(self.mean).div_(self.std)
+def _normalize(x: torch.Tensor, step: Normalize, params: AugmentParams) -> torch.Tensor:
+    mean = torch.as_tensor(step.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(step.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
-def _step_for(t) -> _Step | None:
-    """The batched step equal to torchvision step ``t``, or None when ``t`` is not one that can be batched."""
-    if type(t) is _ToPIL:
-        return _ToPILStep()
-    if type(t) is _ResizeIfNeeded:
-        return _ResizeStep(t.size)
-    if type(t) is T.RandomCrop:
-        if (isinstance(t.padding, int) or t.padding is None) and t.fill == 0 and t.padding_mode == "constant" \
-                and not t.pad_if_needed:
-            return _CropStep(t)
-        return None
-    if type(t) is T.ColorJitter:
-        return _JitterStep(t) if t.hue is None else None
-    if type(t) is T.RandomHorizontalFlip:
-        return _FlipStep(t)
-    if type(t) is T.ToTensor:
-        return _ToTensorStep()
-    if type(t) is T.Normalize:
-        return _NormalizeStep(t)
-    return None
+_RUN = {Resize: _resize, Crop: _crop, Jitter: _jitter, Flip: _flip, ToTensor: _to_tensor, Normalize: _normalize}
+
+
+def run_exact(pipeline: Pipeline, images: np.ndarray, params: AugmentParams) -> torch.Tensor:
+    """The pipeline on a stack of RGB uint8 images (N, H, W, 3) with the given choices, as Pillow computes it;
+    returns the normalised float32 (N, C, h, w). The caller's images are not modified."""
+    x = torch.from_numpy(np.array(images, copy=True))  # the steps work in place
+    for step in pipeline.steps:
+        x = _RUN[type(step)](x, step, params)
+    return x.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the pipeline
+# the batched pipeline, checked against PIL on its first call
 # ----------------------------------------------------------------------------------------------------------
 
 class BatchedPIL:
-    """``transform`` (a Compose of `_step_for` steps, starting from the uint8 HWC -> PIL step and ending
-    with ToTensor, optionally Normalize) applied to a stack of RGB uint8 images; see the module docstring."""
+    """``transform`` (a ``Compose`` that `Pipeline.read` describes) applied to a stack of RGB uint8 images;
+    see the module docstring."""
 
-    def __init__(self, transform: Callable, steps: list[_Step]):
-        self.transform, self.steps = transform, steps
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.transform = pipeline, pipeline.transform
         self.checked = False
         self.exact = True  # False once the first-call check found a difference: PIL from then on
 
     @classmethod
-    def build(cls, transform) -> "BatchedPIL | None":
-        if type(transform) is not T.Compose or not transform.transforms:
-            return None
-        steps = [_step_for(t) for t in transform.transforms]
-        if any(s is None for s in steps) or not isinstance(steps[0], _ToPILStep):
-            return None
-        kinds = [type(s) for s in steps]
-        if _ToTensorStep not in kinds or any(k not in (_ToTensorStep, _NormalizeStep)
-                                             for k in kinds[kinds.index(_ToTensorStep):]):
-            return None
-        return cls(transform, steps)
+    def build(cls, transform) -> BatchedPIL | None:
+        pipeline = Pipeline.read(transform)
+        return None if pipeline is None else cls(pipeline)
 
     @staticmethod
     def accepts(images: np.ndarray) -> bool:
@@ -285,20 +194,8 @@ class BatchedPIL:
         return torch.stack([self.transform(img) for img in images])
 
     def _batched(self, images: np.ndarray) -> torch.Tensor:
-        shapes = []
-        shape = tuple(images.shape[1:3])
-        for step in self.steps:  # the shape entering each step (all images share it)
-            shapes.append(shape)
-            shape = step.out_shape(shape)
-        randoms = [k for k, s in enumerate(self.steps) if s.random]
-        params = {k: [] for k in randoms}
-        for _ in range(images.shape[0]):  # the Compose's order: image by image, step by step
-            for k in randoms:
-                params[k].append(self.steps[k].draw(shapes[k]))
-        x = torch.from_numpy(np.array(images, copy=True))  # the steps work in place: never on the caller's
-        for k, step in enumerate(self.steps):
-            x = step.apply(x, params.get(k, []))
-        return x.contiguous()
+        params = sample_exact(self.pipeline, images.shape[0], tuple(images.shape[1:3]))
+        return run_exact(self.pipeline, images, params)
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         """What ``torch.stack([transform(img) for img in images])`` returns, drawing from torch's global
@@ -324,10 +221,10 @@ class BatchedPIL:
         return out
 
 
-_BATCHED: "weakref.WeakKeyDictionary[object, BatchedPIL | None]" = weakref.WeakKeyDictionary()
+_BATCHED: weakref.WeakKeyDictionary[object, BatchedPIL | None] = weakref.WeakKeyDictionary()
 
 
-def batched(transform) -> BatchedPIL | None:
+def batched(transform: Callable) -> BatchedPIL | None:
     """The (cached) `BatchedPIL` of ``transform``, or None when it cannot be batched."""
     try:
         return _BATCHED[transform]
@@ -337,31 +234,3 @@ def batched(transform) -> BatchedPIL | None:
         return BatchedPIL.build(transform)
     out = _BATCHED[transform] = BatchedPIL.build(transform)
     return out
-
-
-# ---- stacks of images, as the episodes and the search samplers take them ----
-
-def transform_stack(transform, images: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
-    """``torch.stack([transform(images[i]) for i in indices])``, drawing from torch's global generator.
-
-    Transform A's pipeline (and any other `pil_batch` can batch) runs on the whole stack at once: the same
-    tensor bit for bit and the same draws, 3-6x faster than image by image at 32x32, 2.5x at 84x84.
-    """
-    if len(indices) == 0:
-        raise DataError("no images to transform; ask for at least one image")
-    fast = batched(transform) if isinstance(images, np.ndarray) else None
-    if fast is not None:
-        picked = images[np.asarray(indices, dtype=np.int64)]
-        if fast.accepts(picked):
-            return fast(picked)
-    return torch.stack([transform(images[i]) for i in indices])
-
-
-def apply_seeded(transform, images: np.ndarray, indices: Sequence[int], seed: int | None) -> torch.Tensor:
-    """Transform images[indices] and stack (`transform_stack`); under a forked torch RNG seeded with
-    ``seed`` when it is given."""
-    if seed is None:
-        return transform_stack(transform, images, indices)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform_stack(transform, images, indices)

@@ -1,20 +1,25 @@
 """The image transforms: RFS's A, B, C, D and the search's TENAS (docs/method.md §6).
 
-Each maps an HWC uint8 numpy image to a normalised C x H x W float tensor. The random ones draw from
-torch's global generator; the samplers run them under a forked, seeded generator (`apply_seeded`).
+Each maps an HWC uint8 numpy image to a normalised C x H x W float tensor; these torchvision pipelines are
+the one definition of every step (sizes, padding, jitter factors, normalisation), which `augment` reads for
+the batched executors. The random ones draw from torch's global generator; `transform_stack` transforms a
+stack of images (batched, bit for bit, when `pil_batch` can) and `apply_seeded` does so under a forked,
+seeded generator, as the samplers need.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms as T
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
+from .augment import ResizeIfNeeded as _ResizeIfNeeded
+from .augment import ToPIL as _ToPIL
 from .names import DEFAULT_IMAGE_SIZE, DatasetSpec, resolve_dataset
+from .pil_batch import batched
 
 MINI_MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
 MINI_STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
@@ -23,38 +28,6 @@ CIFAR_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
 
 TRANSFORM_NAMES = ("A", "B", "C", "D", "TENAS")
 _DEFAULT_TRANSFORM_SIZE = {"A": 84, "B": 84, "C": 80, "D": 80, "TENAS": 32}
-
-
-class _ToPIL:
-    """HWC uint8 numpy (or a PIL image) -> RGB PIL image."""
-
-    def __call__(self, img):
-        if isinstance(img, Image.Image):
-            return img
-        arr = np.asarray(img)
-        if arr.dtype != np.uint8:
-            arr = arr.astype(np.uint8)
-        if arr.ndim == 4 and arr.shape[0] == 1:
-            arr = arr[0]
-        return Image.fromarray(arr)
-
-    def __repr__(self) -> str:
-        return "ToPIL()"
-
-
-class _ResizeIfNeeded:
-    """Resize to size x size only when the image is not already that size (keeps RFS A exact at 84)."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if img.size == (self.size, self.size):
-            return img
-        return img.resize((self.size, self.size), Image.BILINEAR)
-
-    def __repr__(self) -> str:
-        return f"ResizeIfNeeded({self.size})"
 
 
 def build_transform(name: str, train: bool, image_size: int | None = None,
@@ -119,3 +92,31 @@ def torch_seed(generator: np.random.Generator) -> int:
     """A torch seed drawn from a numpy generator (the samplers' one source of randomness)."""
     return int(generator.integers(0, 2**63 - 1))
 
+
+
+# ---- stacks of images, as the episodes and the search samplers take them ----
+
+def transform_stack(transform, images: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
+    """``torch.stack([transform(images[i]) for i in indices])``, drawing from torch's global generator.
+
+    A pipeline `pil_batch` can batch (transform A, TENAS, their test variants) runs on the whole stack at
+    once: the same tensor bit for bit and the same draws (docs/benchmarks.md has the speed-ups).
+    """
+    if len(indices) == 0:
+        raise DataError("no images to transform; ask for at least one image")
+    fast = batched(transform) if isinstance(images, np.ndarray) else None
+    if fast is not None:
+        picked = images[np.asarray(indices, dtype=np.int64)]
+        if fast.accepts(picked):
+            return fast(picked)
+    return torch.stack([transform(images[i]) for i in indices])
+
+
+def apply_seeded(transform, images: np.ndarray, indices: Sequence[int], seed: int | None) -> torch.Tensor:
+    """Transform images[indices] and stack (`transform_stack`); under a forked torch RNG seeded with
+    ``seed`` when it is given."""
+    if seed is None:
+        return transform_stack(transform, images, indices)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform_stack(transform, images, indices)
