@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import peak_memory_mb, sync
-from eval_lib.fewshot import meta_test
+from eval_lib.fewshot import FewShotSettings, meta_test
 from eval_lib.epoch import train_step
 from eval_lib.network import build_network
 from search_lib.data import EpisodeDataset, SupervisedDataset
@@ -113,13 +113,13 @@ def main(argv=None) -> int:
         result["train_images_per_s_bf16"] = train_step_rate(copy.deepcopy(net), train, device, args.batch_size,
                                                             args.train_steps, torch.bfloat16)
     shots = [int(s) for s in args.shots.split(",")]
-    variants = [("fast_fused", lambda ds: meta_test(net, ds, device=device, progress=False, inference="fused")),
-                ("fast", lambda ds: meta_test(net, ds, device=device, progress=False)),
-                ("fast_features_sklearn", lambda ds: meta_test(net, ds, device=device, progress=False,
-                                                               backend="sklearn"))]
+    fused, eager, sklearn = (FewShotSettings(inference="fused"), FewShotSettings(), FewShotSettings(backend="sklearn"))
+    variants = [("fast_fused", lambda ds: meta_test(net, ds, fused, device=device, progress=False)),
+                ("fast", lambda ds: meta_test(net, ds, eager, device=device, progress=False)),
+                ("fast_features_sklearn", lambda ds: meta_test(net, ds, sklearn, device=device, progress=False))]
     if args.baseline:
-        variants.append(("per_episode_sklearn", lambda ds: meta_test(net, _ItemByItem(ds), device=device,
-                                                                     progress=False, backend="sklearn")))
+        variants.append(("per_episode_sklearn", lambda ds: meta_test(net, _ItemByItem(ds), sklearn, device=device,
+                                                                     progress=False)))
     warm = EpisodeDataset("Digits", None, partition="test", n_ways=5, n_shots=1, n_queries=15,
                           n_aug_support_samples=5, n_test_runs=2, transform="A", seed=1)
     for _, run in variants:

@@ -7,11 +7,13 @@ Modules:
     network         from a config to the network: architecture, default run folder, size (complexity)
     complexity      parameters and MACs (ptflops)
     epoch           optimiser, learning-rate schedule, one epoch of training
+    device_batches  --gpu_augment: training batches made and augmented on the device
     metrics         metrics.jsonl, the per-epoch record (its one owner)
     checkpoints     the self-describing checkpoint.pt, safe reading, the training run folder
-    train           a training run: resume, epochs, checkpoints, results (train_and_evaluate)
+    train           TrainingRun: resume, epochs, checkpoints, results (train_and_evaluate)
     evaluation      episode sets, the few-shot test of a network, results table, --eval_only
-    fewshot         meta_test: features once per query image, episodes in batches, 95% intervals
+    fewshot         FewShotSettings and meta_test: features once per query image, episodes in batches, 95%
+                    intervals
     classifiers     LR / SVM / NN / Cosine / Proto: scikit-learn reference and batched torch versions
     inference       the network as the few-shot test runs it (torch.fx rewrites)
     tensorboard_log the training's optional TensorBoard scalars

@@ -9,7 +9,7 @@ both back ends); NN: nearest support; Cosine: most similar support; Proto: neare
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -115,6 +115,89 @@ def canonical_classifier(name: str) -> str:
 # batched classifiers (torch, float64): many episodes of the same shape at once
 # --------------------------------------------------------------------------------------------------
 
+_DAMP = 1e-10  # keeps the preconditioned CG defined along the shift direction of b (gradient 0 there)
+
+
+def _dot(a1: torch.Tensor, a2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """Per-episode inner product of two (W, b) pairs."""
+    return (a1 * a2).sum((1, 2)) + (c1 * c2).sum(1)
+
+
+def _lr_objective(x: torch.Tensor, y1h: torch.Tensor, C: float, W: torch.Tensor,
+                  b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax probabilities (e, n, K) and scikit-learn's objective (e,) at (W, b)."""
+    logits = torch.baddbmm(b[:, None, :], x, W.transpose(1, 2))
+    lse = torch.logsumexp(logits, dim=2)
+    f = C * (lse - (logits * y1h).sum(2)).sum(1) + 0.5 * (W * W).sum((1, 2))
+    return torch.exp(logits - lse[:, :, None]), f
+
+
+def _newton_direction(x: torch.Tensor, x2: torch.Tensor, p: torch.Tensor, gW: torch.Tensor, gb: torch.Tensor,
+                      C: float, max_cg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Newton step s with H s = -g, by conjugate gradients preconditioned with the Hessian's diagonal
+    (Jacobi), on Hessian-vector products, to a residual that tightens as g shrinks (superlinear Newton)."""
+    w = C * p * (1.0 - p)
+    mW = 1.0 / (torch.bmm(w.transpose(1, 2), x2) + 1.0)
+    mb = 1.0 / (w.sum(1) + _DAMP)
+
+    def hvp(V, c):
+        u = torch.baddbmm(c[:, None, :], x, V.transpose(1, 2))  # (e, n, K)
+        pu = p * u
+        s_ = C * (pu - p * pu.sum(2, keepdim=True))
+        return torch.bmm(s_.transpose(1, 2), x) + V, s_.sum(1) + _DAMP * c
+
+    gnorm2 = _dot(gW, gW, gb, gb)
+    target = torch.clamp(gnorm2.sqrt(), max=0.1) ** 2 * gnorm2
+    sW, sb = torch.zeros_like(gW), torch.zeros_like(gb)
+    rW, rb = -gW, -gb
+    zW, zb = mW * rW, mb * rb
+    dW, db = zW, zb
+    rz = _dot(rW, zW, rb, zb)
+    res = gnorm2
+    for _ in range(max_cg):
+        live = res > target
+        if not bool(live.any()):
+            break
+        hW, hb = hvp(dW, db)
+        alpha = torch.where(live, rz / _dot(dW, hW, db, hb).clamp_min(1e-300), torch.zeros_like(rz))
+        sW = sW + alpha[:, None, None] * dW
+        sb = sb + alpha[:, None] * db
+        rW = rW - alpha[:, None, None] * hW
+        rb = rb - alpha[:, None] * hb
+        zW, zb = mW * rW, mb * rb
+        rz_new = _dot(rW, zW, rb, zb)
+        beta = rz_new / rz.clamp_min(1e-300)
+        dW = zW + beta[:, None, None] * dW
+        db = zb + beta[:, None] * db
+        rz = rz_new
+        res = _dot(rW, rW, rb, rb)
+    return sW, sb
+
+
+def _line_search(x: torch.Tensor, y1h: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor, f: torch.Tensor,
+                 gW: torch.Tensor, gb: torch.Tensor, sW: torch.Tensor,
+                 sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Armijo backtracking along s, per episode: the new (W, b) and which episodes took a step (an episode
+    that no step improves has converged to rounding)."""
+    slope = _dot(gW, sW, gb, sb)
+    t = x.new_ones(W.shape[0])
+    done = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
+    newW, newb = W, b
+    for _ in range(30):
+        cW = W + t[:, None, None] * sW
+        cb = b + t[:, None] * sb
+        _, cf = _lr_objective(x, y1h, C, cW, cb)
+        # near the optimum the decrease falls below f's rounding: the (precise) Newton step is taken
+        ok = ((cf <= f + 1e-4 * t * slope) | (-slope <= 1e-13 * f.abs().clamp_min(1.0))) & ~done
+        newW = torch.where(ok[:, None, None], cW, newW)
+        newb = torch.where(ok[:, None], cb, newb)
+        done = done | ok
+        if bool(done.all()):
+            break
+        t = torch.where(done, t, t * 0.5)
+    return newW, newb, done
+
+
 def logistic_regression_batched(sx: torch.Tensor, sy: torch.Tensor, n_classes: int, C: float = 1.0,
                                 tol: float = 1e-8, max_iter: int = 100,
                                 max_cg: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,25 +206,20 @@ def logistic_regression_batched(sx: torch.Tensor, sy: torch.Tensor, n_classes: i
     Minimises scikit-learn's objective (``LogisticRegression(C=C)``, multinomial, L2 on the weights only,
     unpenalised intercept), per episode: ``C * sum_i CE(softmax(W x_i + b), y_i) + 0.5 * ||W||^2``, in
     float64, by Newton's method: each Newton system is solved by Jacobi-preconditioned conjugate gradients
-    on Hessian-vector products (two batched matrix products each, no factorisation), then an Armijo
-    backtracking line search; an episode stops when the max-norm of its gradient is below ``tol`` (or when
-    no step decreases its objective in floating point). The objective is strictly convex in W, and in b up
-    to a common shift of b (which changes no prediction), so this is the optimum scikit-learn's lbfgs
-    approaches (scikit-learn stops earlier, at its own tolerance).
+    on Hessian-vector products (two batched matrix products each, no factorisation: `_newton_direction`),
+    then an Armijo backtracking line search (`_line_search`); an episode stops when the max-norm of its
+    gradient is below ``tol`` (or when no step decreases its objective in floating point). The objective is
+    strictly convex in W, and in b up to a common shift of b (which changes no prediction), so this is the
+    optimum scikit-learn's lbfgs approaches (scikit-learn stops earlier, at its own tolerance).
     """
     x_all = sx.to(torch.float64)
-    E, n, D = x_all.shape
+    E = x_all.shape[0]
     K = int(n_classes)
     y_all = torch.nn.functional.one_hot(sy.long(), K).to(x_all.dtype)
     x2_all = x_all * x_all
-    W_all = x_all.new_zeros(E, K, D)
+    W_all = x_all.new_zeros(E, K, x_all.shape[2])
     b_all = x_all.new_zeros(E, K)
-    damp = 1e-10  # keeps the preconditioned CG defined along the shift direction of b (gradient 0 there)
     active = torch.arange(E, device=x_all.device)
-
-    def dot(a1, a2, c1, c2):
-        return (a1 * a2).sum((1, 2)) + (c1 * c2).sum(1)
-
     for _ in range(max_iter):
         if active.numel() == 0:
             break
@@ -149,77 +227,16 @@ def logistic_regression_batched(sx: torch.Tensor, sy: torch.Tensor, n_classes: i
         x = x_all if every else x_all[active]
         y1h = y_all if every else y_all[active]
         W, b = (W_all, b_all) if every else (W_all[active], b_all[active])
-
-        def objective(W_, b_):
-            logits = torch.baddbmm(b_[:, None, :], x, W_.transpose(1, 2))
-            lse = torch.logsumexp(logits, dim=2)
-            f_ = C * (lse - (logits * y1h).sum(2)).sum(1) + 0.5 * (W_ * W_).sum((1, 2))
-            return torch.exp(logits - lse[:, :, None]), f_
-
-        p, f = objective(W, b)
+        p, f = _lr_objective(x, y1h, C, W, b)
         r = C * (p - y1h)                                          # (e, n, K)
         gW = torch.bmm(r.transpose(1, 2), x) + W
         gb = r.sum(1)
-        gmax = torch.maximum(gW.abs().amax((1, 2)), gb.abs().amax(1))
-        going = gmax > tol
+        going = torch.maximum(gW.abs().amax((1, 2)), gb.abs().amax(1)) > tol
         if not bool(going.all()):
             active = active[going]
             continue  # recompute on the episodes that still move
-
-        # Jacobi preconditioner: the Hessian's diagonal
-        w = C * p * (1.0 - p)
-        mW = 1.0 / (torch.bmm(w.transpose(1, 2), x2_all if every else x2_all[active]) + 1.0)
-        mb = 1.0 / (w.sum(1) + damp)
-
-        def hvp(V, c):
-            u = torch.baddbmm(c[:, None, :], x, V.transpose(1, 2))  # (e, n, K)
-            pu = p * u
-            s_ = C * (pu - p * pu.sum(2, keepdim=True))
-            return torch.bmm(s_.transpose(1, 2), x) + V, s_.sum(1) + damp * c
-
-        # preconditioned CG on H s = -g, to a residual that tightens as g shrinks (superlinear Newton)
-        gnorm2 = dot(gW, gW, gb, gb)
-        target = torch.clamp(gnorm2.sqrt(), max=0.1) ** 2 * gnorm2
-        sW, sb = torch.zeros_like(W), torch.zeros_like(b)
-        rW, rb = -gW, -gb
-        zW, zb = mW * rW, mb * rb
-        dW, db = zW, zb
-        rz = dot(rW, zW, rb, zb)
-        res = gnorm2
-        for _ in range(max_cg):
-            live = res > target
-            if not bool(live.any()):
-                break
-            hW, hb = hvp(dW, db)
-            alpha = torch.where(live, rz / dot(dW, hW, db, hb).clamp_min(1e-300), torch.zeros_like(rz))
-            sW = sW + alpha[:, None, None] * dW
-            sb = sb + alpha[:, None] * db
-            rW = rW - alpha[:, None, None] * hW
-            rb = rb - alpha[:, None] * hb
-            zW, zb = mW * rW, mb * rb
-            rz_new = dot(rW, zW, rb, zb)
-            beta = rz_new / rz.clamp_min(1e-300)
-            dW = zW + beta[:, None, None] * dW
-            db = zb + beta[:, None] * db
-            rz = rz_new
-            res = dot(rW, rW, rb, rb)
-        # Armijo backtracking per episode; an episode no step improves has converged to rounding
-        slope = dot(gW, sW, gb, sb)
-        t = x.new_ones(W.shape[0])
-        done = torch.zeros_like(going)
-        newW, newb = W, b
-        for _ in range(30):
-            cW = W + t[:, None, None] * sW
-            cb = b + t[:, None] * sb
-            _, cf = objective(cW, cb)
-            # near the optimum the decrease falls below f's rounding: the (precise) Newton step is taken
-            ok = ((cf <= f + 1e-4 * t * slope) | (-slope <= 1e-13 * f.abs().clamp_min(1.0))) & ~done
-            newW = torch.where(ok[:, None, None], cW, newW)
-            newb = torch.where(ok[:, None], cb, newb)
-            done = done | ok
-            if bool(done.all()):
-                break
-            t = torch.where(done, t, t * 0.5)
+        sW, sb = _newton_direction(x, x2_all if every else x2_all[active], p, gW, gb, C, max_cg)
+        newW, newb, done = _line_search(x, y1h, C, W, b, f, gW, gb, sW, sb)
         W_all[active] = newW
         b_all[active] = newb
         active = active[done]

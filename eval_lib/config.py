@@ -18,7 +18,7 @@ from search_lib.errors import UsageError
 from .tensorboard_log import require_tensorboard
 from search_lib.utils import DEVICE_CHOICES, available_cpus
 
-from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, canonical_classifier
+from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, FewShotSettings
 
 SCHEDULERS = ("step", "cosine", "exp")
 SPLITS = ("test", "val")
@@ -223,6 +223,13 @@ class TrainConfig:
             return bool(self.gpu_augment)
         return device_type == "cuda" and (self.transform or DEFAULT_TRANSFORM).upper() == "A"
 
+    def fewshot_settings(self, device_type: str) -> FewShotSettings:
+        """How the few-shot test classifies (validated), for a run on ``device_type``."""
+        return FewShotSettings(classifier=self.classifier, use_logits=self.use_logits, backend=self.fewshot_backend,
+                               C=self.C, normalize=not self.nonorm, proto_rule=self.proto_rule,
+                               episode_batch=self.episode_batch, inference=self.inference,
+                               num_workers=self.workers(device_type))
+
     def normalised(self) -> dict[str, Any]:
         """The config dict with the defaults resolved and names canonical (recorded in config.json and
         checkpoints, and compared when a run folder is used again)."""
@@ -274,22 +281,13 @@ class TrainConfig:
         bad = [s for s in self.eval_splits if s not in SPLITS]
         if bad:
             raise UsageError(f"unknown evaluation split {bad[0]!r}; use {' and/or '.join(SPLITS)}")
-        if not (isinstance(self.C, (int, float)) and math.isfinite(self.C) and self.C > 0):
-            raise UsageError(f"--C must be a positive number, got {self.C!r}")
-        if self.proto_rule not in PROTO_RULES:
-            raise UsageError(f"unknown --proto_rule {self.proto_rule!r}; use one of {', '.join(PROTO_RULES)}")
-        if self.inference not in INFERENCE_MODES:
-            raise UsageError(f"unknown --inference {self.inference!r}; use one of {', '.join(INFERENCE_MODES)}")
-        if self.fewshot_backend not in BACKENDS:
-            raise UsageError(f"unknown --fewshot_backend {self.fewshot_backend!r}; use one of {', '.join(BACKENDS)}")
         if self.amp is not None and self.amp not in AMP_CHOICES:
             raise UsageError(f"unknown --amp {self.amp!r}; use one of {', '.join(AMP_CHOICES)}")
-        positive_int("episode_batch")
         if self.threads is not None:
             positive_int("threads")
         if self.stop_after_epoch is not None and self.stop_after_epoch < 0:
             raise UsageError("stop_after_epoch must be >= 0")
-        self.classifier = canonical_classifier(self.classifier)
+        self.classifier = self.fewshot_settings("cpu").classifier  # FewShotSettings checks the test's settings
         if self.eval_only:
             if not self.checkpoint:
                 raise UsageError("--eval_only needs --checkpoint PATH (a checkpoint.pt of a training run)")

@@ -18,15 +18,15 @@ import torch
 from torch import nn
 
 from search_lib import distributed
-from search_lib.data import EpisodeDataset, EpisodeSubset, resolve_dataset
+from search_lib.data import DatasetSpec, EpisodeDataset, EpisodeSubset, resolve_dataset
 from search_lib.distributed import World
 from search_lib.errors import DataError, GenotypeError, UsageError
-from search_lib.genotypes import GenotypeRecord, resolve_genotype
+from search_lib.genotypes import Genotype, GenotypeRecord, resolve_genotype
 from search_lib.utils import atomic_write_json, configure_threads, ThreadTuner, resolve_device, threads_fixed
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
-from .fewshot import mean_confidence_interval, meta_test
+from .fewshot import FewShotSettings, mean_confidence_interval, meta_test
 from .network import build_network, complexity, resolve_architecture
 
 logger = logging.getLogger("metantknas.eval")
@@ -56,7 +56,7 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
     # one tuner for every test: what it learnt about this box's load carries over (CPU only)
     tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if device.type == "cpu" else None
     try:
-        return _fewshot_sets(model, cfg, episode_sets, device, world, tuner)
+        return _fewshot_sets(model, cfg, cfg.fewshot_settings(device.type), episode_sets, device, world, tuner)
     finally:
         if tuner is not None:
             tuner.close()
@@ -64,19 +64,16 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
                 logger.info("few-shot test on the CPU: %s (chosen by timing them)", tuner.summary())
 
 
-def _fewshot_sets(model: nn.Module, cfg: TrainConfig, episode_sets: dict, device: torch.device, world: World,
-                  tuner: ThreadTuner | None) -> dict:
+def _fewshot_sets(model: nn.Module, cfg: TrainConfig, settings: FewShotSettings, episode_sets: dict,
+                  device: torch.device, world: World, tuner: ThreadTuner | None) -> dict:
     out: dict[str, dict[str, dict]] = {}
     for (split, shots), episodes in episode_sets.items():
         n = len(episodes)
         share = EpisodeSubset(episodes, world.shard(n)) if world.active else episodes
         res = None
         if len(share):  # a rank may have none when there are fewer episodes than ranks
-            res = meta_test(model, share, classifier=cfg.classifier, device=device, use_logits=cfg.use_logits,
-                            progress=cfg.progress and world.is_main, num_workers=cfg.workers(device.type),
-                            desc=f"{split} {cfg.n_ways}-way {shots}-shot", backend=cfg.fewshot_backend, C=cfg.C,
-                            normalize=not cfg.nonorm, proto_rule=cfg.proto_rule, episode_batch=cfg.episode_batch,
-                            inference=cfg.inference, tuner=tuner)
+            res = meta_test(model, share, settings, device=device, progress=cfg.progress and world.is_main,
+                            desc=f"{split} {cfg.n_ways}-way {shots}-shot", tuner=tuner)
         if world.active:  # one gather: every rank's result; rank 0 always has episodes and describes the test
             parts = world.gather(res)
             accs = world.interleave(n, [[] if part is None else part["accuracies"] for part in parts])
@@ -132,44 +129,9 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     ckpt = read_checkpoint(path, trusted=cfg.trust_checkpoint)
     state = state_dict_of(ckpt)
     old = dict(ckpt.get("config") or {})
-
-    if "genotype" in ckpt and "net_kwargs" in ckpt:
-        text = str(ckpt["genotype"])
-        try:
-            genotype = (GenotypeRecord.from_json(text).genotype if text.lstrip().startswith("{")
-                        else resolve_genotype(text))
-        except GenotypeError as exc:
-            raise DataError(f"checkpoint {path} holds an invalid genotype ({exc}); re-train it") from None
-        if cfg.genotype or cfg.random_arch:
-            logger.warning("ignoring --genotype/--random_arch: checkpoint %s describes its own architecture", path)
-        net_kwargs = dict(ckpt["net_kwargs"])
-    else:
-        if not (cfg.genotype or cfg.random_arch):
-            raise UsageError(f"checkpoint {path} does not record its architecture; pass --genotype and the "
-                             f"network flags (--init_channels, --layers, ...) it was trained with")
-        genotype = resolve_architecture(cfg)
-        weight = state.get("linear.weight")
-        if weight is None:
-            raise DataError(f"checkpoint {path} has no 'linear.weight'; it is not an AugmentCNN state dict")
-        net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(weight.shape[0]),
-                          stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr,
-                          in_channels=int(state.get("stem.0.weight", torch.zeros(1, 3)).shape[1]))
-
-    dataset = resolve_dataset(cfg.dataset or old.get("dataset") or DEFAULT_DATASET)
-    data_path = cfg.data_path if cfg.data_path is not None else old.get("data_path")
-    transform = cfg.transform or old.get("transform") or DEFAULT_TRANSFORM
-    image_size = cfg.image_size
-    if image_size is None and old.get("image_size") is not None:
-        image_size = int(old["image_size"])
-
-    model = build_network(genotype, net_kwargs)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
-        raise DataError(f"checkpoint {path} does not fit the network ({detail[:120]}); "
-                        f"check --genotype, --init_channels and --layers") from None
+    genotype, net_kwargs = _checkpoint_architecture(path, ckpt, state, cfg)
+    dataset, data_path, transform, image_size = _checkpoint_data(cfg, old)
+    model = _load_network(path, genotype, net_kwargs, state)
     shape = list(ckpt.get("input_shape") or (net_kwargs.get("in_channels", 3), 0, 0))
     if cfg.image_size is not None or not ckpt.get("input_shape"):
         shape[1:] = [image_size or dataset.default_image_size] * 2
@@ -199,3 +161,50 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
         atomic_write_json(out, results)
         logger.info("results written to %s", out)
     return results
+
+
+def _checkpoint_architecture(path, ckpt: dict, state: dict, cfg: TrainConfig) -> tuple[Genotype, dict]:
+    """The genotype and network arguments: the checkpoint's own, or (a bare state dict) the flags'."""
+    if "genotype" in ckpt and "net_kwargs" in ckpt:
+        text = str(ckpt["genotype"])
+        try:
+            genotype = (GenotypeRecord.from_json(text).genotype if text.lstrip().startswith("{")
+                        else resolve_genotype(text))
+        except GenotypeError as exc:
+            raise DataError(f"checkpoint {path} holds an invalid genotype ({exc}); re-train it") from None
+        if cfg.genotype or cfg.random_arch:
+            logger.warning("ignoring --genotype/--random_arch: checkpoint %s describes its own architecture", path)
+        return genotype, dict(ckpt["net_kwargs"])
+    if not (cfg.genotype or cfg.random_arch):
+        raise UsageError(f"checkpoint {path} does not record its architecture; pass --genotype and the "
+                         f"network flags (--init_channels, --layers, ...) it was trained with")
+    genotype = resolve_architecture(cfg)
+    weight = state.get("linear.weight")
+    if weight is None:
+        raise DataError(f"checkpoint {path} has no 'linear.weight'; it is not an AugmentCNN state dict")
+    return genotype, dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(weight.shape[0]),
+                          stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr,
+                          in_channels=int(state.get("stem.0.weight", torch.zeros(1, 3)).shape[1]))
+
+
+def _checkpoint_data(cfg: TrainConfig, old: dict) -> tuple[DatasetSpec, Any, str, int | None]:
+    """Dataset, data path, transform and image size: the flags', else those of the checkpoint's run."""
+    dataset = resolve_dataset(cfg.dataset or old.get("dataset") or DEFAULT_DATASET)
+    data_path = cfg.data_path if cfg.data_path is not None else old.get("data_path")
+    transform = cfg.transform or old.get("transform") or DEFAULT_TRANSFORM
+    image_size = cfg.image_size
+    if image_size is None and old.get("image_size") is not None:
+        image_size = int(old["image_size"])
+    return dataset, data_path, transform, image_size
+
+
+def _load_network(path, genotype: Genotype, net_kwargs: dict, state: dict) -> nn.Module:
+    model = build_network(genotype, net_kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise DataError(f"checkpoint {path} does not fit the network ({detail[:120]}); "
+                        f"check --genotype, --init_channels and --layers") from None
+    return model

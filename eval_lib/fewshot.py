@@ -18,11 +18,13 @@ Two back ends give the same numbers (tests/test_fewshot_batched.py checks it aga
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from typing import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, UsageError
-from search_lib.utils import ThreadTuner
+from search_lib.utils import ThreadTuner, resolve_device
 
 from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
                           l2_normalize, logistic_regression_batched, predict_batched, predict_episodes)
@@ -220,81 +222,80 @@ def _l2_normalize_t(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
-              device: torch.device | str | None = None, use_logits: bool = False, progress: bool = True,
-              batch_size: int | None = None, num_workers: int = 0, desc: str = "meta-test", *, backend: str = "torch",
-              C: float = 1.0, normalize: bool = True, proto_rule: str = "mean", episode_batch: int = 100,
-              inference: str = "eager", tuner: ThreadTuner | None = None) -> dict:
-    """Few-shot accuracy of ``model`` over every episode of ``episode_dataset``.
+@dataclass(frozen=True)
+class FewShotSettings:
+    """How `meta_test` tests: one object, validated when it is made (`TrainConfig.fewshot_settings` makes it
+    from the flags of the same names; the defaults here are the reference's).
+
+    ``classifier``: LR, SVM, NN, Cosine or Proto (any case); ``use_logits``: classify the logits instead of
+    the penultimate features; ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the reference);
+    ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the features;
+    ``proto_rule``: ``mean`` or ``rfs`` (see `classifiers._prototype`); ``episode_batch``: episodes whose
+    supports and classifiers are processed together; ``inference``: ``eager`` or ``fused`` (see `_Features`);
+    ``batch_size``: images per forward pass (None: 64 on the CPU, where a smaller chunk keeps the activations
+    in cache, 256 elsewhere); ``num_workers``: loader worker processes.
+    """
+
+    classifier: str = "LR"
+    use_logits: bool = False
+    backend: str = "torch"
+    C: float = 1.0
+    normalize: bool = True
+    proto_rule: str = "mean"
+    episode_batch: int = 100
+    inference: str = "eager"
+    batch_size: int | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "classifier", canonical_classifier(self.classifier))
+        if self.backend not in BACKENDS:
+            raise UsageError(f"unknown --fewshot_backend {self.backend!r} (the few-shot back end); use one of "
+                             f"{', '.join(BACKENDS)}")
+        if self.proto_rule not in PROTO_RULES:
+            raise UsageError(f"unknown --proto_rule {self.proto_rule!r} (the prototype rule); use one of "
+                             f"{', '.join(PROTO_RULES)}")
+        if not (isinstance(self.C, (int, float)) and not isinstance(self.C, bool) and math.isfinite(self.C)
+                and self.C > 0):
+            raise UsageError(f"--C must be a positive number, got {self.C!r} (the logistic regression's C must be "
+                             f"positive, e.g. 1)")
+        if self.inference not in INFERENCE_MODES:
+            raise UsageError(f"unknown --inference {self.inference!r}; use one of {', '.join(INFERENCE_MODES)}")
+        for name in ("episode_batch", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise UsageError(f"--{name} must be a positive integer, got {value!r}")
+        if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers or self.num_workers < 0:
+            raise UsageError(f"--num_workers must be >= 0, got {self.num_workers!r}")
+
+    def replace(self, **changes) -> FewShotSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def meta_test(model: nn.Module, episode_dataset, settings: FewShotSettings | None = None, *,
+              device: torch.device | str | None = None, progress: bool = True, desc: str = "meta-test",
+              tuner: ThreadTuner | None = None) -> dict:
+    """Few-shot accuracy of ``model`` over every episode of ``episode_dataset``, tested as ``settings`` says
+    (default: `FewShotSettings()`).
 
     Each item of the dataset is ``(support_xs, support_ys, query_xs, query_ys)``. For an `EpisodeDataset`
     whose query transform draws no random numbers, each query image's features are computed once and the
     support copies of ``episode_batch`` episodes at a time (the same images ``__getitem__`` gives); other
-    datasets are read item by item. ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the
-    reference); ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the
-    features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`); ``inference``: ``eager`` or ``fused``
-    (see `_Features`); ``tuner``: on the CPU, a `search_lib.utils.ThreadTuner` that chooses torch's thread
-    count by timing the forward passes (the caller closes it). Returns a dict with ``mean`` and
-    ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``, ``classifier`` and the
-    per-episode ``accuracies`` (percent).
+    datasets are read item by item. ``device``: default the model's; ``tuner``: on the CPU, a
+    `search_lib.utils.ThreadTuner` that chooses torch's thread count by timing the forward passes (the
+    caller closes it). Returns a dict with ``mean`` and ``ci95`` (percent), ``episodes``, ``queries`` (per
+    class), ``ways``, ``shots``, ``classifier`` and the per-episode ``accuracies`` (percent).
     """
-    from search_lib.utils import resolve_device
-
-    classifier = canonical_classifier(classifier)
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown few-shot back end {backend!r}; use one of {', '.join(BACKENDS)}")
-    if proto_rule not in PROTO_RULES:
-        raise UsageError(f"unknown prototype rule {proto_rule!r}; use one of {', '.join(PROTO_RULES)}")
-    if not (math.isfinite(C) and C > 0):
-        raise UsageError(f"the logistic regression's C must be positive, got {C!r}")
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    elif isinstance(device, str):
-        device = resolve_device(device)
-    device = torch.device(device)
-    n_episodes = len(episode_dataset)
-    if n_episodes < 1:
+    settings = FewShotSettings() if settings is None else settings
+    device = _test_device(model, device)
+    if len(episode_dataset) < 1:
         raise DataError("the episode dataset is empty; use --n_test_runs >= 1")
-    n_aug = int(getattr(episode_dataset, "n_aug_support_samples", 1) or 1)
-
     was_training = model.training
     model.eval()
-    accs: list[float] = []
-    ways = queries = None
-    if batch_size is None:  # on the CPU a smaller chunk keeps the activations in cache (64: ~20% faster
-        batch_size = 64 if device.type == "cpu" else 256  # than 256 on the demo's network)
-    feats = _Features(model, device, use_logits, batch_size, inference, tuner)
-    pin = device.type == "cuda"
     try:
-        if _fast_path_ok(episode_dataset):
-            groups = _episode_features_fast(episode_dataset, feats, num_workers, pin, max(1, int(episode_batch)))
-        else:
-            groups = _episode_features_generic(episode_dataset, feats, num_workers, pin)
-        bar = tqdm(total=n_episodes, desc=desc, disable=None if progress else True, leave=False,
-                   dynamic_ncols=True)
-        for sx, sy, qx, qy in groups:
-            sx, qx = sx.to(torch.float64), qx.to(torch.float64)
-            if normalize:
-                sx, qx = _l2_normalize_t(sx), _l2_normalize_t(qx)
-            if sy.shape[0] == 1:  # one episode of any labels: index them 0..K-1
-                classes, inv = np.unique(sy[0].numpy(), return_inverse=True)
-                classes, sy_idx = torch.from_numpy(classes), torch.from_numpy(inv.reshape(1, -1).astype(np.int64))
-            else:  # EpisodeDataset groups: labels are already 0..n_ways-1
-                classes, sy_idx = torch.arange(int(episode_dataset.n_ways)), sy
-            pred_idx = predict_episodes(classifier, sx, sy_idx.to(sx.device), qx, int(classes.numel()),
-                                        backend=backend, C=C, proto_rule=proto_rule, n_aug=n_aug)
-            pred = classes.to(pred_idx.device)[pred_idx].cpu()
-            accs.extend((100.0 * (pred == qy).double().mean(1)).tolist())
-            if ways is None:
-                labels, counts = np.unique(qy[0].numpy(), return_counts=True)
-                ways, queries = int(labels.size), int(counts.min())
-            bar.update(sx.shape[0])
-            if progress:
-                bar.set_postfix(acc=f"{np.mean(accs):.2f}")
-        bar.close()
+        accs, ways, queries = _test_episodes(model, episode_dataset, settings, device, progress, desc, tuner)
     finally:
         model.train(was_training)
-
     mean, ci95 = mean_confidence_interval(accs)
     return {
         "mean": mean,
@@ -303,15 +304,60 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
         "ways": ways,
         "shots": int(getattr(episode_dataset, "n_shots", 0)) or None,
         "queries": int(getattr(episode_dataset, "n_queries", queries) or queries),
-        "classifier": classifier,
-        "features": "logits" if use_logits else "penultimate",
-        "backend": backend,
+        "classifier": settings.classifier,
+        "features": "logits" if settings.use_logits else "penultimate",
+        "backend": settings.backend,
         "accuracies": accs,
     }
 
 
+def _test_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.device(resolve_device(device) if isinstance(device, str) else device)
+
+
+def _test_episodes(model: nn.Module, episode_dataset, settings: FewShotSettings, device: torch.device,
+                   progress: bool, desc: str, tuner: ThreadTuner | None) -> tuple[list[float], int, int]:
+    """The per-episode accuracies (percent), the ways and the queries per class of the first episode."""
+    n_aug = int(getattr(episode_dataset, "n_aug_support_samples", 1) or 1)
+    batch_size = settings.batch_size or (64 if device.type == "cpu" else 256)
+    feats = _Features(model, device, settings.use_logits, batch_size, settings.inference, tuner)
+    pin = device.type == "cuda"
+    if _fast_path_ok(episode_dataset):
+        groups = _episode_features_fast(episode_dataset, feats, settings.num_workers, pin, int(settings.episode_batch))
+    else:
+        groups = _episode_features_generic(episode_dataset, feats, settings.num_workers, pin)
+    accs: list[float] = []
+    ways = queries = None
+    bar = tqdm(total=len(episode_dataset), desc=desc, disable=None if progress else True, leave=False,
+               dynamic_ncols=True)
+    for sx, sy, qx, qy in groups:
+        sx, qx = sx.to(torch.float64), qx.to(torch.float64)
+        if settings.normalize:
+            sx, qx = _l2_normalize_t(sx), _l2_normalize_t(qx)
+        if sy.shape[0] == 1:  # one episode of any labels: index them 0..K-1
+            classes, inv = np.unique(sy[0].numpy(), return_inverse=True)
+            classes, sy_idx = torch.from_numpy(classes), torch.from_numpy(inv.reshape(1, -1).astype(np.int64))
+        else:  # EpisodeDataset groups: labels are already 0..n_ways-1
+            classes, sy_idx = torch.arange(int(episode_dataset.n_ways)), sy
+        pred_idx = predict_episodes(settings.classifier, sx, sy_idx.to(sx.device), qx, int(classes.numel()),
+                                    backend=settings.backend, C=settings.C, proto_rule=settings.proto_rule,
+                                    n_aug=n_aug)
+        pred = classes.to(pred_idx.device)[pred_idx].cpu()
+        accs.extend((100.0 * (pred == qy).double().mean(1)).tolist())
+        if ways is None:
+            labels, counts = np.unique(qy[0].numpy(), return_counts=True)
+            ways, queries = int(labels.size), int(counts.min())
+        bar.update(sx.shape[0])
+        if progress:
+            bar.set_postfix(acc=f"{np.mean(accs):.2f}")
+    bar.close()
+    return accs, ways, queries
+
+
 __all__ = [
-    "Classifier", "BACKENDS", "CLASSIFIERS", "INFERENCE_MODES", "PROTO_RULES", "canonical_classifier", "draws_no_random_numbers", "extract_features",
-    "get_classifier", "l2_normalize", "logistic_regression_batched", "mean_confidence_interval", "meta_test",
-    "predict_batched", "predict_episodes",
+    "Classifier", "BACKENDS", "CLASSIFIERS", "INFERENCE_MODES", "PROTO_RULES", "FewShotSettings",
+    "canonical_classifier", "draws_no_random_numbers", "extract_features", "get_classifier", "l2_normalize",
+    "logistic_regression_batched", "mean_confidence_interval", "meta_test", "predict_batched", "predict_episodes",
 ]

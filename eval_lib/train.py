@@ -18,6 +18,10 @@ weights as an uninterrupted run. Files of a run folder (`eval_lib.checkpoints.tr
     train.log         the log
     done              written after the final test; a finished run is not recomputed unless overwrite
 
+`train_and_evaluate` prepares a run (device, threads, data, run folder, log); `TrainingRun` is the run
+itself: `execute` resumes or returns the cached results, `train` runs the epochs (`_EpochBatches` gives
+each epoch's seeded batches), `finish` tests the network and writes the results.
+
 The pieces live in `eval_lib.config` (settings), `eval_lib.network` (architecture, network), `eval_lib.epoch`
 (optimiser, schedule, one epoch), `eval_lib.metrics` (metrics.jsonl),
 `eval_lib.checkpoints` and `eval_lib.evaluation` (few-shot test, `evaluate_checkpoint`); their public names
@@ -88,7 +92,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     world.barrier()  # ... and reads it only after that
     with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
         with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
-            return _train_and_evaluate(cfg, genotype, device, run, data, world, board)
+            return TrainingRun(cfg, genotype, device, run, data, world, board).execute()
 
 
 @dataclass
@@ -100,7 +104,7 @@ class TrainingData:
     episode_sets: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, cfg: TrainConfig) -> "TrainingData":
+    def load(cls, cfg: TrainConfig) -> TrainingData:
         conf = cfg.normalised()
         train_set = SupervisedDataset(cfg.data, cfg.data_path, partition="train", transform=conf["transform"],
                                       train=True, image_size=cfg.image_size)
@@ -110,94 +114,226 @@ class TrainingData:
                    build_episode_sets(cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size))
 
 
-def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.device, run: RunDir,
-                        data: TrainingData, world: World, board: TrainingBoard) -> dict:
-    started = time.time()
-    conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
-    keys = TRAINING_KEYS + ("genotype_resolved",)
+class TrainingRun:
+    """One training in its run folder: `execute` resumes from the folder's checkpoint (or returns the cached
+    results of a finished run), trains the remaining epochs with a checkpoint after each, then tests the
+    network and writes ``results.json``.
 
-    ckpt = load_latest_checkpoint(run.path)
-    if ckpt is not None:
-        run.check_config(dict(ckpt["config"]), conf, keys)
-        if not cfg.resume:
-            raise UsageError(f"{run.path} already holds a run (epoch {ckpt['epoch']}); re-run with --resume to "
-                             f"continue it or --overwrite to start over")
-    cached = _finished_results(run, ckpt, cfg, conf, keys)
-    if cached is not None:
-        return cached
-    if world.is_main:
-        run.unmark_done()
-        run.write_config(conf)
-    logger.info("architecture: %s", genotype)
-    logger.info("run folder: %s  device: %s%s  precision: %s%s", run.path, device,
-                f" x {world.size} processes (DistributedDataParallel, {cfg.batch_size // world.size} images "
-                f"per process and step)" if world.active else "",
-                "bf16 autocast" if cfg.amp_dtype(device.type) is not None else "float32",
-                ", channels_last" if cfg.channels_last else "")
+    The progress of the run is its state: ``epoch`` (epochs done), ``train_time_s`` (summed over the
+    sessions) and ``last`` (the last epoch's metrics record).
+    """
 
-    net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(data.train_set.num_classes),
-                      stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr, in_channels=int(data.input_shape[0]))
-    set_seed(cfg.seed)
-    model = build_network(genotype, net_kwargs)
-    cost = complexity(model, data.input_shape)
-    logger.info("params %.3f M, MACs %s", cost["params"] / 1e6,
-                "n/a" if cost["macs"] is None else f"{cost['macs'] / 1e6:.1f} M")
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    progress = {"epoch": 0, "train_time_s": 0.0, "last": {}}
-    if world.active and world.rank > 0:  # rank 0 keeps the single-process stream; the others draw their own
-        set_seed(rank_seed(cfg.seed, world.rank))
-    if ckpt is not None:
+    def __init__(self, cfg: TrainConfig, genotype: Genotype, device: torch.device, run: RunDir, data: TrainingData,
+                 world: World, board: TrainingBoard):
+        self.cfg, self.genotype, self.device, self.run, self.data = cfg, genotype, device, run, data
+        self.world, self.board = world, board
+        self.started = time.time()
+        self.conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
+        self.keys = TRAINING_KEYS + ("genotype_resolved",)  # the settings a checkpoint must share
+        self.net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(data.train_set.num_classes),
+                               stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr, in_channels=int(data.input_shape[0]))
+        self.epoch, self.train_time_s, self.last = 0, 0.0, {}
+        self.model = self.optimizer = self.scheduler = None
+        self.cost: dict = {}
+
+    def execute(self) -> dict:
+        """The results dict: status "finished", "cached" or "stopped" (see `train_and_evaluate`)."""
+        ckpt = load_latest_checkpoint(self.run.path)
+        if ckpt is not None:
+            self.run.check_config(dict(ckpt["config"]), self.conf, self.keys)
+            if not self.cfg.resume:
+                raise UsageError(f"{self.run.path} already holds a run (epoch {ckpt['epoch']}); re-run with "
+                                 f"--resume to continue it or --overwrite to start over")
+        cached = _finished_results(self.run, ckpt, self.cfg, self.conf, self.keys)
+        if cached is not None:
+            return cached
+        if self.world.is_main:
+            self.run.unmark_done()
+            self.run.write_config(self.conf)
+        self._log_start()
+        self._build(ckpt)
+        stopped = self.train()
+        if stopped is not None:
+            return stopped
+        return self.finish()
+
+    def _log_start(self) -> None:
+        cfg, world = self.cfg, self.world
+        logger.info("architecture: %s", self.genotype)
+        logger.info("run folder: %s  device: %s%s  precision: %s%s", self.run.path, self.device,
+                    f" x {world.size} processes (DistributedDataParallel, {cfg.batch_size // world.size} images "
+                    f"per process and step)" if world.active else "",
+                    "bf16 autocast" if cfg.amp_dtype(self.device.type) is not None else "float32",
+                    ", channels_last" if cfg.channels_last else "")
+
+    def _build(self, ckpt: dict | None) -> None:
+        """The network, optimiser and schedule, and the random-number state: fresh, or the checkpoint's."""
+        cfg, world = self.cfg, self.world
+        set_seed(cfg.seed)
+        self.model = model = build_network(self.genotype, self.net_kwargs)
+        self.cost = complexity(model, self.data.input_shape)
+        logger.info("params %.3f M, MACs %s", self.cost["params"] / 1e6,
+                    "n/a" if self.cost["macs"] is None else f"{self.cost['macs'] / 1e6:.1f} M")
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        if world.active and world.rank > 0:  # rank 0 keeps the single-process stream; the others draw their own
+            set_seed(rank_seed(cfg.seed, world.rank))
+        if ckpt is None:
+            return
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(unpack_rng(_own_rng(ckpt, world, cfg.seed)))
-        progress = {"epoch": int(ckpt["epoch"]), "train_time_s": float(ckpt.get("train_time_s", 0.0)),
-                    "last": dict(ckpt.get("last_metrics", {}))}
-        if progress["epoch"] < cfg.epochs:
-            logger.info("resuming at epoch %d of %d", progress["epoch"] + 1, cfg.epochs)
-    # what every checkpoint of this run records besides the training state
-    describe = {"genotype": genotype.to_json(), "genotype_str": str(genotype), "net_kwargs": net_kwargs,
-                "input_shape": list(data.input_shape)}
-    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf, world,
-                            board)
-    if stopped is not None:
-        return stopped
+        self.epoch, self.train_time_s = int(ckpt["epoch"]), float(ckpt.get("train_time_s", 0.0))
+        self.last = dict(ckpt.get("last_metrics", {}))
+        if self.epoch < cfg.epochs:
+            logger.info("resuming at epoch %d of %d", self.epoch + 1, cfg.epochs)
 
-    t_eval = time.time()
-    fewshot = fewshot_evaluate(model, cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size, device,
-                               data.episode_sets, world)
-    board.fewshot(fewshot, cfg.epochs)
-    results = {
-        "status": "finished",
-        "mode": "train",
-        "genotype": str(genotype),
-        "genotype_json": genotype.to_json(),
-        "params": cost["params"],
-        "macs": cost["macs"],
-        "input_shape": list(data.input_shape),
-        "dataset": cfg.data.key,
-        "seed": cfg.seed,
-        "classifier": cfg.classifier,
-        "fewshot": fewshot,
-        "train": {"epochs": cfg.epochs, "final": progress["last"], "train_time_s": progress["train_time_s"]},
-        "eval_time_s": time.time() - t_eval,
-        "wall_time_s": progress["train_time_s"] + (time.time() - t_eval),
-        "session_time_s": time.time() - started,
-        "processes": world.size,
-        "save_dir": str(run.path),
-        "config": conf,
-    }
-    if world.is_main:
-        atomic_write_json(run / "results.json", results)
-        run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        logger.info("results written to %s", run / "results.json")
-        draw_quietly(draw_training, run.path, logger, REDRAW)  # training.png; a failure is a warning, not a failed run
-    world.barrier()  # no rank reports the run finished before its files exist
-    return results
+    # ---- the epochs ----
+
+    def train(self) -> dict | None:
+        """Train from ``self.epoch`` to ``cfg.epochs``, checkpointing every epoch.
+
+        Under torchrun the network is wrapped in DistributedDataParallel: each rank trains on its shard of
+        every global batch of ``cfg.batch_size`` images (a seeded `DistributedSampler`, or every size-th image
+        of the device batches) and the gradients are averaged, so the step is that of the global batch with
+        the same learning rate; rank 0 alone writes checkpoints and metrics.
+        Returns the "stopped" result when ``cfg.stop_after_epoch`` is reached, else None.
+        """
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            truncate_metrics(self.run.path, self.epoch, self.last)
+        batches = _EpochBatches(cfg, self.data, self.device, world)
+        trained = self.model
+        if world.active:
+            trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                              if self.device.type == "cuda" else None)
+        epoch_bar = tqdm(range(self.epoch, cfg.epochs), initial=self.epoch, total=cfg.epochs, desc="epochs",
+                         disable=None if cfg.progress and world.is_main else True, dynamic_ncols=True)
+        for epoch in epoch_bar:
+            if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
+                epoch_bar.close()
+                logger.info("stopping after epoch %d as asked; re-run to resume", epoch)
+                return {"status": "stopped", "epoch": epoch, "save_dir": str(self.run.path)}
+            loss, acc = self._train_epoch(epoch, trained, batches)
+            epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
+        epoch_bar.close()
+        return None
+
+    def _train_epoch(self, epoch: int, trained: nn.Module, batches: _EpochBatches) -> tuple[float, float]:
+        """One epoch, then its checkpoint and metrics record; returns its loss and accuracy."""
+        cfg, model = self.cfg, self.model
+        t0 = time.time()
+        model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss, acc = train_one_epoch(trained, batches.epoch(epoch), self.optimizer, self.device,
+                                    desc=f"epoch {epoch + 1}", progress=cfg.progress and self.world.is_main,
+                                    amp_dtype=cfg.amp_dtype(self.device.type), channels_last=cfg.channels_last,
+                                    world=self.world)
+        if not math.isfinite(loss):
+            raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
+        self.scheduler.step()
+        elapsed = time.time() - t0
+        self.epoch = epoch + 1
+        self.train_time_s += elapsed
+        self.last = epoch_record(epoch + 1, loss, acc, lr, model.drop_path_prob, elapsed)
+        self._save()
+        logger.info("epoch %d/%d loss %.4f acc %.2f lr %.5g drop-path %.3f (%.1f s)", epoch + 1, cfg.epochs,
+                    loss, acc, lr, model.drop_path_prob, elapsed)
+        return loss, acc
+
+    def _save(self) -> None:
+        """The checkpoint of the epochs done (self-describing: genotype, network, shapes) and the epoch's
+        metrics record; every rank's random-number stream is kept, for an exact resume."""
+        rng = pack_rng(rng_state())
+        rng_ranks = self.world.gather(rng) if self.world.active else None
+        if not self.world.is_main:
+            return
+        save_checkpoint(self.run.path, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": self.epoch,
+            "genotype": self.genotype.to_json(), "genotype_str": str(self.genotype), "net_kwargs": self.net_kwargs,
+            "input_shape": list(self.data.input_shape),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "config": self.conf, "rng": rng,
+            "train_time_s": self.train_time_s, "last_metrics": self.last,
+            **({"rng_ranks": rng_ranks} if rng_ranks else {}),
+        })
+        append_epoch(self.run.path, self.last)
+        self.board.epoch(self.last)  # --tensorboard (does nothing without it)
+
+    # ---- the test and the results ----
+
+    def finish(self) -> dict:
+        """Test the trained network on the few-shot episodes, write results.json, done and training.png."""
+        cfg, world = self.cfg, self.world
+        t_eval = time.time()
+        fewshot = fewshot_evaluate(self.model, cfg, cfg.data, cfg.data_path, self.conf["transform"], cfg.image_size,
+                                   self.device, self.data.episode_sets, world)
+        self.board.fewshot(fewshot, cfg.epochs)
+        results = self._results(fewshot, time.time() - t_eval)
+        if world.is_main:
+            atomic_write_json(self.run / "results.json", results)
+            self.run.mark_done(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            logger.info("results written to %s", self.run / "results.json")
+            draw_quietly(draw_training, self.run.path, logger, REDRAW)  # a failed picture is a warning only
+        world.barrier()  # no rank reports the run finished before its files exist
+        return results
+
+    def _results(self, fewshot: dict, eval_time_s: float) -> dict:
+        cfg = self.cfg
+        return {
+            "status": "finished",
+            "mode": "train",
+            "genotype": str(self.genotype),
+            "genotype_json": self.genotype.to_json(),
+            "params": self.cost["params"],
+            "macs": self.cost["macs"],
+            "input_shape": list(self.data.input_shape),
+            "dataset": cfg.data.key,
+            "seed": cfg.seed,
+            "classifier": cfg.classifier,
+            "fewshot": fewshot,
+            "train": {"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s},
+            "eval_time_s": eval_time_s,
+            "wall_time_s": self.train_time_s + eval_time_s,
+            "session_time_s": time.time() - self.started,
+            "processes": self.world.size,
+            "save_dir": str(self.run.path),
+            "config": self.conf,
+        }
+
+
+class _EpochBatches:
+    """The training batches of each epoch: a DataLoader over the training set (under torchrun a seeded
+    `DistributedSampler` shard), or with --gpu_augment the device's batches; both seeded by the epoch."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainingData, device: torch.device, world: World):
+        self.cfg, self.world = cfg, world
+        train_set = data.train_set
+        self.generator = torch.Generator()
+        self.device_batches = self.sampler = None
+        if cfg.use_gpu_augment(device.type):
+            if cfg.normalised()["transform"] != "A":
+                raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
+            self.device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
+                                                train_set.transform, world.rank, world.size)
+        if world.active:  # each rank a seeded shard of the same permutation (padded to equal lengths)
+            self.sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.batch_size // world.size, shuffle=self.sampler is None, sampler=self.sampler,
+            drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.workers(device.type),
+            generator=self.generator, pin_memory=device.type == "cuda")
+
+    def epoch(self, epoch: int):
+        data_seed = epoch_seed(self.cfg.seed, epoch)
+        rank = self.world.rank
+        self.generator.manual_seed(data_seed if rank == 0 else rank_seed(data_seed, rank))
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return self.loader if self.device_batches is None else self.device_batches.epoch(data_seed)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -231,82 +367,8 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
     return None
 
 
-def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data: TrainingData,
-                  device: torch.device, run: RunDir, progress: dict, describe: dict, conf: dict,
-                  world: World, board: TrainingBoard) -> dict | None:
-    """Train from ``progress["epoch"]`` to ``cfg.epochs``, checkpointing every epoch; updates ``progress``.
-
-    Under torchrun the network is wrapped in DistributedDataParallel: each rank trains on its shard of
-    every global batch of ``cfg.batch_size`` images (a seeded `DistributedSampler`, or every size-th image
-    of the device batches) and the gradients are averaged, so the step is that of the global batch with the
-    same learning rate; rank 0 alone writes checkpoints and metrics.
-    Returns the "stopped" result when ``cfg.stop_after_epoch`` is reached, else None.
-    """
-    if world.is_main:
-        truncate_metrics(run.path, progress["epoch"], progress["last"])
-    generator = torch.Generator()
-    train_set = data.train_set
-    device_batches = sampler = None
-    if cfg.use_gpu_augment(device.type):
-        if cfg.normalised()["transform"] != "A":
-            raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
-        device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
-                                       train_set.transform, world.rank, world.size)
-    if world.active:  # each rank a seeded shard of the same permutation (padded to equal lengths)
-        sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed)
-    local_batch = cfg.batch_size // world.size
-    loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, shuffle=sampler is None,
-                                         sampler=sampler, drop_last=len(train_set) > cfg.batch_size,
-                                         num_workers=cfg.workers(device.type), generator=generator,
-                                         pin_memory=device.type == "cuda")
-    trained = model
-    if world.active:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    epoch_bar = tqdm(range(progress["epoch"], cfg.epochs), initial=progress["epoch"], total=cfg.epochs,
-                     desc="epochs", disable=None if cfg.progress and world.is_main else True, dynamic_ncols=True)
-    for epoch in epoch_bar:
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
-            epoch_bar.close()
-            logger.info("stopping after epoch %d as asked; re-run to resume", epoch)
-            return {"status": "stopped", "epoch": epoch, "save_dir": str(run.path)}
-        t0 = time.time()
-        model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
-        lr = optimizer.param_groups[0]["lr"]
-        data_seed = epoch_seed(cfg.seed, epoch)
-        generator.manual_seed(data_seed if world.rank == 0 else rank_seed(data_seed, world.rank))
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        batches = loader if device_batches is None else device_batches.epoch(data_seed)
-        loss, acc = train_one_epoch(trained, batches, optimizer, device, desc=f"epoch {epoch + 1}",
-                                    progress=cfg.progress and world.is_main, amp_dtype=cfg.amp_dtype(device.type),
-                                    channels_last=cfg.channels_last, world=world)
-        if not math.isfinite(loss):
-            raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
-        scheduler.step()
-        elapsed = time.time() - t0
-        progress["epoch"] = epoch + 1
-        progress["train_time_s"] += elapsed
-        progress["last"] = last = epoch_record(epoch + 1, loss, acc, lr, model.drop_path_prob, elapsed)
-        rng = pack_rng(rng_state())
-        rng_ranks = world.gather(rng) if world.active else None  # every rank's stream, for an exact resume
-        if world.is_main:
-            save_checkpoint(run.path, {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1, **describe,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": conf, "rng": rng, "train_time_s": progress["train_time_s"],
-                "last_metrics": last, **({"rng_ranks": rng_ranks} if rng_ranks else {}),
-            })
-            append_epoch(run.path, last)
-            board.epoch(last)  # --tensorboard (does nothing without it)
-        logger.info("epoch %d/%d loss %.4f acc %.2f lr %.5g drop-path %.3f (%.1f s)", epoch + 1, cfg.epochs,
-                    loss, acc, lr, model.drop_path_prob, elapsed)
-        epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
-    epoch_bar.close()
-    return None
-
-
 __all__ = [
-    "EVAL_KEYS", "SCHEDULERS", "TRAINING_KEYS", "TrainConfig", "TrainingData", "build_episode_sets",
+    "EVAL_KEYS", "SCHEDULERS", "TRAINING_KEYS", "TrainConfig", "TrainingData", "TrainingRun", "build_episode_sets",
     "build_network", "build_optimizer", "build_scheduler", "default_save_dir", "epoch_seed", "evaluate_checkpoint",
     "fewshot_evaluate", "format_results_table", "load_latest_checkpoint", "lr_factor", "paper_training_preset",
     "read_checkpoint", "resolve_architecture", "save_checkpoint", "train_and_evaluate", "train_one_epoch",

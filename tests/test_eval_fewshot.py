@@ -9,7 +9,8 @@ from scipy import stats
 from torch import nn
 
 from eval_lib.complexity import model_complexity
-from eval_lib.fewshot import CLASSIFIERS, get_classifier, l2_normalize, mean_confidence_interval, meta_test
+from eval_lib.fewshot import (CLASSIFIERS, FewShotSettings, get_classifier, l2_normalize, mean_confidence_interval,
+                             meta_test)
 from search_lib.errors import UsageError
 
 
@@ -94,21 +95,21 @@ class _Net(nn.Module):
 def test_meta_test_perfect_and_reproducible(classifier):
     torch.manual_seed(0)
     net = _Net().train()
-    res = meta_test(net, _Episodes(), classifier=classifier, device="cpu", progress=False)
+    res = meta_test(net, _Episodes(), FewShotSettings(classifier), device="cpu", progress=False)
     assert net.training  # mode restored
     assert res["episodes"] == 6 and res["queries"] == 4 and res["ways"] == 5 and res["shots"] == 1
     assert res["classifier"] == classifier
     assert res["mean"] == pytest.approx(100.0)
-    again = meta_test(net, _Episodes(), classifier=classifier, device="cpu", progress=False)
+    again = meta_test(net, _Episodes(), FewShotSettings(classifier), device="cpu", progress=False)
     assert again["accuracies"] == res["accuracies"]
 
 
 def test_meta_test_noisy_same_seed_same_accuracies():
     torch.manual_seed(0)
     net = _Net()
-    a = meta_test(net, _Episodes(noise=3.0, seed=5), classifier="NN", progress=False)
-    b = meta_test(net, _Episodes(noise=3.0, seed=5), classifier="NN", progress=False)
-    c = meta_test(net, _Episodes(noise=3.0, seed=6), classifier="NN", progress=False)
+    a = meta_test(net, _Episodes(noise=3.0, seed=5), FewShotSettings("NN"), progress=False)
+    b = meta_test(net, _Episodes(noise=3.0, seed=5), FewShotSettings("NN"), progress=False)
+    c = meta_test(net, _Episodes(noise=3.0, seed=6), FewShotSettings("NN"), progress=False)
     assert a["accuracies"] == b["accuracies"]
     assert a["accuracies"] != c["accuracies"]
     assert 0 <= a["mean"] <= 100 and a["ci95"] > 0
@@ -116,10 +117,10 @@ def test_meta_test_noisy_same_seed_same_accuracies():
 
 def test_meta_test_logits_and_unknown_classifier():
     net = _Net()
-    res = meta_test(net, _Episodes(n_test_runs=2), classifier="Cosine", use_logits=True, progress=False)
+    res = meta_test(net, _Episodes(n_test_runs=2), FewShotSettings("Cosine", use_logits=True), progress=False)
     assert res["features"] == "logits" and res["episodes"] == 2
     with pytest.raises(UsageError):
-        meta_test(net, _Episodes(n_test_runs=2), classifier="bogus", progress=False)
+        meta_test(net, _Episodes(n_test_runs=2), FewShotSettings("bogus"), progress=False)
 
 
 def test_model_complexity_counts_params_and_macs():
@@ -144,8 +145,8 @@ def test_meta_test_on_rfs_episodes_is_seeded(synthetic_mini):
 
     torch.manual_seed(0)
     net = _Net()
-    a = meta_test(net, episodes(0), classifier="LR", progress=False)
-    b = meta_test(net, episodes(0), classifier="LR", progress=False)
+    a = meta_test(net, episodes(0), FewShotSettings("LR"), progress=False)
+    b = meta_test(net, episodes(0), FewShotSettings("LR"), progress=False)
     assert a["accuracies"] == b["accuracies"] and a["episodes"] == 4 and a["queries"] == 4
     assert [episodes(0).episode_indices(i)[0] for i in range(4)] != [episodes(1).episode_indices(i)[0]
                                                                      for i in range(4)]

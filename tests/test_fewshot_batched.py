@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval_lib.fewshot import (_episode_features_fast, _Features, draws_no_random_numbers, l2_normalize,
+from eval_lib.fewshot import (FewShotSettings, _episode_features_fast, _Features, draws_no_random_numbers, l2_normalize,
                               logistic_regression_batched, meta_test, predict_episodes)
 from search_lib.data import EpisodeDataset, build_transform
 from search_lib.errors import UsageError
@@ -193,9 +193,9 @@ def test_parity_on_tiny_network_features(synthetic_mini, shots, seed):
 def test_meta_test_fast_path_equals_item_by_item(synthetic_mini, classifier):
     ds = _episodes(synthetic_mini, shots=1, n_test_runs=6)
     net = _Net()
-    fast = meta_test(net, ds, classifier=classifier, progress=False, episode_batch=4)
-    slow = meta_test(net, _Opaque(ds), classifier=classifier, progress=False)
-    ref = meta_test(net, ds, classifier=classifier, progress=False, backend="sklearn")
+    fast = meta_test(net, ds, FewShotSettings(classifier, episode_batch=4), progress=False)
+    slow = meta_test(net, _Opaque(ds), FewShotSettings(classifier), progress=False)
+    ref = meta_test(net, ds, FewShotSettings(classifier, backend="sklearn"), progress=False)
     assert fast["accuracies"] == slow["accuracies"] == ref["accuracies"]
     assert fast["backend"] == "torch" and ref["backend"] == "sklearn"
     assert (fast["episodes"], fast["ways"], fast["shots"], fast["queries"]) == (6, 5, 1, 4)
@@ -206,7 +206,7 @@ def test_meta_test_rejects_bad_options(synthetic_mini):
     for kw, word in (({"backend": "numpy"}, "back end"), ({"proto_rule": "median"}, "prototype rule"),
                      ({"C": 0.0}, "C must be positive")):
         with pytest.raises(UsageError, match=word):
-            meta_test(_Net(), ds, progress=False, **kw)
+            meta_test(_Net(), ds, FewShotSettings(**kw), progress=False)
 
 
 @pytest.mark.gpu
@@ -246,6 +246,6 @@ def test_fused_features_equal_eager_features(synthetic_mini):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     assert next(net.parameters()).is_contiguous()  # the caller's network is left as it was
     ds = _episodes(synthetic_mini, shots=1, n_test_runs=6)
-    a = meta_test(net, ds, progress=False, inference="eager")
-    b = meta_test(net, ds, progress=False, inference="fused")
+    a = meta_test(net, ds, FewShotSettings(inference="eager"), progress=False)
+    b = meta_test(net, ds, FewShotSettings(inference="fused"), progress=False)
     assert a["accuracies"] == b["accuracies"]

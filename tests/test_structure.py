@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,55 @@ def test_no_module_is_over_about_400_lines():
     sizes = {p: len(p.read_text().splitlines()) for pkg in ("search_lib", "eval_lib")
              for p in (ROOT / pkg).rglob("*.py")}
     assert max(sizes.values()) <= 420, max(sizes, key=sizes.get)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _function_sizes(path: Path) -> dict[str, int]:
+    """``line:name`` -> lines from ``def`` to the last line (docstring included) of every function and method
+    of a file that is not nested in another function (a nested function counts inside its parent)."""
+    sizes = {}
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                sizes[f"{child.lineno}:{child.name}"] = child.end_lineno - child.lineno + 1
+            else:  # classes (methods are functions), if/try blocks at module level, ...
+                visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return sizes
+
+
+def test_no_function_is_over_80_lines():
+    long = {f"{p.relative_to(ROOT)}:{name}": n for pkg in ("search_lib", "eval_lib") for p in (ROOT / pkg).rglob("*.py")
+            for name, n in _function_sizes(p).items() if n > MAX_FUNCTION_LINES}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named helpers): {long}"
+
+
+def test_the_function_size_check_counts_nested_functions_and_methods(tmp_path):
+    (tmp_path / "m.py").write_text(textwrap.dedent('''\
+        def f():
+            """Doc."""
+            def g():
+                return 1
+
+            return g
+
+
+        class A:
+            @staticmethod
+            def h():
+                x = 1
+                return x
+
+
+        if True:
+            def k():
+                pass
+        '''))
+    assert _function_sizes(tmp_path / "m.py") == {"1:f": 6, "11:h": 3, "17:k": 2}
 
 
 def test_the_project_cites_only_its_own_documents():

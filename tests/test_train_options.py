@@ -98,3 +98,51 @@ def test_device_augmentation_trains_on_the_cpu_and_is_off_by_default_there(synth
     assert res["status"] == "finished" and math.isfinite(res["train"]["final"]["loss"])
     with pytest.raises(UsageError, match="transform A only"):
         train_and_evaluate(_cfg(synthetic_mini, tmp_path / "b", gpu_augment=True, transform="B"))
+
+
+# ---- the few-shot test's settings: one object, built and checked by the config ----
+
+def test_the_config_builds_the_fewshot_settings_and_checks_them_once():
+    from eval_lib.fewshot import FewShotSettings
+
+    cfg = TrainConfig(genotype="mini-5cell-1", classifier="proto", use_logits=True, fewshot_backend="sklearn", C=0.5,
+                      nonorm=True, proto_rule="rfs", episode_batch=7, inference="eager", num_workers=2).validate()
+    assert cfg.fewshot_settings("cpu") == FewShotSettings("Proto", use_logits=True, backend="sklearn", C=0.5,
+                                                          normalize=False, proto_rule="rfs", episode_batch=7,
+                                                          inference="eager", num_workers=2)
+    default = TrainConfig().fewshot_settings("cuda")
+    assert (default.classifier, default.inference, default.normalize) == ("LR", "fused", True)
+    assert default.num_workers == min(4, available_cpus()) and TrainConfig().fewshot_settings("cpu").num_workers == 0
+    for bad, flag in ((dict(C=0.0), "--C"), (dict(proto_rule="median"), "--proto_rule"),
+                      (dict(fewshot_backend="numpy"), "--fewshot_backend"), (dict(inference="jit"), "--inference"),
+                      (dict(episode_batch=0), "--episode_batch"), (dict(classifier="KNN"), "classifier")):
+        with pytest.raises(UsageError, match=flag):
+            TrainConfig(genotype="mini-5cell-1", **bad).validate()
+        with pytest.raises(UsageError, match=flag):
+            TrainConfig(**bad).fewshot_settings("cpu")
+
+
+def test_the_fewshot_test_runs_with_the_configs_settings(synthetic_mini, tmp_path, monkeypatch):
+    from eval_lib import evaluation
+
+    seen, real = [], evaluation.meta_test
+    monkeypatch.setattr(evaluation, "meta_test", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
+    cfg = _cfg(synthetic_mini, tmp_path, classifier="NN", inference="eager", episode_batch=2)
+    train_and_evaluate(cfg)
+    assert seen == [cfg.fewshot_settings("cpu")]
+
+
+def test_each_epochs_batches_are_a_function_of_the_seed_and_the_epoch(synthetic_mini):
+    """The loader's order (its augmentations draw from torch's global generator, which a checkpoint restores),
+    and with --gpu_augment the images themselves."""
+    from eval_lib.train import TrainingData, _EpochBatches
+    from search_lib.distributed import World
+
+    cfg = _cfg(synthetic_mini, "unused", batch_size=8)
+    data = TrainingData.load(cfg)
+    for gpu_augment in (False, True):
+        batches = _EpochBatches(cfg.replace(gpu_augment=gpu_augment), data, torch.device("cpu"), World())
+        assert (batches.device_batches is not None) == gpu_augment
+        first = [next(iter(batches.epoch(e))) for e in (0, 1, 0)]
+        key = 0 if gpu_augment else 2  # the images, or the indices
+        assert torch.equal(first[0][key], first[2][key]) and not torch.equal(first[0][key], first[1][key])
