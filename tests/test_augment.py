@@ -11,8 +11,18 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from search_lib.data import CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, build_transform
-from search_lib.data.augment import (Crop, Flip, Jitter, Normalize, Pipeline, Resize, ToPIL, ToTensor, sample_device,
-                                     sample_exact)
+from search_lib.data.augment import (
+    Crop,
+    Flip,
+    Jitter,
+    Normalize,
+    Pipeline,
+    Resize,
+    ToPIL,
+    ToTensor,
+    sample_device,
+    sample_exact,
+)
 from search_lib.data.pil_batch import run_exact
 from search_lib.data.tensor_augment import DeviceAugment, run_fast
 

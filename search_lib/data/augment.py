@@ -22,8 +22,8 @@ colour formulas). Either sampler's choices suit either executor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import numpy as np
 import torch

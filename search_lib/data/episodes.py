@@ -19,11 +19,12 @@ from .files import SplitData, load_split
 from .names import DatasetSpec, normalise_partition, resolve_dataset
 from .transforms import apply_seeded, resolve_transform, torch_seed, transform_stack
 
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Whole-image classification over one partition: items are ``(image, target, index)``."""
 
-    def __init__(self, dataset: str | DatasetSpec, data_path, partition: str = "train", transform="A", train: bool = True,
-                 image_size: int | None = None):
+    def __init__(self, dataset: str | DatasetSpec, data_path, partition: str = "train", transform="A",
+                 train: bool = True, image_size: int | None = None):
         spec = resolve_dataset(dataset)
         self.dataset = spec.key
         self.partition = normalise_partition(spec, partition)
@@ -81,9 +82,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     transform. Labels are 0..n_ways-1 in the order the classes were drawn.
     """
 
-    def __init__(self, dataset: str | DatasetSpec, data_path, partition: str = "test", n_ways: int = 5, n_shots: int = 1,
-                 n_queries: int = 15, n_aug_support_samples: int = 5, n_test_runs: int = 600, transform="A",
-                 image_size: int | None = None, seed: int = 0, train_transform: bool = True):
+    def __init__(self, dataset: str | DatasetSpec, data_path, partition: str = "test", n_ways: int = 5,
+                 n_shots: int = 1, n_queries: int = 15, n_aug_support_samples: int = 5, n_test_runs: int = 600,
+                 transform="A", image_size: int | None = None, seed: int = 0, train_transform: bool = True):
         _check_positive(n_ways=n_ways, n_shots=n_shots, n_queries=n_queries,
                         n_aug_support_samples=n_aug_support_samples, n_test_runs=n_test_runs)
         spec = resolve_dataset(dataset)

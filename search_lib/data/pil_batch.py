@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
