@@ -87,7 +87,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
             run.clear()
     world.barrier()  # ... and reads it only after that
     with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-        with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
+        with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:  # rank 0 writes
             return _train_and_evaluate(cfg, genotype, device, run, data, world, board)
 
 
@@ -102,8 +102,8 @@ class TrainingData:
     @classmethod
     def load(cls, cfg: TrainConfig) -> "TrainingData":
         conf = cfg.normalised()
-        train_set = SupervisedDataset(cfg.data, cfg.data_path, partition="train", transform=conf["transform"],
-                                      train=True, image_size=cfg.image_size)
+        train_set = SupervisedDataset(cfg.data, cfg.data_path, partition="trainval" if cfg.use_trainval else "train",
+                                      transform=conf["transform"], train=True, image_size=cfg.image_size)
         if len(train_set) == 0:
             raise DataError(f"the training partition of {cfg.dataset} is empty; check --data_path")
         return cls(train_set, input_shape(train_set),
@@ -118,7 +118,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
 
     ckpt = load_latest_checkpoint(run.path)
     if ckpt is not None:
-        run.check_config(dict(ckpt["config"]), conf, keys)
+        run.check_config(eval_settings(dict(ckpt["config"])), conf, keys)
         if not cfg.resume:
             raise UsageError(f"{run.path} already holds a run (epoch {ckpt['epoch']}); re-run with --resume to "
                              f"continue it or --overwrite to start over")
