@@ -26,6 +26,7 @@ Each class has its own mean colour and stripe pattern plus noise, so a tiny netw
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pickle
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import make_parser, run_cli
+from .data.names import resolve_dataset
 from .errors import RunFailure, UsageError
 
 __all__ = ["write_synthetic", "class_images", "build_parser", "main"]
@@ -44,6 +46,18 @@ _DEFAULT_CLASSES = {"train": 8, "val": 5, "test": 5}
 _MINI_PREFIX = "miniImageNet_category_split_"
 FORMATS = ("mini", "tiered", "CIFAR-FS", "FC100")
 _DEFAULT_SIZE = {"mini": 84, "tiered": 84, "CIFAR-FS": 32, "FC100": 32}
+_FORMAT_OF_KEY = {"mini": "mini", "tiered": "tiered", "cifarfs": "CIFAR-FS", "fc100": "FC100"}
+
+
+def file_format(dataset: str) -> str:
+    """The format to write for a dataset name (mini, MiniImageNet, cifar-fs, MetaFC100, ...)."""
+    try:
+        key = resolve_dataset(dataset).key
+    except UsageError:
+        key = None
+    if key not in _FORMAT_OF_KEY:
+        raise UsageError(f"unknown synthetic dataset {dataset!r}; use one of {', '.join(FORMATS)}")
+    return _FORMAT_OF_KEY[key]
 
 
 def class_images(class_id: int, n: int, image_size: int, rng: np.random.Generator, seed: int = 0) -> np.ndarray:
@@ -67,9 +81,7 @@ def class_images(class_id: int, n: int, image_size: int, rng: np.random.Generato
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def _check_args(dataset: str, classes: dict, images_per_class: int, image_size: int) -> dict:
-    if dataset not in FORMATS:
-        raise UsageError(f"unknown synthetic dataset {dataset!r}; use one of {', '.join(FORMATS)}")
+def _check_args(classes: dict, images_per_class: int, image_size: int) -> dict:
     merged = dict(_DEFAULT_CLASSES)
     if classes:
         unknown = set(classes) - set(merged)
@@ -166,9 +178,10 @@ def write_synthetic(out_dir: str | os.PathLike, dataset: str = "mini", classes: 
     ``*_phase_train`` / ``*_phase_val`` / ``*_phase_test`` files of a class never share images; ``val`` and
     ``trainval_phase_train`` share the validation-class images, as in the release. Returns ``out_dir``.
     """
+    dataset = file_format(dataset)
     if image_size is None:
-        image_size = _DEFAULT_SIZE.get(dataset, 84)
-    counts = _check_args(dataset, classes or {}, images_per_class, image_size)
+        image_size = _DEFAULT_SIZE[dataset]
+    counts = _check_args(classes or {}, images_per_class, image_size)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -230,12 +243,20 @@ def write_synthetic(out_dir: str | os.PathLike, dataset: str = "mini", classes: 
     return out
 
 
+def _format_flag(text: str) -> str:
+    try:
+        return file_format(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser():
     parser = make_parser(prog="python -m search_lib.synthetic",
                          description="Write a synthetic miniImageNet, tieredImageNet, CIFAR-FS or FC100 in the RFS "
                                      "file formats.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--dataset", default="mini", choices=FORMATS, help="file format to write")
+    parser.add_argument("--dataset", default="mini", type=_format_flag,
+                        help=f"file format to write: {', '.join(FORMATS)} (any dataset name of them)")
     parser.add_argument("--train-classes", type=int, default=_DEFAULT_CLASSES["train"], help="base classes")
     parser.add_argument("--val-classes", type=int, default=_DEFAULT_CLASSES["val"], help="validation classes")
     parser.add_argument("--test-classes", type=int, default=_DEFAULT_CLASSES["test"], help="novel (test) classes")
