@@ -325,5 +325,5 @@ def recorded_flags(ns: argparse.Namespace) -> list[str]:
 
 
 __all__ = ["add_bool_flag", "add_config_flags", "add_spellings", "apply_spellings", "field_default", "flag",
-           "flag_fields", "format_value", "make_parser", "note", "recorded_flags", "run_cli", "str2bool", "HelpFormatter",
-           "RunFailure", "Spelling"]
+           "flag_fields", "format_value", "make_parser", "note", "recorded_flags", "run_cli", "str2bool",
+           "HelpFormatter", "RunFailure", "Spelling"]
