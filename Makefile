@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-test.txt
 # 1-shot / 5-shot test on the novel digit classes. About 1.5 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) prune_metantknas.py --dataset MetaDigits --save_dir $(DEMO_DIR) --rand_seed 0 \
-	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 1 --prune_number 2 --lr_batch_size 300 \
+	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 1 --prune_number 2 --regions_batch_size 300 \
 	  --train_after_search --aug_init_channels 8 --aug_layers 5 --aug_epochs 10 --aug_batch_size 64 \
 	  --aug_learning_rate 0.05 --aug_lr_decay_epochs 7 --aug_drop_path_prob 0.1 \
 	  --aug_n_test_runs 100 --aug_n_queries 15 --aug_num_workers 0
@@ -36,7 +36,7 @@ demo: $(STAMP)
 # Re-running resumes; see docs/method.md §9.
 study: $(STAMP)
 	$(PY) -m eval_lib.proxy_study --dataset MetaDigits --save_dir $(STUDY_DIR) --n_archs 12 --seed 0 \
-	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 2 --lr_batch_size 300 \
+	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 2 --regions_batch_size 300 \
 	  --aug_init_channels 8 --aug_layers 5 --aug_image_size 16 --aug_epochs 5 --aug_batch_size 64 \
 	  --aug_learning_rate 0.05 --aug_lr_decay_epochs 4 --aug_drop_path_prob 0.1 --aug_eval_splits test \
 	  --aug_n_test_runs 100 --aug_n_queries 15 --aug_n_aug_support_samples 1 --aug_num_workers 0

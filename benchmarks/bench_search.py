@@ -28,6 +28,7 @@ from search_lib.config import SearchConfig
 from search_lib.data import load_split
 from search_lib.pruning import PruningSearch, repeat_seed
 from search_lib.scoring import REGIONS_PER_PASS, CandidateScorer
+from search_lib.cli import make_parser
 from search_lib.utils import resolve_device
 
 # Scorings of the paper's 5-cell search per repeat: op rounds of 126, 108, 90, 72, 54, 36 candidates,
@@ -37,7 +38,7 @@ PAPER_REPEATS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("python -m benchmarks.bench_search", __doc__, raw_description=True)
     p.add_argument("--channels", default="16,48", help="comma-separated channel counts C")
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--image_size", type=int, default=32)

@@ -30,13 +30,14 @@ from eval_lib.epoch import train_step
 from eval_lib.network import build_network
 from search_lib.data import EpisodeDataset, SupervisedDataset
 from search_lib.genotypes import resolve_genotype_record
+from search_lib.cli import make_parser
 from search_lib.utils import configure_threads, resolve_device
 
 DEMO_GENOTYPE = "mini-5cell-1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("python -m benchmarks.bench_train", __doc__, raw_description=True)
     p.add_argument("--genotype", default=DEMO_GENOTYPE, help="preset name, Genotype(...) string or genotype.json")
     p.add_argument("--init_channels", type=int, default=8)
     p.add_argument("--layers", type=int, default=5)

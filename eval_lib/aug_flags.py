@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from search_lib.cli import add_config_flags, field_default, flag_fields
+from search_lib.cli import add_config_flags, field_default, flag_fields, format_value
 from search_lib.genotypes import Genotype
 
 from .config import TrainConfig
@@ -19,12 +19,20 @@ from .config import TrainConfig
 AUG_PREFIX = "aug_"  # the flags of the training after a search: --aug_<eval flag>
 
 
-def add_aug_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None) -> None:
-    """--aug_<flag> for each training / test flag the search forwards (same type, choices and help)."""
+def add_aug_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None,
+                  help_suffix=None) -> None:
+    """--aug_<flag> for each training / test flag the search forwards (same type, choices and help; the help
+    ends with the eval flag's name and default, or with ``help_suffix(field)``)."""
     fields = flag_fields(TrainConfig, after_search=True)
     groups = {f.metadata["cli"]["group"]: group for f in fields} if group is not None else None
     add_config_flags(parser, fields, prefix=AUG_PREFIX, groups=groups, unset_default=True,
-                     help_suffix=lambda f: f" (eval_searched_arch.py --{f.name}; default {field_default(f)})")
+                     help_suffix=help_suffix or eval_flag_default)
+
+
+def eval_flag_default(f) -> str:
+    """`` (eval_searched_arch.py --<name>; default <value>)``; a default of None is explained by the help itself."""
+    default = field_default(f)
+    return f" (eval_searched_arch.py --{f.name}{'' if default is None else f'; default {format_value(default)}'})"
 
 
 def split_aug_values(values: dict) -> tuple[dict, dict]:

@@ -28,7 +28,7 @@ DEFAULT_TRANSFORM = "A"
 # Settings that define the trained weights: a checkpoint made with other values cannot be resumed.
 TRAINING_KEYS = ("dataset", "init_channels", "layers", "stem_multiplier", "fsr", "drop_path_prob", "epochs",
                  "batch_size", "learning_rate", "lr_decay_epochs", "lr_decay_rate", "scheduler", "exp_gamma",
-                 "optimizer", "momentum", "weight_decay", "transform", "image_size", "seed")
+                 "optimizer", "momentum", "weight_decay", "transform", "image_size", "seed", "use_trainval")
 # Settings that define the few-shot test: cached results are reused only when these agree.
 EVAL_KEYS = ("n_ways", "n_shots", "n_queries", "n_test_runs", "n_aug_support_samples", "classifier",
              "episode_seed", "eval_splits", "use_logits", "C", "nonorm", "proto_rule")
@@ -78,8 +78,8 @@ class TrainConfig:
 
     # architecture
     genotype: str | None = field(default=None, metadata=flag(
-        "preset name (e.g. mini-5cell-1), a Genotype(...) string, or a search's genotype.json", type=str,
-        group=_ARCH))
+        "preset name (e.g. mini-5cell-1), a Genotype(...) string, or a search's genotype.json; default: none "
+        "(then --random_arch or --eval_only)", type=str, group=_ARCH))
     random_arch: bool = field(default=False, metadata=flag(
         "train a seeded random genotype of the same space (baseline)", group=_ARCH))
     arch_seed: int = field(default=0, metadata=flag("seed of --random_arch", group=_ARCH))
@@ -91,12 +91,17 @@ class TrainConfig:
     fsr: int = field(default=2, metadata=_after_search("channel factor at each reduction cell", group=_ARCH))
     # data
     dataset: str | None = field(default=None, metadata=flag(
-        "MiniImageNet, TieredImageNet or Digits (Meta* names accepted); default MiniImageNet, or the checkpoint's "
-        "with --eval_only", type=str, group=_DATA))
+        "MiniImageNet, TieredImageNet, CIFAR-FS, FC100 or Digits (any case; Meta* names accepted); default "
+        "MiniImageNet, or the checkpoint's with --eval_only", type=str, group=_DATA))
     data_path: str | None = field(default=None, metadata=flag(
-        "folder of the RFS data files (not needed for Digits)", type=str, group=_DATA))
+        "folder of the RFS data files; default: none, which only the built-in Digits allow", type=str,
+        group=_DATA))
+    use_trainval: bool = field(default=False, metadata=_after_search(
+        "train on the base and validation classes (RFS's trainval files: 80 classes for miniImageNet, CIFAR-FS "
+        "and FC100, 448 for tieredImageNet); the val split's test is then not held out", group=_DATA))
     transform: str | None = field(default=None, metadata=_after_search(
-        f"{', '.join(TRANSFORM_NAMES)} (default A, or the checkpoint's)", type=str, group=_DATA))
+        f"{', '.join(TRANSFORM_NAMES)}; default: A (D for CIFAR-FS and FC100), or the checkpoint's", type=str,
+        group=_DATA))
     image_size: int | None = field(default=None, metadata=_after_search(
         "image size (default: the dataset's)", type=int, group=_DATA))
     num_workers: int | None = field(default=None, metadata=_after_search(
@@ -119,7 +124,9 @@ class TrainConfig:
         "sgd, adam or a torch_optimizer name (radam, lamb, ...)", group=_TRAIN))
     momentum: float = field(default=0.9, metadata=_after_search("SGD momentum", group=_TRAIN))
     weight_decay: float = field(default=5e-4, metadata=_after_search("weight decay", group=_TRAIN))
-    seed: int = field(default=0, metadata=_after_search("seed of the initialisation and data order", group=_TRAIN))
+    seed: int = field(default=0, metadata=_after_search(
+        "seed of the initialisation and data order; -1 (or any negative) draws one, recorded in config.json and "
+        "reused when the run folder resumes", group=_TRAIN))
     device: str = field(default="auto", metadata=flag(f"{', '.join(DEVICE_CHOICES)}", group=_TRAIN))
     threads: int | None = field(default=None, metadata=_after_search(
         "torch / BLAS threads (default: the CPUs this process may use, less the loader workers; the "
@@ -168,20 +175,25 @@ class TrainConfig:
         "run folder (default output/eval/<dataset>-<arch>-C<C>-L<layers>-seed<seed>; with --eval_only: where "
         "eval_results.json goes, none if unset)", type=str, group=_RUN))
     eval_only: bool = field(default=False, metadata=flag("only test --checkpoint (no training)", group=_RUN))
-    checkpoint: str | None = field(default=None, metadata=flag("checkpoint to test with --eval_only", type=str,
-                                                               group=_RUN))
+    checkpoint: str | None = field(default=None, metadata=flag(
+        "the checkpoint.pt that --eval_only tests; default: none (required with --eval_only)", type=str, group=_RUN))
     trust_checkpoint: bool = field(default=False, metadata=flag(
         "allow pickled Python objects in --checkpoint (e.g. the original code's); only for trusted files",
         group=_RUN))
-    resume: bool = field(default=True, metadata=flag("continue the run found in --save_dir", group=_RUN))
+    resume: bool = field(default=True, metadata=flag(
+        "continue the run found in --save_dir; --resume PATH (the original's): continue the run folder PATH or "
+        "the one of its checkpoint.pt", group=_RUN))
     overwrite: bool = field(default=False, metadata=flag("delete the run found in --save_dir and start over",
                                                          group=_RUN))
     progress: bool = field(default=True, metadata=flag("show progress bars", group=_RUN))
     tensorboard: bool = field(default=False, metadata=_after_search(
         "also log the per-epoch loss, accuracy, learning rate, drop-path and the few-shot means to "
-        "<save_dir>/tensorboard (needs the tensorboard package)", group=_RUN))
+        "--tensorboard_dir (needs the tensorboard package)", group=_RUN))
+    tensorboard_dir: str | None = field(default=None, metadata=_after_search(
+        "folder of --tensorboard's event files; default: <save_dir>/tensorboard", type=str, group=_RUN))
     stop_after_epoch: int | None = field(default=None, metadata=flag(  # testing hook: stop (resumably) there
         "stop after this many epochs (resumable)", type=int, group=_RUN, hidden=True))
+    original_flags: dict = field(default_factory=dict)  # the original code's flags given that change nothing
 
     def __post_init__(self):
         if self.genotype is not None and not isinstance(self.genotype, str):
@@ -221,7 +233,12 @@ class TrainConfig:
         """Transform A on the device: the flag, else on with CUDA and transform A."""
         if self.gpu_augment is not None:
             return bool(self.gpu_augment)
-        return device_type == "cuda" and (self.transform or DEFAULT_TRANSFORM).upper() == "A"
+        return device_type == "cuda" and self.transform_name == "A"
+
+    @property
+    def transform_name(self) -> str:
+        """The training transform: --transform, else A (D for CIFAR-FS and FC100, as RFS trains them)."""
+        return (self.transform or self.data.rfs_transform).upper()
 
     def fewshot_settings(self, device_type: str) -> FewShotSettings:
         """How the few-shot test classifies (validated), for a run on ``device_type``."""
@@ -235,7 +252,7 @@ class TrainConfig:
         checkpoints, and compared when a run folder is used again)."""
         d = self.to_dict()
         d["dataset"] = self.data.key
-        d["transform"] = (self.transform or DEFAULT_TRANSFORM).upper()
+        d["transform"] = self.transform_name
         d["optimizer"] = self.optimizer.lower()
         return d
 
@@ -285,6 +302,8 @@ class TrainConfig:
             raise UsageError(f"unknown --amp {self.amp!r}; use one of {', '.join(AMP_CHOICES)}")
         if self.threads is not None:
             positive_int("threads")
+        if not self.eval_only and self.seed < 0:  # the command line draws it (eval_lib.cli.resolve_seed)
+            raise UsageError(f"--seed {self.seed}: a negative seed is drawn by the command line; give a seed >= 0")
         if self.stop_after_epoch is not None and self.stop_after_epoch < 0:
             raise UsageError("stop_after_epoch must be >= 0")
         self.classifier = self.fewshot_settings("cpu").classifier  # FewShotSettings checks the test's settings
@@ -303,9 +322,9 @@ class TrainConfig:
 
 
 def eval_settings(config: dict) -> dict:
-    """A recorded config with the test settings it lacks filled in with their defaults (results written
-    before a setting existed were computed with its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in EVAL_KEYS
+    """A recorded config with the test and training settings it lacks filled in with their defaults (a run
+    recorded before a setting existed, e.g. --use_trainval, ran with its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in EVAL_KEYS + TRAINING_KEYS
                 and f.default is not dataclasses.MISSING}
     return {**defaults, **config}
 

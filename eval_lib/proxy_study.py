@@ -37,6 +37,7 @@ from typing import Sequence
 
 from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
 from search_lib.config import SearchConfig
+from search_lib.original_flags import add_earlier_names
 from search_lib.errors import UsageError
 from search_lib.run_dir import RunDir
 from search_lib.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, flag_fields(StudyConfig), groups=groups)
     add_config_flags(p, [f for f in flag_fields(SearchConfig) if f.name in PROXY_FLAGS], groups=groups)
     add_aug_flags(p, p.add_argument_group("training and few-shot test (eval_searched_arch.py's flags)"))
+    add_earlier_names(p)  # --lr_batches, --lr_batch_size, --lr_crop
     return p
 
 

@@ -1,5 +1,6 @@
 """The command line of prune_metantknas.py: the search's flags (from `search_lib.config.SearchConfig`), the
-``--aug_*`` flags of the training after it (`eval_lib.aug_flags`), and running both in-process.
+``--aug_*`` flags of the training after it (`eval_lib.aug_flags`), the original code's spellings of both
+(`search_lib.original_flags`), and running both in-process.
 
 It lives here, above both packages, because it composes them: `search_lib` knows nothing of the training.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from search_lib import original_flags
 from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
 from search_lib.config import SearchConfig
+from search_lib.genotypes import random_genotype
 from search_lib.search_run import SearchResult, run_search
 
 from . import cli as eval_cli
 from .aug_flags import add_aug_flags, aug_train_config, split_aug_values
-from .tensorboard_log import require_tensorboard
 
 DESCRIPTION = "Pruning-based training-free NAS with NTK / MetaNTK and linear regions."
 TRAIN_GROUP = "training after search"
@@ -26,12 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict = {}
     add_config_flags(p, flag_fields(SearchConfig), groups=groups)
     add_aug_flags(p, groups[TRAIN_GROUP])
+    original_flags.add_spellings(p, original_flags.SEARCH)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    original_flags.apply_spellings(args, original_flags.SEARCH)  # one note per original flag without effect
     fields, train = split_aug_values(vars(args))
     return SearchConfig(**fields, train=train)
+
+
+def check(cfg: SearchConfig) -> SearchConfig:
+    """Validate the search and, with --train_after_search, the training after it (on a stand-in genotype),
+    so that a bad --aug_* value fails before the search, not after it."""
+    cfg.validate()
+    if cfg.train_after_search:
+        stand_in = random_genotype(cfg.space.name, cfg.space.max_nodes, 0)
+        train = aug_train_config(cfg.train, stand_in, space=cfg.space.name, max_nodes=cfg.space.max_nodes,
+                                 data=cfg.data, data_path=cfg.data_path, device=cfg.device, save_dir="unused")
+        train.replace(seed=max(train.seed, 0)).validate()  # a negative seed is drawn when the training starts
+    return cfg
 
 
 def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
@@ -47,8 +63,7 @@ def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
 
 
 def run(cfg: SearchConfig) -> int:
-    if cfg.train_after_search and cfg.train.get("tensorboard"):
-        require_tensorboard()  # fail before the search, not after it when the training starts
+    check(cfg)  # the training's settings too (e.g. --aug_tensorboard without its package) before the search
     result = run_search(cfg)  # logs the genotype and where the outputs are
     if cfg.train_after_search:
         return train_after_search(result, cfg)

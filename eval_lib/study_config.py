@@ -52,7 +52,8 @@ class StudyConfig:
     top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
     bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
     shard: str | None = field(default=None, metadata=flag(
-        "i/n: process only the architectures whose index %% n == i (shards may share --save_dir)", type=str,
+        "i/n: process only the architectures whose index %% n == i (shards may share --save_dir); default: all",
+        type=str,
         group=_STUDY))
     summarize: bool = field(default=False, metadata=flag(
         "only rebuild study.jsonl, summary.json and study.png from the records in --save_dir", group=_STUDY))

@@ -1,5 +1,6 @@
 """Optional TensorBoard logging of a training (``--tensorboard``): the per-epoch scalars and the final few-shot
-means in ``<run_dir>/tensorboard/``, beside metrics.jsonl and results.json (which stay the record of the run).
+means in ``<run_dir>/tensorboard/`` (or ``--tensorboard_dir``), beside metrics.jsonl and results.json (which stay
+the record of the run).
 
 torch.utils.tensorboard needs the separate ``tensorboard`` package. `require_tensorboard` turns its absence
 into a one-line UsageError; the configs call it when they are validated, before a run writes anything.
@@ -34,8 +35,8 @@ class TrainingBoard:
     its next epoch, leaves no empty file behind.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool):
-        self.log_dir = Path(run_dir) / TENSORBOARD_DIR
+    def __init__(self, run_dir: str | Path, enabled: bool, log_dir: str | Path | None = None):
+        self.log_dir = Path(log_dir) if log_dir else Path(run_dir) / TENSORBOARD_DIR
         self._writer_class = require_tensorboard() if enabled else None
         self._writer = None
 

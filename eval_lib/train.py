@@ -91,7 +91,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
             run.clear()
     world.barrier()  # ... and reads it only after that
     with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-        with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
+        with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:  # rank 0 writes
             return TrainingRun(cfg, genotype, device, run, data, world, board).execute()
 
 
@@ -106,8 +106,8 @@ class TrainingData:
     @classmethod
     def load(cls, cfg: TrainConfig) -> TrainingData:
         conf = cfg.normalised()
-        train_set = SupervisedDataset(cfg.data, cfg.data_path, partition="train", transform=conf["transform"],
-                                      train=True, image_size=cfg.image_size)
+        train_set = SupervisedDataset(cfg.data, cfg.data_path, partition="trainval" if cfg.use_trainval else "train",
+                                      transform=conf["transform"], train=True, image_size=cfg.image_size)
         if len(train_set) == 0:
             raise DataError(f"the training partition of {cfg.dataset} is empty; check --data_path")
         return cls(train_set, input_shape(train_set),
@@ -140,7 +140,7 @@ class TrainingRun:
         """The results dict: status "finished", "cached" or "stopped" (see `train_and_evaluate`)."""
         ckpt = load_latest_checkpoint(self.run.path)
         if ckpt is not None:
-            self.run.check_config(dict(ckpt["config"]), self.conf, self.keys)
+            self.run.check_config(eval_settings(dict(ckpt["config"])), self.conf, self.keys)
             if not self.cfg.resume:
                 raise UsageError(f"{self.run.path} already holds a run (epoch {ckpt['epoch']}); re-run with "
                                  f"--resume to continue it or --overwrite to start over")

@@ -5,7 +5,9 @@ nothing here imports `eval_lib` (tests/test_structure.py keeps it so). The metho
 
 Modules:
     errors          typed user-facing errors, their exit codes, one-line messages
-    cli             command-line plumbing: one-line errors, true/false flags, flags generated from configs
+    cli             command-line plumbing: one-line errors, true/false flags, flags generated from configs, help
+                    with one default per flag, other spellings of flags
+    original_flags  the paper repository's spellings of the three command lines (and the README's table)
     utils           device selection, seeding, atomic writes, JSONL, CPU counts and thread pools
     run_dir         the one owner of a run folder (search and training alike)
     distributed     torchrun: the world of processes; sharding and gathering

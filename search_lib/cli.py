@@ -8,6 +8,11 @@ Command lines are generated from the typed configs: a config field declared with
 metadata=flag(help, ...))`` becomes ``--<name>`` (`add_config_flags`), with the field's default, a type
 taken from the default (or given), its choices and its help. The dataclass is the one source of every
 flag's default.
+
+Help text shows one default per flag, written as it is typed (`format_value`: ``60,80``, ``true``); a flag whose
+default is None says in its help what leaving it unset means. No parser matches flags by prefix
+(``allow_abbrev=False``): an original flag such as ``--aug_lr`` is never taken for ``--aug_lr_decay_epochs``.
+The original code's spellings of the flags are added by `search_lib.original_flags`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -41,9 +47,35 @@ def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, hel
     dest = name.lstrip("-").replace("-", "_")
     flag = "--" + name.lstrip("-")
     parser.add_argument(flag, dest=dest, nargs="?", const=True, default=default, type=str2bool,
-                        metavar="true|false",
-                        help=help if help == argparse.SUPPRESS else f"{help} (default: {default})")
+                        metavar="true|false", help=help)
     parser.add_argument("--no-" + name.lstrip("-"), dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
+def format_value(value: Any) -> str:
+    """A flag value as it is typed on the command line: lists comma-separated (``60,80``; an empty list
+    ``none``), booleans ``true`` / ``false``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value) if value else "none"
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends `` (default: X)`` to a flag's help, X as typed, unless the help already says what the default
+    is (it contains the word "default"), or the flag has none to show: required, default None (its help
+    says what unset means), or no value (``--print_only``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.nargs == 0
+                or action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return f"{text} (default: {format_value(action.default).replace('%', '%%')})"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HelpFormatter` that keeps the description's line breaks (the benchmarks' module docstrings)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,9 +85,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
-def make_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser(prog: str | None = None, description: str | None = None, epilog: str | None = None,
+                raw_description: bool = False) -> argparse.ArgumentParser:
+    """The parser of every command line of the project: one-line errors, one default per flag in the help,
+    no prefix matching."""
+    return _Parser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                   formatter_class=RawDescriptionHelpFormatter if raw_description else HelpFormatter)
 
 
 _OOM_MESSAGE = ("the GPU ran out of memory; lower --batch_size (or --ntk_channels for the search), or run with "
@@ -67,6 +102,11 @@ def _report(message: str) -> None:
     """Print an error line, once per run: under torchrun only rank 0 prints (every rank exits with the code)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr)
+
+
+def note(message: str) -> None:
+    """One informational line on stderr before a run's log exists (rank 0 only under torchrun)."""
+    _report(f"note: {message}")
 
 
 def run_cli(body: Callable[[], int | None]) -> int:
@@ -134,11 +174,13 @@ def field_default(f: dataclasses.Field) -> Any:
 
 def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Field], prefix: str = "",
                      groups: dict[str, Any] | None = None, unset_default: bool = False,
-                     help_suffix: Callable[[dataclasses.Field], str] | None = None) -> None:
+                     help_suffix: Callable[[dataclasses.Field], str] | None = None,
+                     help_text: Callable[[dataclasses.Field, str], str] | None = None) -> None:
     """Add ``--<prefix><name>`` for each field (in order), into the argument group its metadata names.
 
     ``groups`` maps group names to argparse groups (created on first use, titled by the name).
-    ``unset_default`` makes every default None, so a caller can tell the flags a user passed from the rest.
+    ``unset_default`` makes every default None, so a caller can tell the flags a user passed from the rest;
+    ``help_suffix(field)`` is appended to the help, ``help_text(field, help)`` replaces it.
     """
     groups = {} if groups is None else groups
     for f in fields:
@@ -151,6 +193,8 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclass
             target = groups[meta["group"]]
         name = prefix + f.name
         text = meta["help"] + (help_suffix(f) if help_suffix else "")
+        if help_text is not None:
+            text = help_text(f, text)
         if meta["hidden"]:
             text = argparse.SUPPRESS
         kind = meta["type"] or (type(default) if default is not None else str)
@@ -161,5 +205,125 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclass
                             nargs=meta.get("nargs"), default=None if unset_default else default, help=text)
 
 
-__all__ = ["add_bool_flag", "add_config_flags", "field_default", "flag", "flag_fields", "make_parser", "run_cli",
-           "str2bool", "RunFailure"]
+# --------------------------------------------------------------------------------------------------
+# other spellings of flags (the original code's: search_lib.original_flags)
+
+SAME, ALIAS, RECORDED, NO_EFFECT = "same", "alias", "recorded", "no effect"
+RECORDED_DEST = "original_flags"  # the config field holding the values of `recorded` / `no effect` flags
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """Another spelling of a flag (the original code's, `search_lib.original_flags`) and what it does here.
+
+    ``flags``: its option strings (``("-t", "--trial")``); ``target``: this project's flag it sets (alias)
+    or that has its name (same); ``value(text, parse)``: the original's value turned into ours (``parse`` is
+    the target flag's own parser; an ``argparse.ArgumentTypeError`` refuses the value); ``const``: the value
+    of a flag without argument (``--adam``); ``apply(namespace, raw)``: completes the parsed flags after
+    parsing (raw: the recorded value, None for a ``same`` row). ``meaning`` (there), ``here`` and
+    ``differs`` are the README's columns; ``example`` / ``expect``: a use and the config values it gives.
+    """
+
+    flags: tuple[str, ...]
+    kind: str
+    meaning: str
+    target: str | None = None
+    here: str = ""
+    differs: str = ""
+    value: Callable[[str, Callable], Any] | None = None
+    const: Any = None
+    takes_value: bool = True
+    apply: Callable[[argparse.Namespace, Any], None] | None = None
+    example: tuple[str, ...] = ()
+    expect: dict = field(default_factory=dict)
+
+    @property
+    def flag(self) -> str:
+        return self.flags[-1]
+
+    @property
+    def dest(self) -> str:
+        return (self.target or self.flag).lstrip("-")
+
+
+def _find(parser: argparse.ArgumentParser, option: str) -> argparse.Action | None:
+    return next((a for a in parser._actions if option in a.option_strings), None)
+
+
+class _Record(argparse.Action):
+    """Keeps the value of an original-only flag in ``namespace.original_flags`` (flag -> value as given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = dict(getattr(namespace, RECORDED_DEST, None) or {})
+        given[self.option_strings[-1]] = values
+        setattr(namespace, RECORDED_DEST, given)
+
+
+def _typed(value: Callable[[str, Callable], Any], parse: Callable | None) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return value(text, parse or str)
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def add_spellings(parser: argparse.ArgumentParser, spellings: Iterable[Spelling], epilog: bool = True,
+                  missing_ok: bool = False) -> None:
+    """Accept other spellings of ``parser``'s flags (which must exist already: ours stay primary).
+
+    An alias is a hidden twin of its target flag (same dest, so the last of the two given wins); a ``same``
+    row with ``value`` wraps its flag's parser; a flag of the original alone keeps its value in
+    ``original_flags`` (absent unless given, so the parsed defaults stay the config's). ``epilog`` lists
+    them under the help; ``missing_ok`` skips rows whose target this parser lacks.
+    """
+    hidden = argparse.SUPPRESS
+    spellings = list(spellings)
+    for s in spellings:
+        if s.kind in (SAME, ALIAS):
+            target = _find(parser, s.target)
+            if target is None and missing_ok:
+                continue
+            assert target is not None, f"{s.flag} names {s.target}, not a flag of {parser.prog}"  # the table's
+            if s.kind == SAME:
+                if s.value is not None:
+                    target.type = _typed(s.value, target.type)
+            elif not s.takes_value:
+                parser.add_argument(*s.flags, dest=target.dest, action="store_const", const=s.const,
+                                    default=hidden, help=hidden)
+            else:
+                parser.add_argument(*s.flags, dest=target.dest, default=hidden, help=hidden, metavar=target.metavar,
+                                    nargs=target.nargs, const=target.const,
+                                    type=_typed(s.value, target.type) if s.value else target.type,
+                                    choices=None if s.value else target.choices)
+        else:
+            parser.add_argument(*s.flags, dest=RECORDED_DEST, action=_Record, default=hidden, help=hidden,
+                                type=_typed(s.value, str) if s.value else str)
+    if epilog:
+        listed = ", ".join(s.flag for s in spellings if s.kind != SAME)
+        text = (f"The original code's spellings are accepted too ({listed}); see the README, \"Coming from the "
+                f"original code\".")
+        parser.epilog = f"{parser.epilog}\n\n{text}" if parser.epilog else text
+
+
+def apply_spellings(ns: argparse.Namespace, spellings: Iterable[Spelling], notes: bool = True) -> argparse.Namespace:
+    """Complete a parsed namespace: the ``apply`` of every row that has one (a ``same`` row's always, another's
+    when its flag was given), and one note per ``no effect`` flag given (``notes=False``: silent)."""
+    given = getattr(ns, RECORDED_DEST, None) or {}
+    for s in spellings:
+        if s.kind == SAME and s.apply is not None:
+            s.apply(ns, None)
+        elif s.flag in given:
+            if s.apply is not None:
+                s.apply(ns, given[s.flag])
+            elif s.kind == NO_EFFECT and notes:
+                note(f"{s.flag} {given[s.flag]}: no effect here ({s.differs})")
+    return ns
+
+
+def recorded_flags(ns: argparse.Namespace) -> list[str]:
+    """The recorded original-only flags of a namespace as ``--flag=value`` arguments (to forward them)."""
+    return [f"{k}={v}" for k, v in (getattr(ns, RECORDED_DEST, None) or {}).items()]
+
+
+__all__ = ["add_bool_flag", "add_config_flags", "add_spellings", "apply_spellings", "field_default", "flag",
+           "flag_fields", "format_value", "make_parser", "note", "recorded_flags", "run_cli", "str2bool",
+           "HelpFormatter", "RunFailure", "Spelling"]

@@ -10,6 +10,7 @@ from functools import cached_property
 from .cli import flag
 from .data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from .errors import UsageError
+from .original_flags import EARLIER_FIELDS
 from .space import SearchSpace
 from .ops import SEARCH_SPACES
 from .supernet import NORM_TYPES
@@ -21,7 +22,8 @@ INIT_MODES = {"kaiming_normal": "fan_out", "kaiming_normal_fanout": "fan_out", "
 BN_MODES = ("train", "eval")
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
-NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train", "candidates_per_pass"}
+NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train", "candidates_per_pass",
+                   "original_flags"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -32,7 +34,8 @@ class SearchConfig:
 
     dataset: str = field(default="MetaDigits", metadata=flag(f"one of {', '.join(DATASET_NAMES)}", group=_DATA))
     data_path: str | None = field(default=None, metadata=flag(
-        "folder of the RFS data files (not needed for *Digits)", type=str, group=_DATA))
+        "folder of the RFS data files; default: none, which only the built-in *Digits allow", type=str,
+        group=_DATA))
     transform: str = field(default="TENAS", metadata=flag("search-time transform", choices=TRANSFORM_NAMES,
                                                           group=_DATA))
     image_size: int = field(default=32, metadata=flag(
@@ -41,13 +44,15 @@ class SearchConfig:
     n_shots: int = field(default=1, metadata=flag("support images per class of a search task", group=_DATA))
     n_queries: int = field(default=1, metadata=flag("query images per class of a search task", group=_DATA))
     batch_size: int | None = field(default=None, metadata=flag(
-        "tasks per meta-batch (MetaNTK, default 3) or images (NTK, default 30)", type=int, group=_DATA))
+        "tasks per meta-batch (MetaNTK) or images (NTK); default: 3 tasks / 30 images", type=int, group=_DATA))
     search_space_name: str = field(default="darts_fewshot", metadata=flag(
         "operation set of the cells", choices=tuple(SEARCH_SPACES), group=_SPACE))
     max_nodes: int = field(default=3, metadata=flag("intermediate nodes per cell", group=_SPACE))
     save_dir: str = field(default="runs/search", metadata=flag(
         "run folder (used as given); re-running resumes it", group=_SEARCH))
-    rand_seed: int = field(default=-1, metadata=flag("-1 draws a seed (recorded in config.json)", group=_SEARCH))
+    rand_seed: int = field(default=-1, metadata=flag(
+        "seed; -1 (or any negative) draws one, recorded in config.json and reused when the run resumes",
+        group=_SEARCH))
     precision: int = field(default=3, metadata=flag("digits the scores are rounded to", group=_SEARCH))
     prune_number: int = field(default=1, metadata=flag("ops pruned per edge and round", group=_SEARCH))
     repeat: int = field(default=3, metadata=flag("random initialisations per round", group=_SEARCH))
@@ -65,8 +70,8 @@ class SearchConfig:
                                                                group=_KERNEL))
     ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))
     ntk_layers: int = field(default=5, metadata=flag("supernet cells (3N+2)", group=_KERNEL))
-    ntk_N: int | None = field(default=None, metadata=flag("cells per stage; must match --ntk_layers", type=int,
-                                                          group=_KERNEL))
+    ntk_N: int | None = field(default=None, metadata=flag(
+        "cells per stage, must match --ntk_layers; default (or -1): (ntk_layers - 2) / 3", type=int, group=_KERNEL))
     ntk_stemm: int = field(default=1, metadata=flag("stem multiplier", group=_KERNEL))
     ntk_fsr: int = field(default=2, metadata=flag("channel factor at each reduction", group=_KERNEL))
     algorithm: str = field(default="MAML", metadata=flag("MetaNTK of MAML or ANIL", choices=ALGORITHMS,
@@ -79,13 +84,14 @@ class SearchConfig:
                                                          group=_KERNEL))
     norm_type: str = field(default="groupnorm16", metadata=flag("BatchNorm replacement", choices=NORM_TYPES,
                                                                 group=_KERNEL))
-    # The linear-region flags keep the original code's names (lr_*); inside the code they are "regions".
-    lr_batches: int = field(default=3, metadata=flag("linear regions: batches of crops", group=_KERNEL))
-    lr_batch_size: int = field(default=1000, metadata=flag("linear regions: crops per batch", group=_KERNEL))
-    lr_crop: int = field(default=3, metadata=flag("linear regions: crop size", group=_KERNEL))
+    # (--lr_batches, --lr_batch_size, --lr_crop: the earlier names, search_lib.original_flags.EARLIER_FIELDS)
+    regions_batches: int = field(default=3, metadata=flag("linear regions: batches of crops", group=_KERNEL))
+    regions_batch_size: int = field(default=1000, metadata=flag("linear regions: crops per batch", group=_KERNEL))
+    regions_crop: int = field(default=3, metadata=flag("linear regions: crop size", group=_KERNEL))
     train_after_search: bool = field(default=False, metadata=flag(
         "train and few-shot test the found genotype", group="training after search"))
     train: dict = field(default_factory=dict)  # --aug_* settings for --train_after_search (None: the default)
+    original_flags: dict = field(default_factory=dict)  # the original code's flags given that change nothing
 
     # ---- resolved once: lower layers take these, never the raw names ----
     @cached_property
@@ -99,18 +105,6 @@ class SearchConfig:
     @property
     def meta(self) -> bool:
         return self.ntk_type == "MetaNTK_anl"
-
-    @property
-    def regions_batches(self) -> int:
-        return self.lr_batches
-
-    @property
-    def regions_batch_size(self) -> int:
-        return self.lr_batch_size
-
-    @property
-    def regions_crop(self) -> int:
-        return self.lr_crop
 
     @property
     def effective_batch_size(self) -> int:
@@ -131,7 +125,9 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchConfig":
+        """A config from a dict (config.json), earlier field names included."""
         names = {f.name for f in fields(cls)}
+        data = {EARLIER_FIELDS.get(k, k): v for k, v in data.items()}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def validate(self) -> "SearchConfig":
@@ -156,7 +152,7 @@ class SearchConfig:
             raise UsageError("--norm_type batchnorm gives no per-sample gradients; use groupnorm16 (the default), "
                              "groupnorm, instancenorm or nonorm")
         for name in ("precision", "prune_number", "repeat", "ntk_channels", "ntk_stemm", "ntk_fsr", "n_ways",
-                     "n_shots", "n_queries", "image_size", "lr_batches", "lr_batch_size", "lr_crop"):
+                     "n_shots", "n_queries", "image_size", "regions_batches", "regions_batch_size", "regions_crop"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 2:

@@ -9,7 +9,6 @@ The folder (`search_lib.run_dir`) holds ``config.json``, the state of the last f
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .pruning import PruningSearch, search_run_dir
 from .scoring import search_transform
 from .report import draw_quietly, draw_search
 from .supernet import Supernet, replace_norm
-from .utils import resolve_device
+from .utils import draw_seed, resolve_device
 
 log = logging.getLogger("metantknas.search")
 
@@ -112,7 +111,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     _check_inputs(cfg)
     drawn = cfg.rand_seed == -1
     if drawn:  # drawn once, by rank 0, for every rank
-        cfg.rand_seed = world.gather(int.from_bytes(os.urandom(4), "little") % (2**31 - 1))[0]
+        cfg.rand_seed = world.gather(draw_seed())[0]
     world.barrier()  # every rank has read the folder before rank 0 changes it
     if main:
         run.create()

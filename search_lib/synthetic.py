@@ -10,28 +10,54 @@ tieredImageNet: ``{split}_images.npz`` (array ``images``) and ``{split}_labels.p
 ``label_specific``, ``label_general``, ``label_specific_str``) for train, train_phase_val, val, test,
 trainval. As in the release, each split numbers its classes from 0 (trainval: base then val classes).
 
+CIFAR-FS / FC100 (RFS): ``{train,val,test,trainval}.pickle``, each a dict ``data`` (uint8 N x 32 x 32 x 3) and
+``labels`` (a list of CIFAR-100 class ids, images of several classes interleaved, so that numbering the
+classes in order of first appearance, as RFS does, differs from sorting them), pickled as Python 2 wrote
+them: the strings and the array bytes as Python-2 ``str`` (read back with ``encoding="latin1"``), numpy's
+``numpy.core.multiarray`` names. ``trainval`` holds the base and the validation classes.
+
 Each class has its own mean colour and stripe pattern plus noise, so a tiny network can separate them.
 
     python -m search_lib.synthetic --out DIR --dataset mini --train-classes 8 --val-classes 5 \\
         --test-classes 5 --images-per-class 20 --image-size 84 --seed 0
+    python -m search_lib.synthetic --out DIR/CIFAR-FS --dataset CIFAR-FS --train-classes 64 --val-classes 16 \\
+        --test-classes 20
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .cli import make_parser, run_cli
+from .data.names import resolve_dataset
 from .errors import RunFailure, UsageError
 
 __all__ = ["write_synthetic", "class_images", "build_parser", "main"]
 
 _DEFAULT_CLASSES = {"train": 8, "val": 5, "test": 5}
 _MINI_PREFIX = "miniImageNet_category_split_"
+FORMATS = ("mini", "tiered", "CIFAR-FS", "FC100")
+_DEFAULT_SIZE = {"mini": 84, "tiered": 84, "CIFAR-FS": 32, "FC100": 32}
+_FORMAT_OF_KEY = {"mini": "mini", "tiered": "tiered", "cifarfs": "CIFAR-FS", "fc100": "FC100"}
+
+
+def file_format(dataset: str) -> str:
+    """The format to write for a dataset name (mini, MiniImageNet, cifar-fs, MetaFC100, ...)."""
+    try:
+        key = resolve_dataset(dataset).key
+    except UsageError:
+        key = None
+    if key not in _FORMAT_OF_KEY:
+        raise UsageError(f"unknown synthetic dataset {dataset!r}; use one of {', '.join(FORMATS)}")
+    return _FORMAT_OF_KEY[key]
 
 
 def class_images(class_id: int, n: int, image_size: int, rng: np.random.Generator, seed: int = 0) -> np.ndarray:
@@ -55,9 +81,7 @@ def class_images(class_id: int, n: int, image_size: int, rng: np.random.Generato
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def _check_args(dataset: str, classes: dict, images_per_class: int, image_size: int) -> dict:
-    if dataset not in ("mini", "tiered"):
-        raise UsageError(f"unknown synthetic dataset {dataset!r}; use mini or tiered")
+def _check_args(classes: dict, images_per_class: int, image_size: int) -> dict:
     merged = dict(_DEFAULT_CLASSES)
     if classes:
         unknown = set(classes) - set(merged)
@@ -97,6 +121,47 @@ def _npz(path: Path, images: np.ndarray) -> None:
         raise RunFailure(f"cannot write {path}: {exc.strerror}; choose a writable --out folder") from exc
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote it: ``str`` and ``bytes`` both as Python-2 byte strings (BINSTRING)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+
+def python2_pickle(obj) -> bytes:
+    """``obj`` pickled the way Python 2 and numpy 1.x did (numpy.core names, byte strings)."""
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.", b"numpy.core.")
+
+
+def _write_cifar(out: Path, counts: dict, ipc: int, s: int, seed: int, rng: np.random.Generator) -> Path:
+    n_tr, n_va, n_te = counts["train"], counts["val"], counts["test"]
+    ids = [int(c) for c in rng.permutation(max(100, n_tr + n_va + n_te))[:n_tr + n_va + n_te]]  # CIFAR-100 ids
+    base, val, test = ids[:n_tr], ids[n_tr:n_tr + n_va], ids[n_tr + n_va:]
+    pools = {c: class_images(c, ipc, s, rng, seed) for c in ids}
+
+    def shuffled(classes: list[int]) -> dict:
+        images = np.concatenate([pools[c] for c in classes])
+        labels = np.repeat(classes, ipc)
+        order = rng.permutation(len(labels))
+        return {"data": np.ascontiguousarray(images[order]), "labels": [int(v) for v in labels[order]]}
+
+    for stem, classes in (("train", base), ("val", val), ("test", test), ("trainval", base + val)):
+        _write_bytes(out / f"{stem}.pickle", python2_pickle(shuffled(classes)))
+    return out
+
+
 def _stack(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, list[int]]:
     images = np.concatenate([imgs for imgs, _ in parts])
     labels = [int(lab) for imgs, lab in parts for _ in range(len(imgs))]
@@ -104,21 +169,27 @@ def _stack(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, list[int]]:
 
 
 def write_synthetic(out_dir: str | os.PathLike, dataset: str = "mini", classes: dict | None = None,
-                    images_per_class: int = 20, image_size: int = 84, seed: int = 0) -> Path:
-    """Write a synthetic dataset in the RFS format of ``dataset`` ("mini" or "tiered") into ``out_dir``.
+                    images_per_class: int = 20, image_size: int | None = None, seed: int = 0) -> Path:
+    """Write a synthetic dataset in the RFS format of ``dataset`` (mini, tiered, CIFAR-FS or FC100) into
+    ``out_dir``; ``image_size`` defaults to 84 (32 for CIFAR-FS and FC100).
 
     ``classes`` gives the number of base (``train``), validation (``val``) and novel (``test``) classes
     (default 8/5/5); every class gets ``images_per_class`` images in each file it appears in. The
     ``*_phase_train`` / ``*_phase_val`` / ``*_phase_test`` files of a class never share images; ``val`` and
     ``trainval_phase_train`` share the validation-class images, as in the release. Returns ``out_dir``.
     """
-    counts = _check_args(dataset, classes or {}, images_per_class, image_size)
+    dataset = file_format(dataset)
+    if image_size is None:
+        image_size = _DEFAULT_SIZE[dataset]
+    counts = _check_args(classes or {}, images_per_class, image_size)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunFailure(f"cannot create {out}: {exc.strerror}; choose a writable --out folder") from exc
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & (2**64 - 1), 104729]))
+    if dataset in ("CIFAR-FS", "FC100"):
+        return _write_cifar(out, counts, int(images_per_class), int(image_size), seed, rng)
     n_tr, n_va, n_te = counts["train"], counts["val"], counts["test"]
     ipc, s = int(images_per_class), int(image_size)
     base_ids = list(range(n_tr))
@@ -172,16 +243,26 @@ def write_synthetic(out_dir: str | os.PathLike, dataset: str = "mini", classes: 
     return out
 
 
+def _format_flag(text: str) -> str:
+    try:
+        return file_format(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser():
     parser = make_parser(prog="python -m search_lib.synthetic",
-                         description="Write a synthetic miniImageNet / tieredImageNet in the RFS file formats.")
+                         description="Write a synthetic miniImageNet, tieredImageNet, CIFAR-FS or FC100 in the RFS "
+                                     "file formats.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--dataset", default="mini", choices=("mini", "tiered"), help="file format to write")
+    parser.add_argument("--dataset", default="mini", type=_format_flag,
+                        help=f"file format to write: {', '.join(FORMATS)} (any dataset name of them)")
     parser.add_argument("--train-classes", type=int, default=_DEFAULT_CLASSES["train"], help="base classes")
     parser.add_argument("--val-classes", type=int, default=_DEFAULT_CLASSES["val"], help="validation classes")
     parser.add_argument("--test-classes", type=int, default=_DEFAULT_CLASSES["test"], help="novel (test) classes")
     parser.add_argument("--images-per-class", type=int, default=20, help="images per class in each file")
-    parser.add_argument("--image-size", type=int, default=84, help="height = width of the images")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="height = width of the images; default: 84 (32 for CIFAR-FS and FC100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
 

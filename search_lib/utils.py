@@ -16,20 +16,35 @@ import torch
 
 from .errors import RunFailure, UsageError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """Map ``--device auto|cpu|cuda`` (``cuda:N`` too) to a torch.device; refuse CUDA when absent."""
+    """Map ``--device auto|cpu|cuda|cuda:N`` to a torch.device; refuse CUDA when absent.
+
+    Under torchrun every process takes ``cuda:LOCAL_RANK`` whatever N says (`search_lib.distributed.init`).
+    """
+    name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        if index and not index.isdigit():
+            raise UsageError(f"unknown device {name!r}; use cuda or cuda:N with a GPU number N such as cuda:0")
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+            raise UsageError(f"--device {name} was asked for but CUDA is not available; use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
         return torch.device(name)
     raise UsageError(f"unknown device {name!r}; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def draw_seed() -> int:
+    """A fresh random seed (for a seed of -1), from the operating system: independent of every seeded
+    generator of the run."""
+    return int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
 
 
 def set_seed(seed: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +36,33 @@ def synthetic_tiered(tmp_path_factory):
     """Folder of a small synthetic tieredImageNet (same sizes as ``synthetic_mini``)."""
     return write_synthetic(tmp_path_factory.mktemp("synthetic_tiered"), dataset="tiered", classes=SYNTH_CLASSES,
                            images_per_class=SYNTH_IMAGES_PER_CLASS, image_size=SYNTH_IMAGE_SIZE, seed=1)
+
+
+# ---- the original repository's scripts (tests/test_original_flags.py, tests/test_original_runs.py) ----------
+
+_ORIGINAL = ("--gpu 0 --space darts_fewshot --max_nodes 3 --dataset {ds} --dartsbs 3 --seed -1 --only_lrs false "
+             "--ntk_type MetaNTK_anl --algorithm {alg} --inner_lr_time {tau} --reg_coef {lam} --ntk_channels 48 "
+             "--ntk_layers {cells} --train_after_search true")
+# The argument lists of its scripts/script_*.sh for prune_launch.py, as they were.
+ORIGINAL_SCRIPT_ARGS = {
+    "script_mini_5cell.sh": _ORIGINAL.format(ds="MetaMiniImageNet", alg="MAML", tau="1000", lam="1e-3", cells=5),
+    "script_mini_8cell.sh": _ORIGINAL.format(ds="MetaMiniImageNet", alg="ANIL", tau="1", lam="1e-5", cells=8),
+    "script_tiered_5cell.sh": _ORIGINAL.format(ds="MetaTieredImageNet", alg="MAML", tau="1000", lam="1e-3", cells=5),
+    "script_tiered_8cell.sh": _ORIGINAL.format(ds="MetaTieredImageNet", alg="ANIL", tau="1000", lam="1e-3", cells=8),
+}
+ORIGINAL_SCRIPT_ARGS = {name: args.split() for name, args in ORIGINAL_SCRIPT_ARGS.items()}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script_argv(name: str, folder: Path, *extra: str) -> tuple[list[str], str]:
+    """What scripts/<name> runs when started from ``folder``: (its arguments after prune_launch.py, its working
+    folder), recorded by a stand-in python (only bash runs)."""
+    record = folder / f"{name}.argv"
+    stub = folder / "python"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$PWD" "$@" > "{record}"\n')
+    stub.chmod(0o755)
+    subprocess.run(["bash", str(REPO / "scripts" / name), *extra], cwd=folder, check=True,
+                   env={**os.environ, "PYTHON": str(stub)})
+    cwd, script, *args = record.read_text().splitlines()
+    assert script == "prune_launch.py"
+    return args, cwd

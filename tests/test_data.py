@@ -45,10 +45,10 @@ def _identify(split, transform):
 
 def test_dataset_names():
     assert [D.canonical_dataset(n) for n in D.DATASET_NAMES] == ["mini", "mini", "tiered", "tiered", "digits",
-                                                                  "digits"]
+                                                                  "digits", "cifarfs", "cifarfs", "fc100", "fc100"]
     assert D.canonical_dataset("metaminiimagenet") == "mini"
-    assert [D.is_episodic_name(n) for n in D.DATASET_NAMES] == [False, True, False, True, False, True]
-    assert D.DEFAULT_IMAGE_SIZE == {"mini": 84, "tiered": 84, "digits": 32}
+    assert [D.is_episodic_name(n) for n in D.DATASET_NAMES] == [False, True] * 5
+    assert D.DEFAULT_IMAGE_SIZE == {"mini": 84, "tiered": 84, "digits": 32, "cifarfs": 32, "fc100": 32}
     with pytest.raises(UsageError, match="MiniImageNet"):
         D.canonical_dataset("CIFAR100")
     with pytest.raises(UsageError, match="partition"):

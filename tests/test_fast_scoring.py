@@ -23,7 +23,7 @@ from search_lib.pruning import Candidate, PruningSearch, repeat_seed
 from search_lib.scoring import CandidateScorer
 
 BASE = dict(dataset="MetaDigits", ntk_channels=4, ntk_layers=5, image_size=8, batch_size=2, n_ways=3, repeat=1,
-            lr_batches=2, lr_batch_size=200, rand_seed=0, device="cpu")
+            regions_batches=2, regions_batch_size=200, rand_seed=0, device="cpu")
 CASES = {  # 5 cells for one case (normal and reduction cells); 2 (two reduction cells) keep the others cheap
     "maml-darts_fewshot-3": dict(),
     "anil-tau1-darts-4": dict(algorithm="ANIL", inner_lr_time=1.0, reg_coef=1e-5, search_space_name="darts",

@@ -1,11 +1,12 @@
 """Few-shot data, shared by the search and the evaluation.
 
 * `names`: dataset names (`resolve_dataset` -> `DatasetSpec`), partitions and release file names.
-* `files`: loaders of the RFS releases of miniImageNet (Python-2 pickles, read with a restricted
-  unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels), and ``Digits``: a small bundled
+* `files`: loaders of the RFS releases of miniImageNet, CIFAR-FS and FC100 (Python-2 pickles, read with a
+  restricted unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels), and ``Digits``: a small bundled
   demo dataset built from ``sklearn.datasets.load_digits`` (no download): 10 digits x {upright, rotated 90
   degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
-* `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` and the TE-NAS search transform ``TENAS`` (the
+* `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` (on CIFAR-FS / FC100: RFS's 32 x 32 one) and the
+  TE-NAS search transform ``TENAS`` (the
   torchvision pipelines: the one definition of every step), and ``transform_stack`` / ``apply_seeded``.
 * `augment`: those pipelines read as step descriptions (crop and padding, jitter factors, flip,
   normalisation) and the two samplers of their random choices (``sample_exact``: torch's global generator in
@@ -22,11 +23,12 @@ from .episodes import EpisodeDataset, EpisodePlan, EpisodeSubset, SupervisedData
 from .files import SplitData, clear_cache, load_split
 from .names import (DATASET_NAMES, DEFAULT_IMAGE_SIZE, PARTITIONS, DatasetSpec, canonical_dataset, expected_files,
                     is_episodic_name, resolve_dataset)
-from .transforms import CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, TRANSFORM_NAMES, build_transform
+from .transforms import (CIFAR100_MEAN, CIFAR100_STD, CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, TRANSFORM_NAMES,
+                         build_transform)
 
 __all__ = [
     "DATASET_NAMES", "DEFAULT_IMAGE_SIZE", "TRANSFORM_NAMES", "PARTITIONS", "MINI_MEAN", "MINI_STD", "CIFAR_MEAN",
-    "CIFAR_STD", "DatasetSpec", "SplitData", "canonical_dataset", "resolve_dataset", "is_episodic_name",
-    "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset", "EpisodeDataset",
-    "EpisodePlan", "EpisodeSubset", "sample_meta_batch", "sample_batch",
+    "CIFAR_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DatasetSpec", "SplitData", "canonical_dataset", "resolve_dataset",
+    "is_episodic_name", "expected_files", "load_split", "clear_cache", "build_transform", "SupervisedDataset",
+    "EpisodeDataset", "EpisodePlan", "EpisodeSubset", "sample_meta_batch", "sample_batch",
 ]

@@ -1,4 +1,5 @@
-"""Loading the data files: the RFS releases of miniImageNet and tieredImageNet, and the Digits demo set.
+"""Loading the data files: the RFS releases of miniImageNet, tieredImageNet, CIFAR-FS and FC100, and the Digits
+demo set.
 
 Loaded partitions are validated and cached in-process (the search and the evaluation reload the same
 splits). The data pickles are read with a restricted unpickler that resolves only the numpy globals needed
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, UsageError, one_line
-from .names import (_MINI_FILES, _MINI_PREFIX, _TIERED_FILES, DatasetSpec, expected_files,
+from .names import (_CIFAR_FILES, _MINI_FILES, _MINI_PREFIX, _TIERED_FILES, CIFAR_KEYS, DatasetSpec, expected_files,
                     normalise_partition, resolve_dataset)
 
 
@@ -222,6 +223,41 @@ def _load_tiered_files(img_key: tuple, lab_key: tuple, partition: str, fix: str)
     return SplitData(images=images, labels=labels, name=f"tieredImageNet:{partition}", dataset="tiered")
 
 
+def _load_cifar(folder: Path, spec: DatasetSpec, partition: str) -> SplitData:
+    files = expected_files(spec)
+    fix = (f"--data_path must be the {spec.display} folder of RFS's release, holding {', '.join(files[:3])} "
+           f"({files[3]} optional)")
+    path = folder / f"{_CIFAR_FILES[partition]}.pickle"
+    if not path.is_file():
+        raise DataError(f"{spec.display} file not found: {path}; {fix}")
+    return _load_cifar_file(_stat_key(path), spec.key, spec.display, partition, fix)
+
+
+def first_appearance_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 0..n-1 in the order each first appears in the file, as RFS's CIFAR loader does."""
+    ids, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(ids))
+    return rank[inverse.reshape(-1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cifar_file(key: tuple, dataset: str, display: str, partition: str, fix: str) -> SplitData:
+    path = Path(key[0])
+    obj = _load_pickle(path, display, fix)
+    if not isinstance(obj, dict):
+        raise DataError(f"{display} file {path} holds a {type(obj).__name__}, expected a dict with keys 'data' and "
+                        f"'labels'; {_REDOWNLOAD}")
+    for k in ("data", "labels"):
+        if k not in obj:
+            raise DataError(f"{display} file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
+                            f"{_REDOWNLOAD}")
+    images, labels = _validate(obj["data"], obj["labels"], f"{display} file {path}", _REDOWNLOAD)
+    labels = first_appearance_labels(labels)
+    labels.flags.writeable = False
+    return SplitData(images=images, labels=labels, name=f"{display}:{partition}", dataset=dataset)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # digits demo dataset
 # ----------------------------------------------------------------------------------------------------------
@@ -285,8 +321,8 @@ def _load_digits_cached(partition: str) -> SplitData:
 def load_split(dataset: str | DatasetSpec, data_path: str | os.PathLike | None, partition: str) -> SplitData:
     """Load (or fetch from the in-process cache) one partition of a dataset.
 
-    ``dataset`` is a command-line name or ``mini``/``tiered``/``digits``; ``data_path`` the folder of the RFS
-    release files (ignored for Digits). The returned arrays are read-only and shared between callers.
+    ``dataset`` is a command-line name or a dataset key; ``data_path`` the folder of the RFS release files
+    (ignored for Digits). The returned arrays are read-only and shared between callers.
     """
     spec = resolve_dataset(dataset)
     part = normalise_partition(spec, partition)
@@ -295,6 +331,8 @@ def load_split(dataset: str | DatasetSpec, data_path: str | os.PathLike | None, 
     fix = (f"--data_path must be the folder of the RFS {spec.display} release files "
            f"({', '.join(expected_files(spec)[:2])}, ...)")
     folder = _require_folder(spec, data_path, fix)
+    if spec.key in CIFAR_KEYS:
+        return _load_cifar(folder, spec, part)
     return _load_mini(folder, part) if spec.key == "mini" else _load_tiered(folder, part)
 
 
@@ -302,5 +340,6 @@ def clear_cache() -> None:
     """Forget every loaded split (frees the memory)."""
     _load_mini_file.cache_clear()
     _load_tiered_files.cache_clear()
+    _load_cifar_file.cache_clear()
     _load_digits_cached.cache_clear()
 

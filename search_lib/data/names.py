@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 
-DATASET_NAMES = ("MiniImageNet", "MetaMiniImageNet", "TieredImageNet", "MetaTieredImageNet", "Digits", "MetaDigits")
+DATASET_NAMES = ("MiniImageNet", "MetaMiniImageNet", "TieredImageNet", "MetaTieredImageNet", "Digits", "MetaDigits",
+                 "CIFAR-FS", "MetaCIFAR-FS", "FC100", "MetaFC100")
 
 _CANONICAL = {
     "miniimagenet": "mini",
@@ -20,17 +21,24 @@ _CANONICAL = {
     "metatieredimagenet": "tiered",
     "digits": "digits",
     "metadigits": "digits",
+    "cifar-fs": "cifarfs",
+    "metacifar-fs": "cifarfs",
+    "fc100": "fc100",
+    "metafc100": "fc100",
     # the canonical names themselves
     "mini": "mini",
     "tiered": "tiered",
+    "cifarfs": "cifarfs",
 }
 
-DEFAULT_IMAGE_SIZE = {"mini": 84, "tiered": 84, "digits": 32}
+DEFAULT_IMAGE_SIZE = {"mini": 84, "tiered": 84, "digits": 32, "cifarfs": 32, "fc100": 32}
+CIFAR_KEYS = ("cifarfs", "fc100")  # RFS's 32 x 32 CIFAR-100 benchmarks: same file format, transform D
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A resolved dataset name: ``key`` is mini, tiered or digits; ``episodic`` is True for the Meta* names."""
+    """A resolved dataset name: ``key`` is mini, tiered, cifarfs, fc100 or digits; ``episodic`` is True for the
+    Meta* names."""
 
     key: str
     episodic: bool = False
@@ -44,8 +52,15 @@ class DatasetSpec:
         return DEFAULT_IMAGE_SIZE[self.key]
 
     @property
+    def rfs_transform(self) -> str:
+        """The transform RFS trains this dataset with: D (32 x 32, CIFAR-100 statistics) for CIFAR-FS and FC100,
+        else A."""
+        return "D" if self.key in CIFAR_KEYS else "A"
+
+    @property
     def plain_name(self) -> str:
-        """The supervised (non-episodic) command-line name: MiniImageNet, TieredImageNet or Digits."""
+        """The supervised (non-episodic) command-line name: MiniImageNet, TieredImageNet, CIFAR-FS, FC100 or
+        Digits."""
         return _PLAIN_NAMES[self.key]
 
     def __str__(self) -> str:
@@ -63,7 +78,7 @@ def resolve_dataset(name: "str | DatasetSpec") -> DatasetSpec:
 
 
 def canonical_dataset(name: "str | DatasetSpec") -> str:
-    """Map a command-line dataset name (case-insensitive) to ``"mini"``, ``"tiered"`` or ``"digits"``."""
+    """Map a command-line dataset name (case-insensitive) to its key (``"mini"``, ``"tiered"``, ...)."""
     return resolve_dataset(name).key
 
 
@@ -72,8 +87,11 @@ def is_episodic_name(name: "str | DatasetSpec") -> bool:
     return resolve_dataset(name).episodic
 
 
-_DISPLAY = {"mini": "miniImageNet", "tiered": "tieredImageNet", "digits": "Digits"}
-_PLAIN_NAMES = {"mini": "MiniImageNet", "tiered": "TieredImageNet", "digits": "Digits"}
+# display names: as RFS spells the datasets (also its folder names under --data_root)
+_DISPLAY = {"mini": "miniImageNet", "tiered": "tieredImageNet", "digits": "Digits", "cifarfs": "CIFAR-FS",
+            "fc100": "FC100"}
+_PLAIN_NAMES = {"mini": "MiniImageNet", "tiered": "TieredImageNet", "digits": "Digits", "cifarfs": "CIFAR-FS",
+                "fc100": "FC100"}
 
 # partition name -> file stem, per dataset ("trainval" of mini falls back to RFS code's spelling)
 _MINI_PREFIX = "miniImageNet_category_split_"
@@ -94,6 +112,8 @@ _TIERED_FILES = {
     "test": "test",
     "trainval_phase_train": "trainval",
 }
+# CIFAR-FS / FC100 (RFS): <folder>/{train,val,test,trainval}.pickle; no train_phase_val/test files
+_CIFAR_FILES = {"train_phase_train": "train", "val": "val", "test": "test", "trainval_phase_train": "trainval"}
 _DIGITS_PARTS = ("train_phase_train", "train_phase_val", "train_phase_test", "val", "test", "trainval_phase_train")
 _ALIASES = {"train": "train_phase_train", "trainval": "trainval_phase_train"}
 
@@ -101,6 +121,7 @@ PARTITIONS = {
     "mini": ("train", "trainval", *_MINI_FILES),
     "tiered": ("train", "trainval", *_TIERED_FILES),
     "digits": ("train", "trainval", *_DIGITS_PARTS),
+    **{key: ("train", "trainval", *_CIFAR_FILES) for key in CIFAR_KEYS},
 }
 
 
@@ -109,7 +130,7 @@ def normalise_partition(dataset: str | DatasetSpec, partition: str) -> str:
     spec = resolve_dataset(dataset)
     key = str(partition).strip().lower()
     key = _ALIASES.get(key, key)
-    valid = {"mini": _MINI_FILES, "tiered": _TIERED_FILES, "digits": _DIGITS_PARTS}[spec.key]
+    valid = {"mini": _MINI_FILES, "tiered": _TIERED_FILES, "digits": _DIGITS_PARTS}.get(spec.key, _CIFAR_FILES)
     if key not in valid:
         raise UsageError(f"unknown {spec.display} partition {partition!r}; "
                          f"use one of {', '.join(PARTITIONS[spec.key])}")
@@ -123,5 +144,7 @@ def expected_files(dataset: str | DatasetSpec) -> list[str]:
         return [_MINI_PREFIX + stems[0] + ".pickle" for stems in _MINI_FILES.values()]
     if ds == "tiered":
         return [f"{s}_{kind}" for s in _TIERED_FILES.values() for kind in ("images.npz", "labels.pkl")]
+    if ds in CIFAR_KEYS:
+        return [f"{stem}.pickle" for stem in _CIFAR_FILES.values()]
     return []
 

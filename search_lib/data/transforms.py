@@ -1,4 +1,5 @@
-"""The image transforms: RFS's A, B, C, D and the search's TENAS (docs/method.md §6).
+"""The image transforms: RFS's A, B, C, D and the search's TENAS (docs/method.md §6); on CIFAR-FS and FC100,
+D is RFS's 32 x 32 CIFAR transform (zero-padded random crop, colour jitter, flip; CIFAR-100 statistics).
 
 Each maps an HWC uint8 numpy image to a normalised C x H x W float tensor; these torchvision pipelines are
 the one definition of every step (sizes, padding, jitter factors, normalisation), which `augment` reads for
@@ -18,13 +19,15 @@ from torchvision import transforms as T
 from ..errors import DataError, UsageError
 from .augment import ResizeIfNeeded as _ResizeIfNeeded
 from .augment import ToPIL as _ToPIL
-from .names import DEFAULT_IMAGE_SIZE, DatasetSpec, resolve_dataset
+from .names import CIFAR_KEYS, DEFAULT_IMAGE_SIZE, DatasetSpec, resolve_dataset
 from .pil_batch import batched
 
 MINI_MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
 MINI_STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
 CIFAR_MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))
 CIFAR_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RFS's CIFAR-FS / FC100 normalisation
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 TRANSFORM_NAMES = ("A", "B", "C", "D", "TENAS")
 _DEFAULT_TRANSFORM_SIZE = {"A": 84, "B": 84, "C": 80, "D": 80, "TENAS": 32}
@@ -34,8 +37,8 @@ def build_transform(name: str, train: bool, image_size: int | None = None,
                     dataset: str | DatasetSpec = "mini") -> Callable[[np.ndarray], torch.Tensor]:
     """An RFS transform (HWC uint8 numpy -> normalised C x H x W float tensor).
 
-    ``image_size`` defaults to the transform's own size (A/B 84, C/D 80, TENAS 32), or 32 for Digits;
-    other sizes scale the crop, padding and resize sizes proportionally.
+    ``image_size`` defaults to the transform's own size (A/B 84, C/D 80, TENAS 32), or the images' 32 for
+    Digits, CIFAR-FS and FC100; other sizes scale the crop, padding and resize sizes proportionally.
     """
     key = str(name).strip()
     key = key.upper() if key.upper() in TRANSFORM_NAMES else key
@@ -43,7 +46,7 @@ def build_transform(name: str, train: bool, image_size: int | None = None,
         raise UsageError(f"unknown transform {name!r}; use one of {', '.join(TRANSFORM_NAMES)}")
     ds = resolve_dataset(dataset).key
     if image_size is None:
-        s = DEFAULT_IMAGE_SIZE["digits"] if ds == "digits" else _DEFAULT_TRANSFORM_SIZE[key]
+        s = DEFAULT_IMAGE_SIZE[ds] if ds == "digits" or ds in CIFAR_KEYS else _DEFAULT_TRANSFORM_SIZE[key]
     else:
         s = int(image_size)
         if s < 1 or s != image_size:
@@ -65,6 +68,12 @@ def build_transform(name: str, train: bool, image_size: int | None = None,
         else:
             steps = [T.Resize(int(round(s * 92 / 84))), T.CenterCrop(s)]
         return T.Compose([_ToPIL(), *steps, *to_tensor, norm_cifar])
+    if key == "D" and ds in CIFAR_KEYS:  # RFS's transform D (test: normalisation only)
+        steps = [_ResizeIfNeeded(s)]
+        if train:
+            steps += [T.RandomCrop(s, padding=s * 4 // 32),
+                      T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), T.RandomHorizontalFlip()]
+        return T.Compose([_ToPIL(), *steps, *to_tensor, T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
     if key in ("C", "D"):
         if train:
             steps = [T.RandomResizedCrop(s), T.RandomHorizontalFlip()]
