@@ -16,7 +16,8 @@ from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.distributed import launched_size
 from search_lib.errors import UsageError
 from search_lib.tensorboard_log import require_tensorboard
-from search_lib.utils import DEVICE_CHOICES, available_cpus
+from search_lib.threads import available_cpus
+from search_lib.utils import DEVICE_CHOICES
 
 from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, canonical_classifier
 

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from search_lib.errors import DataError, UsageError
-from search_lib.utils import ThreadTuner
+from search_lib.threads import ThreadTuner
 
 from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
                           l2_normalize, logistic_regression_batched, predict_batched, predict_episodes)
@@ -233,7 +233,7 @@ def meta_test(model: nn.Module, episode_dataset, classifier: str = "LR",
     datasets are read item by item. ``backend``: ``torch`` (batched classifiers) or ``sklearn`` (the
     reference); ``C``: the logistic regression's inverse regularisation; ``normalize``: L2-normalise the
     features; ``proto_rule``: ``mean`` or ``rfs`` (see `_prototype`); ``inference``: ``eager`` or ``fused``
-    (see `_Features`); ``tuner``: on the CPU, a `search_lib.utils.ThreadTuner` that chooses torch's thread
+    (see `_Features`); ``tuner``: on the CPU, a `search_lib.threads.ThreadTuner` that chooses torch's thread
     count by timing the forward passes (the caller closes it). Returns a dict with ``mean`` and
     ``ci95`` (percent), ``episodes``, ``queries`` (per class), ``ways``, ``shots``, ``classifier`` and the
     per-episode ``accuracies`` (percent).

@@ -47,8 +47,10 @@ from search_lib.genotypes import Genotype
 from search_lib.report import draw_quietly, draw_training
 from search_lib.run_dir import RunDir
 from search_lib.tensorboard_log import TrainingBoard
-from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, configure_threads, resolve_device,
-                              rng_state, set_rng_state, set_seed)
+from search_lib.memory import MemoryMeter, peak_memory_record
+from search_lib.threads import ThreadTuner, configure_threads, threads_fixed
+from search_lib.utils import (append_jsonl, atomic_write_json, config_diff, resolve_device, rng_state, set_rng_state,
+                              set_seed)
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
@@ -75,17 +77,22 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     genotype = resolve_architecture(cfg, genotype)
     world, device = distributed.init(resolve_device(cfg.device))
     configure_threads(cfg.workers(device.type), cfg.threads)
-    data = TrainingData.load(cfg)  # data errors surface before anything is written
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
-    world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
-    if world.is_main:
-        run.create(verb="create")
-        if cfg.overwrite:
+    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process trains in: exit 2 at once
+    try:
+        data = TrainingData.load(cfg)  # data errors surface before anything is written
+        world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
+        if world.is_main:
+            run.create(verb="create")
+        run.hold(world, overwrite=cfg.overwrite)  # held from the first write to the end (rank 0 for the group)
+        if world.is_main and cfg.overwrite:
             run.clear()
-    world.barrier()  # ... and reads it only after that
-    with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-        with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
-            return _train_and_evaluate(cfg, genotype, device, run, data, world, board)
+        world.barrier()  # ... and reads it only after that
+        with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
+            with TrainingBoard(run.path, cfg.tensorboard and world.is_main) as board:  # rank 0 alone writes
+                return _train_and_evaluate(cfg, genotype, device, run, data, world, board)
+    finally:
+        run.release()
 
 
 @dataclass
@@ -159,14 +166,25 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
     # what every checkpoint of this run records besides the training state
     describe = {"genotype": genotype.to_json(), "genotype_str": str(genotype), "net_kwargs": net_kwargs,
                 "input_shape": list(data.input_shape)}
-    stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf, world,
-                            board)
-    if stopped is not None:
-        return stopped
-
-    t_eval = time.time()
-    fewshot = fewshot_evaluate(model, cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size, device,
-                               data.episode_sets, world)
+    meter = MemoryMeter(device)  # the peak memory of the training and of the test (this process, this session)
+    # the training's thread count, chosen by timing its steps (CPU, unless fixed): fewer beside other busy processes
+    tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if device.type == "cpu" else None
+    try:
+        with meter.window() as train_peak:
+            stopped = _train_epochs(cfg, model, optimizer, scheduler, data, device, run, progress, describe, conf,
+                                    world, board, tuner)
+        if stopped is not None:
+            return stopped
+        t_eval = time.time()
+        with meter.window() as test_peak:
+            fewshot = fewshot_evaluate(model, cfg, cfg.data, cfg.data_path, conf["transform"], cfg.image_size,
+                                       device, data.episode_sets, world)
+    finally:
+        meter.close()
+        if tuner is not None:
+            tuner.close()
+            if len(tuner.counts) > 1 and tuner.history:
+                logger.info("training on the CPU: %s (chosen by timing them)", tuner.summary())
     board.fewshot(fewshot, cfg.epochs)
     results = {
         "status": "finished",
@@ -185,6 +203,7 @@ def _train_and_evaluate(cfg: TrainConfig, genotype: Genotype, device: torch.devi
         "wall_time_s": progress["train_time_s"] + (time.time() - t_eval),
         "session_time_s": time.time() - started,
         "processes": world.size,
+        "memory": {"train": peak_memory_record(device, train_peak), "test": peak_memory_record(device, test_peak)},
         "save_dir": str(run.path),
         "config": conf,
     }
@@ -230,7 +249,7 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
 
 def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data: TrainingData,
                   device: torch.device, run: RunDir, progress: dict, describe: dict, conf: dict,
-                  world: World, board: TrainingBoard) -> dict | None:
+                  world: World, board: TrainingBoard, tuner: ThreadTuner | None = None) -> dict | None:
     """Train from ``progress["epoch"]`` to ``cfg.epochs``, checkpointing every epoch; updates ``progress``.
 
     Under torchrun the network is wrapped in DistributedDataParallel: each rank trains on its shard of
@@ -277,7 +296,7 @@ def _train_epochs(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, data
         batches = loader if device_batches is None else device_batches.epoch(data_seed)
         loss, acc = train_one_epoch(trained, batches, optimizer, device, desc=f"epoch {epoch + 1}",
                                     progress=cfg.progress and world.is_main, amp_dtype=cfg.amp_dtype(device.type),
-                                    channels_last=cfg.channels_last, world=world)
+                                    channels_last=cfg.channels_last, world=world, tuner=tuner)
         if not math.isfinite(loss):
             raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
         scheduler.step()

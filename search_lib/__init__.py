@@ -4,7 +4,9 @@ Modules:
     errors          typed user-facing errors, their exit codes, one-line messages
     cli             command-line plumbing; flags generated from config dataclasses
     utils           device selection, seeding, atomic writes
-    run_dir         the one owner of a run folder (search and training alike)
+    threads         thread counts: the user's, the affinity's, and ThreadTuner (chosen by timing)
+    memory          --memory_budget, peak memory of a stretch of work, the measured pass size
+    run_dir         the one owner of a run folder (search and training alike), its lock
     ops             operation registry of the search spaces
     space           a search space resolved once (ops, edges, edge groups)
     genotypes       genotype value type, parsing, presets, derivation from alphas, the genotype.json record
