@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import weakref
 from contextlib import nullcontext
 from typing import Iterable, Iterator
 
@@ -136,6 +137,15 @@ class _FeatureNet(nn.Module):
         return out.reshape(out.shape[0], -1)
 
 
+def _weights_key(model: nn.Module) -> tuple:
+    """Where every parameter and buffer lives and its version counter (in-place updates raise it): a network
+    trained further, or given other weights, gets another key."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+_REWRITTEN: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 class _Features:
     """The network's features (float32, on the device) of image batches, ``batch_size`` images at a time.
 
@@ -149,9 +159,17 @@ class _Features:
                  inference: str = "eager", tuner: ThreadTuner | None = None):
         self.device, self.batch_size, self.inference = device, int(batch_size), inference
         self.tuner = tuner if device.type == "cpu" else None
-        net = _FeatureNet(model, use_logits)
-        net.training = model.training
-        self.net = inference_network(net, inference)
+        # the rewrite (a deep copy, traced and fused) is made once per network state: the test of a run calls
+        # meta_test once per split and shot with the same weights
+        key = (use_logits, inference, model.training, _weights_key(model))
+        made = _REWRITTEN.get(model)
+        if made is not None and made[0] == key:
+            self.net = made[1]
+        else:
+            net = _FeatureNet(model, use_logits)
+            net.training = model.training
+            self.net = inference_network(net, inference)
+            _REWRITTEN[model] = (key, self.net)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
