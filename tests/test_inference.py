@@ -142,3 +142,16 @@ def test_the_test_rewrites_the_network_once_per_state_of_its_weights(monkeypatch
     assert made == ["fused", "fused"] and not torch.equal(changed, first)
     fewshot._Features(net, torch.device("cpu"), True, 64, "fused")  # logits instead of features: another rewrite
     assert len(made) == 3
+
+
+def test_the_cpu_feature_batch_follows_the_activation_size():
+    """64 images of the demo's network (8 channels after the stem, 32 x 32) is the reference: narrower networks
+    and smaller images take more per pass, up to 256."""
+    from eval_lib.fewshot import _feature_batch
+
+    def batch(C, size):
+        return _feature_batch(AugmentCNN(PRESETS["mini-5cell-1"], C=C, layers=2, num_classes=5),
+                              torch.zeros(1, 3, size, size))
+
+    assert (batch(8, 32), batch(2, 16), batch(4, 32), batch(48, 84)) == (64, 256, 128, 64)
+    assert _feature_batch(nn.Linear(3, 2), torch.zeros(1, 3)) == 64  # no convolution: the reference size
