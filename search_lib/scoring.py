@@ -92,7 +92,6 @@ class CandidateScorer:
         self.tuners = {kind: ThreadTuner(enabled=tune, period=8, probe_steps=1, trust_fair=True)
                        for kind in ("kernel", "regions")}
         self._steps_seen = {kind: 0 for kind in self.tuners}  # each tuner's steps already reported by `measured`
-        self._last_work: dict[str, int] = {}
 
     def close(self) -> None:
         self.meter.close()
@@ -100,12 +99,11 @@ class CandidateScorer:
             tuner.close()
 
     def _step(self, kind: str, work: int):
-        """One pass of ``kind`` through its thread tuner (which only counts it when nothing is tuned). A pass of
-        another size than the one before is not timed: a pass's fixed cost would make the thread counts
-        probed on passes of different sizes incomparable."""
-        tuner, same = self.tuners[kind], self._last_work.get(kind) == work
-        self._last_work[kind] = work
-        return tuner.step(work) if same else tuner.hold()
+        """One pass of ``kind`` through its thread tuner (which only counts it when nothing is tuned). Passes of
+        every size are timed, the first ones too: under load the choice must come before the large passes, and
+        it rests on the share of its cores a pass got, which its size does not change (with ``trust_fair`` the
+        times of two counts are compared only on a box of more than two cores)."""
+        return self.tuners[kind].step(work)
 
     # ---- one repeat ----
     def begin_repeat(self, seed: int) -> None:

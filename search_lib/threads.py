@@ -134,18 +134,6 @@ class ThreadTuner:
 
         return timed()
 
-    def hold(self):
-        """A context manager around a step that is not to be timed (work unlike the others, e.g. a pass of another
-        size): it runs at the chosen count, is counted in `history`, and leaves the probes as they are."""
-
-        @contextlib.contextmanager
-        def held():
-            self._set(self.best)
-            yield self.best
-            self.history.append(self.best)
-
-        return held()
-
     def _advance(self, probing: bool) -> None:
         if probing:
             self._plan.pop(0)
