@@ -295,6 +295,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in str(exc).lower() for word in _OOM_WORDS)
 
 
+GREW_BYTES = 8 << 20  # a pass "raised" the measure when it peaked this much above its start (sampling noise)
+
+
 class PassSizer:
     """How many items (architectures) a pass takes, so that its measured peak stays within a budget.
 
@@ -306,6 +309,8 @@ class PassSizer:
     most items whose predicted peak fits ``SAFETY x budget``, at most `GROWTH` times the largest pass
     measured so far (so a poor early estimate is corrected before it is trusted with a large pass) and at
     most ``cap``; at least one. An out-of-memory error halves the pass that failed, and caps every later one.
+    Only a pass that raised the measure above where it started counts as peaking above the prediction (see
+    `record`): on the CPU the resident set keeps what earlier, larger passes needed.
     """
 
     PROBES = (1, 2)
@@ -327,8 +332,10 @@ class PassSizer:
     def predicted(self, k: int) -> float:
         return self.base + self.fixed + k * (self.per_item or 0.0)
 
-    def record(self, k: int, peak: int) -> None:
-        """A pass of ``k`` items peaked at ``peak`` bytes."""
+    def record(self, k: int, peak: int, start: int | None = None) -> None:
+        """A pass of ``k`` items peaked at ``peak`` bytes, from ``start`` bytes when it began. A pass that did not
+        raise the measure above its start (it fit into memory the process kept from earlier passes: the CPU
+        allocator does not return all it frees) says nothing about its own need, and raises nothing."""
         self.largest = max(self.largest, k)
         if self.per_item is None:
             self.probes.append((k, peak))
@@ -340,7 +347,8 @@ class PassSizer:
                 self.per_item, self.fixed = slope, max(0.0, p0 - self.base - slope * k0)
             else:
                 self.per_item, self.fixed = max(1.0, (max(p0, p1) - self.base) / k0), 0.0
-        if peak > self.predicted(k):
+        grew = start is None or peak > start + GREW_BYTES
+        if peak > self.predicted(k) and grew:
             self.per_item = max(1.0, (peak - self.base - self.fixed) / k)
 
     def failed(self, k: int) -> int:

@@ -265,7 +265,7 @@ class CandidateScorer:
             raise _PassOutOfMemory() from exc
         self.passes.record(k, win.peak)
         if self.sizer is not None:
-            self.sizer.record(k, win.peak)
+            self.sizer.record(k, win.peak, win.start)
         return result
 
     def _reattach(self) -> None:

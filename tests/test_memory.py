@@ -91,6 +91,17 @@ def test_pass_size_from_two_probes_within_the_budget_growing_at_most_fourfold():
     assert s.failed(13) == 6 and s.size() == 6  # out of memory: half, and the new cap
 
 
+def test_a_pass_within_memory_kept_from_larger_ones_raises_nothing():
+    s = PassSizer(budget=1000, cap=64, base=100)
+    s.record(1, 200, start=100)
+    s.record(2, 250, start=200)
+    assert s.size() == 8
+    s.record(1, 600, start=600)  # a last pass of one, in the 600 the process still holds: no news
+    assert s.per_item == 50 and s.size() == 8
+    s.record(8, 600 + 20 * 2**20, start=600)  # one that grew the resident set above its start does count
+    assert s.per_item > 50
+
+
 def test_pass_size_with_noisy_probes_and_a_budget_below_one_item():
     s = PassSizer(budget=1000, cap=64, base=100)
     s.record(1, 300)
