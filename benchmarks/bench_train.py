@@ -31,7 +31,8 @@ from eval_lib.network import build_network
 from search_lib.data import EpisodeDataset, SupervisedDataset
 from search_lib.genotypes import resolve_genotype_record
 from search_lib.cli import make_parser
-from search_lib.utils import configure_threads, resolve_device
+from search_lib.threads import configure_threads
+from search_lib.utils import resolve_device
 
 DEMO_GENOTYPE = "mini-5cell-1"
 

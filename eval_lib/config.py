@@ -15,8 +15,10 @@ from search_lib.cli import flag, flag_fields
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.distributed import launched_size
 from search_lib.errors import UsageError
+from search_lib.threads import available_cpus
+from search_lib.utils import DEVICE_CHOICES
+
 from .tensorboard_log import require_tensorboard
-from search_lib.utils import DEVICE_CHOICES, available_cpus
 
 from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, FewShotSettings
 

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import logging
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from search_lib.distributed import World
 from search_lib.errors import DataError, UsageError
+from search_lib.threads import ThreadTuner
 
 from .config import TrainConfig
 
@@ -85,12 +87,14 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, op
 
 def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, desc: str = "train",
                     progress: bool = True, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, world: World | None = None) -> tuple[float, float]:
+                    channels_last: bool = False, world: World | None = None,
+                    tuner: ThreadTuner | None = None) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy in percent).
 
     ``amp_dtype`` (e.g. torch.bfloat16): the forward pass under autocast in that dtype (the loss in
     float32); None trains in float32. ``channels_last``: feed the images in that memory format.
-    ``world``: under torchrun the loss and accuracy are those of the images of every rank.
+    ``world``: under torchrun the loss and accuracy are those of the images of every rank. ``tuner``: on
+    the CPU, a `search_lib.threads.ThreadTuner` that times the steps and chooses the thread count.
     """
     model.train()
     criterion = nn.CrossEntropyLoss()
@@ -100,7 +104,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype)
+        with tuner.step(targets.shape[0]) if tuner is not None else nullcontext():
+            logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype)
         n = targets.shape[0]
         total_loss += float(loss.detach()) * n
         correct += int((logits.detach().argmax(1) == targets).sum())

@@ -22,7 +22,9 @@ from search_lib.data import DatasetSpec, EpisodeDataset, EpisodeSubset, resolve_
 from search_lib.distributed import World
 from search_lib.errors import DataError, GenotypeError, UsageError
 from search_lib.genotypes import Genotype, GenotypeRecord, resolve_genotype
-from search_lib.utils import atomic_write_json, configure_threads, ThreadTuner, resolve_device, threads_fixed
+from search_lib.memory import MemoryMeter, peak_memory_record
+from search_lib.threads import ThreadTuner, configure_threads, threads_fixed
+from search_lib.utils import atomic_write_json, resolve_device
 
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
@@ -137,7 +139,12 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
         shape[1:] = [image_size or dataset.default_image_size] * 2
     cost = complexity(model, shape)
     model.to(device)
-    fewshot = fewshot_evaluate(model, cfg, dataset, data_path, transform, image_size, device, world=world)
+    meter = MemoryMeter(device)
+    try:
+        with meter.window() as test_peak:
+            fewshot = fewshot_evaluate(model, cfg, dataset, data_path, transform, image_size, device, world=world)
+    finally:
+        meter.close()
 
     results = {
         "status": "finished",
@@ -152,6 +159,7 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
         "seed": old.get("seed", cfg.seed),
         "classifier": cfg.classifier,
         "fewshot": fewshot,
+        "memory": {"test": peak_memory_record(device, test_peak)},
         "wall_time_s": time.time() - started,
         "config": cfg.to_dict() | {"dataset": dataset.key, "data_path": data_path,
                                    "transform": transform, "image_size": image_size},

@@ -24,6 +24,12 @@ Re-running the same command continues with the next architecture without a recor
 training resumes at its last epoch). ``--shard i/n`` processes the architectures whose index % n == i, so
 several processes (or GPUs) can share one folder; whichever finds every record present writes the
 summary. ``--summarize`` rebuilds the summary from the records there.
+
+Locks (`search_lib.run_dir.FolderLock`): every process of a study holds the study folder's lock shared, so
+``--overwrite`` (which needs it alone) is refused while any shard works; each architecture's folder is
+held exclusively while one process studies it, and the others skip it, so two processes in one folder
+(two shards, or the same command twice) never compute the same architecture; the summary is written under
+a lock of its own (``.summary.lock``), waited for.
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ from typing import Sequence
 
 from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
 from search_lib.config import SearchConfig
+from search_lib.errors import FolderInUse, UsageError
 from search_lib.original_flags import add_earlier_names
-from search_lib.errors import UsageError
-from search_lib.run_dir import RunDir
+from search_lib.run_dir import FolderLock, RunDir, describe_holder
 from search_lib.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
 
 from .checkpoints import read_json
@@ -52,6 +58,7 @@ from .train import TrainingData, train_and_evaluate
 log = logging.getLogger("metantknas.study")
 
 ARCHS_DIR = "archs"
+SUMMARY_LOCK = ".summary.lock"
 OUTPUTS = ("study.jsonl", "summary.json", "study.png")
 DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at initialisation (κ of the MetaNTK of "
                "MAML and ANIL and of the NTK, linear regions, #params, MACs, grad_norm, synflow) against the "
@@ -122,27 +129,64 @@ def run_study(cfg: StudyConfig) -> int:
     if cfg.summarize:
         return summarize_folder(run, cfg)
     archs = architectures(cfg)
-    old = None if cfg.overwrite else run.read_config()
-    if old is not None:
-        run.check_config(result_keys(old), cfg.result_dict(), what="a proxy study")
-    index, count = cfg.shard_index()
-    todo = [a for a in archs if a.index % count == index and (cfg.overwrite or read_record(run, a) is None)]
-    work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
-    run.create()
-    if cfg.overwrite:
-        run.clear()
-    run.write_config(cfg.flags())
-    with run.attach_log("metantknas", console=True):
-        log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),
-                 f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
-                 run.path)
-        for n, arch in enumerate(todo, 1):
-            folder = run / ARCHS_DIR / arch.id
-            log.info("[%d/%d] %s: %s", n, len(todo), arch.id, arch.genotype)
-            record = work.study(arch, folder)
-            atomic_write_json(folder / "record.json", record)
-            log.info("[%d/%d] %s: %s", n, len(todo), arch.id, _brief(record))
-        return write_outputs(run, cfg, archs)
+    _hold_study(run, cfg, early=True)
+    try:
+        old = None if cfg.overwrite else run.read_config()
+        if old is not None:
+            run.check_config(result_keys(old), cfg.result_dict(), what="a proxy study")
+        index, count = cfg.shard_index()
+        todo = [a for a in archs if a.index % count == index and (cfg.overwrite or read_record(run, a) is None)]
+        work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
+        run.create()
+        _hold_study(run, cfg)
+        if cfg.overwrite:
+            run.clear()
+            run.hold(shared=True)  # the other shards may join from here on
+        run.write_config(cfg.flags())
+        with run.attach_log("metantknas", console=True):
+            log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),
+                     f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
+                     run.path)
+            for n, arch in enumerate(todo, 1):
+                _study_one(run, work, arch, f"[{n}/{len(todo)}]")
+            return write_outputs(run, cfg, archs)
+    finally:
+        run.release()
+
+
+def _hold_study(run: RunDir, cfg: StudyConfig, early: bool = False) -> None:
+    """The study folder's lock: shared by the shards, alone for --overwrite (refused naming a busy shard)."""
+    try:
+        run.hold(early=early, shared=not cfg.overwrite, overwrite=cfg.overwrite)
+    except FolderInUse as exc:
+        if not cfg.overwrite:
+            raise
+        busy = [h for h in (FolderLock(d).holder() for d in sorted((run / ARCHS_DIR).glob("*"))) if h is not None]
+        who = f"shard {describe_holder(busy[0])}" if busy else "a shard between two architectures"
+        raise FolderInUse(f"--save_dir {run.path} is in use by other processes of this proxy study ({who}); "
+                          f"--overwrite is refused while they run (nothing was deleted); wait for them to finish "
+                          f"(or stop them) and run the command again, or choose another --save_dir") from exc
+
+
+def _study_one(run: RunDir, work: "StudyWork", arch: Arch, step: str) -> None:
+    """Study ``arch`` holding its folder's lock; skip it when another process holds it or has finished it."""
+    folder = run / ARCHS_DIR / arch.id
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder)
+    holder = lock.acquire()
+    if holder is not None:
+        log.info("%s %s: another process studies it (%s); skipped", step, arch.id, describe_holder(holder))
+        return
+    try:
+        if read_record(run, arch) is not None:  # finished by another process since the list was made
+            log.info("%s %s: finished by another process; skipped", step, arch.id)
+            return
+        log.info("%s %s: %s", step, arch.id, arch.genotype)
+        record = work.study(arch, folder)
+        atomic_write_json(folder / "record.json", record)
+        log.info("%s %s: %s", step, arch.id, _brief(record))
+    finally:
+        lock.release()
 
 
 def _brief(record: dict) -> str:
@@ -154,7 +198,17 @@ def _brief(record: dict) -> str:
 
 
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
-    """study.jsonl, summary.json, study.png (and done) from the records, once all are present (or ``partial``)."""
+    """study.jsonl, summary.json, study.png (and done) from the records, once all are present (or ``partial``);
+    one process at a time (the summary's lock, waited for)."""
+    lock = FolderLock(run.path, SUMMARY_LOCK)
+    lock.acquire(wait=True)
+    try:
+        return _write_outputs(run, cfg, archs, partial)
+    finally:
+        lock.release()
+
+
+def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool) -> int:
     records = [r for r in (read_record(run, a) for a in archs) if r is not None]
     if len(records) < len(archs) and not partial:
         log.info("%d of %d architectures have records; the process that finishes the last writes the summary "

@@ -50,8 +50,9 @@ from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
 from search_lib.report import draw_quietly
 from search_lib.run_dir import RunDir
-from search_lib.utils import (atomic_write_json, config_diff, configure_threads, resolve_device, rng_state,
-                              set_rng_state, set_seed)
+from search_lib.memory import MemoryMeter, peak_memory_record
+from search_lib.threads import ThreadTuner, configure_threads, threads_fixed
+from search_lib.utils import atomic_write_json, config_diff, resolve_device, rng_state, set_rng_state, set_seed
 
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
                           read_json, save_checkpoint, training_run_dir, unpack_rng)
@@ -82,17 +83,22 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     genotype = resolve_architecture(cfg, genotype)
     world, device = distributed.init(resolve_device(cfg.device))
     configure_threads(cfg.workers(device.type), cfg.threads)
-    data = TrainingData.load(cfg)  # data errors surface before anything is written
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
-    world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
-    if world.is_main:
-        run.create(verb="create")
-        if cfg.overwrite:
+    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process trains in: exit 2 at once
+    try:
+        data = TrainingData.load(cfg)  # data errors surface before anything is written
+        world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
+        if world.is_main:
+            run.create(verb="create")
+        run.hold(world, overwrite=cfg.overwrite)  # held from the first write to the end (rank 0 for the group)
+        if world.is_main and cfg.overwrite:
             run.clear()
-    world.barrier()  # ... and reads it only after that
-    with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-        with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:  # rank 0 writes
-            return TrainingRun(cfg, genotype, device, run, data, world, board).execute()
+        world.barrier()  # ... and reads it only after that
+        with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
+            with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:
+                return TrainingRun(cfg, genotype, device, run, data, world, board).execute()  # rank 0 writes
+    finally:
+        run.release()
 
 
 @dataclass
@@ -135,6 +141,7 @@ class TrainingRun:
         self.epoch, self.train_time_s, self.last = 0, 0.0, {}
         self.model = self.optimizer = self.scheduler = None
         self.cost: dict = {}
+        self.train_peak = self.test_peak = None  # memory windows (search_lib.memory.Window)
 
     def execute(self) -> dict:
         """The results dict: status "finished", "cached" or "stopped" (see `train_and_evaluate`)."""
@@ -152,10 +159,15 @@ class TrainingRun:
             self.run.write_config(self.conf)
         self._log_start()
         self._build(ckpt)
-        stopped = self.train()
-        if stopped is not None:
-            return stopped
-        return self.finish()
+        meter = MemoryMeter(self.device)  # the peaks of the training and of the test (this process and session)
+        try:
+            with meter.window() as self.train_peak:
+                stopped = self.train()
+            if stopped is not None:
+                return stopped
+            return self.finish(meter)
+        finally:
+            meter.close()
 
     def _log_start(self) -> None:
         cfg, world = self.cfg, self.world
@@ -211,19 +223,27 @@ class TrainingRun:
         if world.active:
             trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
+        # on the CPU the thread count is chosen by timing the steps (unless fixed): fewer beside other busy processes
+        tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if self.device.type == "cpu" else None
         epoch_bar = tqdm(range(self.epoch, cfg.epochs), initial=self.epoch, total=cfg.epochs, desc="epochs",
                          disable=None if cfg.progress and world.is_main else True, dynamic_ncols=True)
-        for epoch in epoch_bar:
-            if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
-                epoch_bar.close()
-                logger.info("stopping after epoch %d as asked; re-run to resume", epoch)
-                return {"status": "stopped", "epoch": epoch, "save_dir": str(self.run.path)}
-            loss, acc = self._train_epoch(epoch, trained, batches)
-            epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
-        epoch_bar.close()
+        try:
+            for epoch in epoch_bar:
+                if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
+                    logger.info("stopping after epoch %d as asked; re-run to resume", epoch)
+                    return {"status": "stopped", "epoch": epoch, "save_dir": str(self.run.path)}
+                loss, acc = self._train_epoch(epoch, trained, batches, tuner)
+                epoch_bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
+        finally:
+            epoch_bar.close()
+            if tuner is not None:
+                tuner.close()
+                if len(tuner.counts) > 1 and tuner.history:
+                    logger.info("training on the CPU: %s (chosen by timing them)", tuner.summary())
         return None
 
-    def _train_epoch(self, epoch: int, trained: nn.Module, batches: _EpochBatches) -> tuple[float, float]:
+    def _train_epoch(self, epoch: int, trained: nn.Module, batches: _EpochBatches,
+                     tuner: ThreadTuner | None) -> tuple[float, float]:
         """One epoch, then its checkpoint and metrics record; returns its loss and accuracy."""
         cfg, model = self.cfg, self.model
         t0 = time.time()
@@ -232,7 +252,7 @@ class TrainingRun:
         loss, acc = train_one_epoch(trained, batches.epoch(epoch), self.optimizer, self.device,
                                     desc=f"epoch {epoch + 1}", progress=cfg.progress and self.world.is_main,
                                     amp_dtype=cfg.amp_dtype(self.device.type), channels_last=cfg.channels_last,
-                                    world=self.world)
+                                    world=self.world, tuner=tuner)
         if not math.isfinite(loss):
             raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
         self.scheduler.step()
@@ -266,12 +286,13 @@ class TrainingRun:
 
     # ---- the test and the results ----
 
-    def finish(self) -> dict:
+    def finish(self, meter: MemoryMeter) -> dict:
         """Test the trained network on the few-shot episodes, write results.json, done and training.png."""
         cfg, world = self.cfg, self.world
         t_eval = time.time()
-        fewshot = fewshot_evaluate(self.model, cfg, cfg.data, cfg.data_path, self.conf["transform"], cfg.image_size,
-                                   self.device, self.data.episode_sets, world)
+        with meter.window() as self.test_peak:
+            fewshot = fewshot_evaluate(self.model, cfg, cfg.data, cfg.data_path, self.conf["transform"],
+                                       cfg.image_size, self.device, self.data.episode_sets, world)
         self.board.fewshot(fewshot, cfg.epochs)
         results = self._results(fewshot, time.time() - t_eval)
         if world.is_main:
@@ -301,6 +322,8 @@ class TrainingRun:
             "wall_time_s": self.train_time_s + eval_time_s,
             "session_time_s": time.time() - self.started,
             "processes": self.world.size,
+            "memory": {"train": peak_memory_record(self.device, self.train_peak),
+                       "test": peak_memory_record(self.device, self.test_peak)},
             "save_dir": str(self.run.path),
             "config": self.conf,
         }

@@ -8,8 +8,10 @@ Modules:
     cli             command-line plumbing: one-line errors, true/false flags, flags generated from configs, help
                     with one default per flag, other spellings of flags
     original_flags  the paper repository's spellings of the three command lines (and the README's table)
-    utils           device selection, seeding, atomic writes, JSONL, CPU counts and thread pools
-    run_dir         the one owner of a run folder (search and training alike)
+    utils           device selection, seeding, atomic writes, JSONL
+    threads         thread counts: the user's, the affinity's, and ThreadTuner (chosen by timing)
+    memory          --memory_budget, peak memory of a stretch of work, the measured pass size
+    run_dir         the one owner of a run folder (search and training alike), its lock
     distributed     torchrun: the world of processes; sharding and gathering
     ops             operation registry of the search spaces
     space           a search space resolved once (ops, edge keys, edge groups: the cell topology)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .errors import EXIT_RUNTIME, EXIT_USAGE, RunFailure, ToolkitError, one_line
+from .memory import is_out_of_memory
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -95,7 +96,7 @@ def make_parser(prog: str | None = None, description: str | None = None, epilog:
 
 _OOM_MESSAGE = ("the GPU ran out of memory; lower --batch_size (or --ntk_channels for the search), or run with "
                 "--device cpu; re-running the same command resumes")
-_OOM_WORDS = ("out of memory", "not_enough_memory", "cublas_status_alloc_failed")
+_CPU_OOM_MESSAGE = "out of memory; lower --batch_size or the network size; re-running the same command resumes"
 
 
 def _report(message: str) -> None:
@@ -123,16 +124,17 @@ def run_cli(body: Callable[[], int | None]) -> int:
     except torch.cuda.OutOfMemoryError:
         _report(f"error: {_OOM_MESSAGE}")
         return EXIT_RUNTIME
-    except RuntimeError as exc:  # cuDNN / cuBLAS allocation failures are plain RuntimeErrors
-        if not any(word in str(exc).lower() for word in _OOM_WORDS):
+    except RuntimeError as exc:  # cuDNN / cuBLAS / the CPU allocator's failures are plain RuntimeErrors
+        if not is_out_of_memory(exc):
             raise
-        _report(f"error: {_OOM_MESSAGE}")
+        on_gpu = any(word in str(exc).lower() for word in ("cuda", "cudnn", "cublas"))
+        _report(f"error: {_OOM_MESSAGE if on_gpu else _CPU_OOM_MESSAGE}")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         _report("error: interrupted; re-run the same command to resume")
         return 130
     except MemoryError:
-        _report("error: out of memory; lower --batch_size or the network size")
+        _report(f"error: {_CPU_OOM_MESSAGE}")
         return EXIT_RUNTIME
 
 

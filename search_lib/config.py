@@ -10,6 +10,7 @@ from functools import cached_property
 from .cli import flag
 from .data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from .errors import UsageError
+from .memory import parse_size
 from .original_flags import EARLIER_FIELDS
 from .space import SearchSpace
 from .ops import SEARCH_SPACES
@@ -23,7 +24,7 @@ BN_MODES = ("train", "eval")
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
 NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train", "candidates_per_pass",
-                   "original_flags"}
+                   "original_flags", "memory_budget", "threads"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -63,9 +64,14 @@ class SearchConfig:
     overwrite: bool = field(default=False, metadata=flag("discard a finished or different run in --save_dir",
                                                          group=_SEARCH))
     candidates_per_pass: int = field(default=0, metadata=flag(
-        "architectures scored per pass of the networks: 0 chooses from the memory (CPU: 1 GiB of per-sample "
-        "gradients; CUDA: a third of the free memory), 1 scores one at a time (the reference path)",
-        group=_SEARCH))
+        "most architectures scored per pass of the networks: 0 lets the measured memory choose (within "
+        "--memory_budget), 1 scores one at a time (the reference path)", group=_SEARCH))
+    memory_budget: str = field(default="auto", metadata=flag(
+        "peak memory the search may use, with a unit (e.g. 8GB, 512MB); auto: on CUDA 80%% of the GPU's free "
+        "memory at the start, on the CPU the smaller of 4 GiB and half of the available memory", group=_SEARCH))
+    threads: int | None = field(default=None, metadata=flag(
+        "torch / BLAS threads, fixed (default: one per CPU of the process's affinity, fewer while other busy "
+        "processes share the cores; METANTKNAS_THREADS or OMP_NUM_THREADS also fix it)", type=int, group=_SEARCH))
     ntk_type: str = field(default="MetaNTK_anl", metadata=flag("kernel to rank by", choices=NTK_TYPES,
                                                                group=_KERNEL))
     ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))
@@ -161,6 +167,9 @@ class SearchConfig:
             raise UsageError("--inner_lr_time must be > 0 and --reg_coef >= 0")
         if self.candidates_per_pass < 0:
             raise UsageError(f"--candidates_per_pass must be 0 (automatic) or positive, got {self.candidates_per_pass}")
+        parse_size(self.memory_budget)  # a one-line usage error for a bad size
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
         if self.rand_seed < -1:
             raise UsageError(f"--rand_seed must be -1 (random) or a non-negative integer, got {self.rand_seed}")
         return self

@@ -29,6 +29,10 @@ class GenotypeError(UsageError):
     """A genotype string or file that cannot be parsed or is invalid for the search space."""
 
 
+class FolderInUse(UsageError):
+    """A run folder whose lock another running process holds (`search_lib.run_dir.FolderLock`)."""
+
+
 class DataError(ToolkitError):
     """Input data that is missing, malformed or too small for the requested episodes."""
 

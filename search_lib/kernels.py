@@ -100,9 +100,10 @@ def per_sample_gradients(model: nn.Module, params: Sequence[nn.Parameter]) -> It
         for m, mode in modes:
             m.training = mode
         gsm._close()  # removes hooks and every attribute Opacus put on the parameters
-        for m in model.modules():
-            if hasattr(m, "activations"):
-                del m.activations
+        for m in model.modules():  # and what its hooks put on the modules (a failed pass leaves both behind)
+            for attr in ("activations", "max_batch_len"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
         for p, req, grad in saved:
             p.requires_grad_(req)
             p.grad = grad
@@ -148,11 +149,24 @@ def gram_by_group(gsm: GradSampleModule, inputs: torch.Tensor,
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
-            g = g.reshape(n, -1)
-            K += (g @ g.T).to(torch.float64)  # the n x n product in the gradients' dtype, summed in float64
+            K += block_grams(g.reshape(1, n, -1))[0].to(torch.float64)  # in the gradients' dtype, summed in float64
         grams[name] = K
     _clear_grads(gsm)
     return grams
+
+
+def block_grams(g: torch.Tensor) -> torch.Tensor:
+    """G_b G_b^T of every block of ``g`` (B, m, P): (B, m, m) in g's dtype, as one batched product.
+
+    The numbers of a block do not depend on the other blocks, on how many there are or on the thread count
+    (measured on the CPU: bit-identical for 2 to 64 blocks and for 1 and 2 threads), so a candidate's κ is the
+    same whatever pass it is scored in. A plain matrix product, or a batched one of a single matrix (which
+    dispatches to it), rounds differently and splits its sums over the threads: a single block is multiplied
+    as two copies instead.
+    """
+    if g.shape[0] == 1:
+        return torch.bmm(g.repeat(2, 1, 1), g.repeat(2, 1, 1).transpose(1, 2))[:1]
+    return torch.bmm(g, g.transpose(1, 2))
 
 
 def gram_blocks(gsm: GradSampleModule, inputs: torch.Tensor, groups: dict[str, Sequence[nn.Parameter]],
@@ -173,8 +187,7 @@ def gram_blocks(gsm: GradSampleModule, inputs: torch.Tensor, groups: dict[str, S
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
-            g = g.reshape(n_blocks, m, -1)
-            K += torch.bmm(g, g.transpose(1, 2)).to(torch.float64)
+            K += block_grams(g.reshape(n_blocks, m, -1)).to(torch.float64)
         grams[name] = K
     _clear_grads(gsm)
     return grams

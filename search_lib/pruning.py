@@ -11,6 +11,11 @@ of the NTK or MetaNTK) and ΔR = (R_full - R_without) / R_full (linear regions).
 * Scoring a candidate is a pure function of (alphas, repeat seed, batch) (`search_lib.scoring`).
 * The state is saved atomically after every round, so a killed search resumes where it stopped.
 
+Each round's record in history.jsonl holds, besides the scores, what the round measured on this run (pass
+size, peak memory, budget, thread counts, seconds) under one key, ``measured`` (`MEASURED_KEY`): those
+numbers differ from run to run, everything else is the same for the same seed and command on the CPU.
+Compare histories with `scores_text`, which leaves that key out.
+
 The run folder around a search (config, resume, outputs) is `search_lib.search_run`.
 """
 
@@ -31,15 +36,24 @@ from .distributed import World
 from .genotypes import Genotype, genotype_from_alphas
 from .kernels import KAPPA_SENTINEL
 from .ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
+from .memory import format_size, resolve_budget
 from .run_dir import RunDir, SavedState
 from .scoring import CandidateScorer
-from .utils import atomic_write_json, atomic_write_text, resolve_device
+from .utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 
 log = logging.getLogger("metantknas.search")
 
 CELLS = ("normal", "reduce")
 STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
 STATE_VERSION = 1
+MEASURED_KEY = "measured"  # the part of a history record that is measured on this run, not computed
+
+
+def scores_text(path) -> str:
+    """history.jsonl without each record's `MEASURED_KEY`, as the same JSON lines: two runs of the same search
+    (interrupted or not, whatever their pass sizes and thread counts) give the same text."""
+    return "".join(json.dumps({k: v for k, v in r.items() if k != MEASURED_KEY}, sort_keys=True) + "\n"
+                   for r in read_jsonl(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,29 +187,19 @@ class PruningSearch:
         return {"round": round_idx, "phase": phase,
                 "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
                 "regions_full": [int(v) for v in rfull], "candidates": records,
-                "sentinel_events": len(sentinels), "all_tied": all_tied}
+                "sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: scorer.measured()}
 
     def score_archs(self, scorer: CandidateScorer, archs: list[np.ndarray], contexts: list[str],
                      bar=None) -> list[tuple[float, int]]:
         """(κ, regions) of each architecture: one by one with ``--candidates_per_pass 1`` (the reference
-        path); else the regions `REGIONS_PER_PASS` at a time and the kernels as many per pass as the memory
-        rule allows (`CandidateScorer.candidates_per_pass`; one at a time for a large supernet on the CPU)."""
+        path); else the regions `REGIONS_PER_PASS` at a time and the kernels in passes sized by the measured
+        memory (`CandidateScorer.kappas_measured`; one at a time for a large supernet on the CPU)."""
+        update = bar.update if bar is not None else None
         if self.cfg.candidates_per_pass == 1:
-            out = []
-            for arch, ctx in zip(archs, contexts):
-                out.append((scorer.kappa(arch, ctx), scorer.regions(arch)))
-                if bar is not None:
-                    bar.update(1)
-            return out
+            return [(scorer.kappas_measured([arch], [ctx], update)[0], scorer.regions(arch))
+                    for arch, ctx in zip(archs, contexts)]
         regions = scorer.regions_many(archs)
-        per_pass = scorer.candidates_per_pass()
-        kappas: list[float] = []
-        for start in range(0, len(archs), per_pass):
-            chunk, ctx = archs[start:start + per_pass], contexts[start:start + per_pass]
-            kappas += [scorer.kappa(chunk[0], ctx[0])] if len(chunk) == 1 else scorer.kappas_many(chunk, ctx)
-            if bar is not None:
-                bar.update(len(chunk))
-        return list(zip(kappas, regions))
+        return list(zip(scorer.kappas_measured(archs, contexts, update), regions))
 
     def describe(self, cand: Candidate) -> str:
         what = "edge" if cand.op is None else self.ops[cand.op]
@@ -252,7 +256,15 @@ class PruningSearch:
         cfg = self.cfg
         split = load_split(cfg.data, cfg.data_path, "train")
         num_classes = len(split.class_ids)
-        scorer = CandidateScorer(cfg, split, self.device, num_classes)
+        budget = resolve_budget(cfg.memory_budget, self.device)  # on CUDA: the free memory now, at the start
+        scorer = CandidateScorer(cfg, split, self.device, num_classes, budget)
+        try:
+            return self._rounds(scorer, state)
+        finally:
+            scorer.close()
+
+    def _rounds(self, scorer: CandidateScorer, state: dict | None) -> Genotype:
+        cfg = self.cfg
         if state is None:
             state = {"version": STATE_VERSION, "round": 0, "phase": "ops",
                      "alive": self.initial_alive().tolist(), "history": []}
@@ -268,18 +280,29 @@ class PruningSearch:
             if not cands:
                 state["phase"] = next_phase
                 continue
-            record = self.score_round(scorer, alive, cands, r, phase)
+            with scorer.meter.window() as peak:  # the round's peak memory (its kernel passes measure their own)
+                record = self.score_round(scorer, alive, cands, r, phase)
             alive = prune(alive, cands, record)
             record["ops_left"] = int(alive.sum())
+            measured = record[MEASURED_KEY]  # this process's numbers (rank 0's under torchrun)
+            measured.update(peak_bytes=peak.peak, seconds=round(time.time() - t0, 2))
             state["history"].append(record)
             state["round"] = r + 1
             state["alive"] = alive.tolist()
             self.save_state(state)
-            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels%s",
-                     r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], time.time() - t0,
-                     record["sentinel_events"], ", all scores tied" if record["all_tied"] else "")
+            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels%s; %s",
+                     r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], measured["seconds"],
+                     record["sentinel_events"], ", all scores tied" if record["all_tied"] else "", _brief(measured))
         self.save_state(state)
         return genotype_from_alphas(*alphas_from_alive(alive), cfg.space.name, cfg.space.max_nodes)
+
+
+def _brief(measured: dict) -> str:
+    """``up to 16 per pass, peak 1.21 GiB (budget 4.00 GiB), threads 2``: the measured part of a round's line."""
+    threads = "/".join(sorted(measured["threads"], key=int, reverse=True)) or "-"
+    split = f", {measured['oom_splits']} out-of-memory splits" if measured["oom_splits"] else ""
+    return (f"up to {measured['pass_size']} per pass, peak {format_size(measured['peak_bytes'])} (budget "
+            f"{format_size(measured['budget_bytes'])}){split}, threads {threads}")
 
 
 # --------------------------------------------------------------------------------------------------

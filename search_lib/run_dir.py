@@ -14,23 +14,37 @@ A saved state that cannot be read back (a kill mid-write on a full disk, a hand 
 ``*.corrupt`` with a warning and the previous copy is used; with neither readable the run starts over.
 Nothing here knows what a search or a training is: the callers pass the file names, a reader and the
 words of their messages.
+
+One process at a time: a run holds its folder's lock (`FolderLock`, ``.lock``) for its whole life, so
+a second process on the same folder (a cron job firing while the last one still runs, a sweep and a
+hand-started run) stops at once with exit 2 naming the holder, and ``--overwrite`` cannot delete a
+running run's files. The lock is ``flock(2)``: the operating system drops it when the process ends,
+however it ends, so a SIGKILL leaves nothing stale and the re-run simply takes it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import shlex
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import RunFailure, ToolkitError, UsageError, one_line
+from .distributed import World
+from .errors import FolderInUse, RunFailure, ToolkitError, UsageError, one_line
 from .utils import atomic_write_json, atomic_write_text, config_diff
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,146 @@ class SavedState:
         return self.name, self.prev, self.name + ".corrupt", self.prev + ".corrupt"
 
 
+# ---- the lock --------------------------------------------------------------------------------------------
+
+log = logging.getLogger("metantknas")
+
+
+def holder_record() -> dict:
+    """What a lock holder writes into the lock file: pid, host, start time, command."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": shlex.join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+
+
+def describe_holder(record: dict | None) -> str:
+    """``pid 123 on host box, started 2026-12-02 00:01:02 UTC, command: prune_metantknas.py ...``."""
+    if not record or "pid" not in record:
+        return "a process that has not written its name yet"
+    host = f" on host {record['host']}" if record.get("host") else ""
+    return (f"pid {record['pid']}{host}, started {record.get('started', '?')}, command: "
+            f"{one_line(str(record.get('command', '?')), 160)}")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text() or "null")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class FolderLock:
+    """An ``flock`` on ``<folder>/.lock``, taken without waiting and held until `release` or the process's end.
+
+    An exclusive holder writes `holder_record` into the file (emptied again on release), so that a refused
+    process can name it. A shared hold (the shards of a proxy study) writes nothing; it only keeps an
+    exclusive taker (``--overwrite``) out. The file is never deleted: deleting a lock file while another
+    process has it open is how two processes end up holding "the" lock at once.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE):
+        self.path = Path(folder) / name
+        self.shared = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, shared: bool = False, wait: bool = False) -> dict | None:
+        """Take (or convert) the lock; None when this process holds it now, else the holder's record ({} when it
+        wrote none). ``wait``: block until it is free (for short sections only). A file system without locks
+        gives a warning and no lock."""
+        if self._fd is not None and self.shared == shared:
+            return None
+        fd = self._fd if self._fd is not None else self._open()
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            if self._fd is None:
+                os.close(fd)
+            if exc.errno in _BUSY:
+                return _read_record(self.path) or {}
+            if exc.errno in _UNSUPPORTED:
+                log.warning("cannot lock %s (%s): running without a lock; make sure no other process uses this "
+                            "folder", self.path, exc.strerror)
+                return None
+            raise RunFailure(f"cannot lock {self.path}: {exc.strerror}") from None
+        self._fd, self.shared = fd, shared
+        try:
+            os.ftruncate(fd, 0)  # a shared hold names nobody; an exclusive one names this process
+            if not shared:
+                os.pwrite(fd, (json.dumps(holder_record(), sort_keys=True) + "\n").encode(), 0)
+        except OSError:  # a lock file this user may only read: held all the same, just unnamed
+            pass
+        return None
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EROFS) and self.path.exists():
+                try:  # flock works on a descriptor open for reading too
+                    return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    pass
+            raise RunFailure(f"cannot create the lock file {self.path}: {exc.strerror}; choose a writable "
+                             f"folder") from None
+
+    def hold(self, what: str, fix: str = "choose another --save_dir") -> "FolderLock":
+        """`acquire` exclusively, or FolderInUse (exit 2) naming the holder; ``with lock.hold(...):`` releases."""
+        record = self.acquire()
+        if record is not None:
+            raise FolderInUse(in_use_message(what, record, fix=fix))
+        return self
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if not self.shared:
+                os.ftruncate(fd, 0)
+        except OSError:  # the folder became read-only or vanished: the lock goes with the descriptor anyway
+            pass
+        finally:
+            os.close(fd)  # closing the last descriptor of the file releases the flock
+
+    def holder(self) -> dict | None:
+        """The record of another process holding the lock exclusively ({} when unnamed); None when it is free
+        or only shared (or there is no lock file). A probe: a shared lock for a moment, never written."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            return (_read_record(self.path) or {}) if exc.errno in _BUSY else None
+        finally:
+            os.close(fd)
+        return None
+
+
+def in_use_message(what: str, record: dict | None, overwrite: bool = False, fix: str = "choose another "
+                   "--save_dir") -> str:
+    """The one line of a refusal: the folder, its holder, and what to do."""
+    refused = "; --overwrite is refused while it runs (nothing was deleted)" if overwrite else ""
+    return (f"{what} is in use by another process ({describe_holder(record)}){refused}; wait for it to finish "
+            f"(or stop it) and run the command again, or {fix}")
+
+
 class RunDir:
     """A run folder: config check, rotating atomic saves with fallback, outputs, ``done`` marker, log."""
 
@@ -59,6 +213,7 @@ class RunDir:
         self.outputs = tuple(outputs)
         self.log_name = log_name
         self.logger = logger
+        self.lock = FolderLock(self.path)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -91,6 +246,28 @@ class RunDir:
                 pass
             except OSError as exc:
                 raise RunFailure(f"cannot remove {self.path / name} for --overwrite: {exc.strerror}") from None
+
+    # ---- one process at a time ----
+    def hold(self, world: World | None = None, *, early: bool = False, shared: bool = False,
+             overwrite: bool = False) -> None:
+        """Hold the folder's lock for the rest of the run; FolderInUse (exit 2) naming the holder when another
+        process has it. Under torchrun rank 0 holds it for the group and every rank gets the refusal (so
+        every rank calls this at the same point). ``early``: only when the folder has a lock file already (a
+        first look before any work; nothing is created). ``shared``: several cooperating processes (the
+        shards of a proxy study) hold it at once, and keep an exclusive taker out."""
+        world = world or World()
+        problem = None
+        if world.is_main and not (early and not self.lock.path.exists()):
+            record = self.lock.acquire(shared)
+            if record is not None:
+                problem = in_use_message(f"--save_dir {self.path}", record, overwrite)
+        if world.active:
+            problem = world.gather(problem)[0]
+        if problem:
+            raise FolderInUse(problem)
+
+    def release(self) -> None:
+        self.lock.release()
 
     # ---- configuration ----
     def read_config(self) -> dict | None:

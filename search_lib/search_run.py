@@ -19,12 +19,15 @@ import torch
 from . import distributed
 from .config import SearchConfig
 from .data import SplitData, load_split, sample_batch, sample_meta_batch
+from .distributed import World
 from .errors import DataError, GenotypeError, UsageError, one_line
 from .genotypes import Genotype, GenotypeRecord
 from .pruning import PruningSearch, search_run_dir
 from .scoring import search_transform
 from .report import draw_quietly, draw_search
+from .run_dir import RunDir
 from .supernet import Supernet, replace_norm
+from .threads import configure_threads
 from .utils import draw_seed, resolve_device
 
 log = logging.getLogger("metantknas.search")
@@ -78,12 +81,23 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     """Validate, set up (or resume) the run directory, search, write the outputs.
 
     Under torchrun every rank runs this: each scores its share of every round's candidates, every rank
-    gets all the scores and prunes alike, and rank 0 alone writes the run folder and prints.
+    gets all the scores and prunes alike, and rank 0 alone writes the run folder and prints. The folder's
+    lock is held from the first look (when the folder has a lock file) or the first write to the end.
     """
     cfg.validate()
     world, device = distributed.init(resolve_device(cfg.device))
-    main = world.is_main
+    configure_threads(0, cfg.threads)  # --threads fixes the count; else the passes tune it (CPU)
     run = search_run_dir(cfg.save_dir)
+    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process runs in: exit 2 at once
+    try:
+        return _run_search(cfg, run, world, device)
+    finally:
+        run.release()
+
+
+def _run_search(cfg: SearchConfig, run: RunDir, world: World, device: torch.device) -> SearchResult:
+    """`run_search` while this process holds (or is about to hold) the folder's lock."""
+    main = world.is_main
     save_dir = run.path
     old_cfg = None if cfg.overwrite else run.read_config()
     if old_cfg is not None:
@@ -115,6 +129,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     world.barrier()  # every rank has read the folder before rank 0 changes it
     if main:
         run.create()
+    run.hold(world, overwrite=cfg.overwrite)  # held from the first write to the end (rank 0 for the group)
+    if main:
         if cfg.overwrite:
             run.clear()
         run.write_config(cfg.to_dict())

@@ -4,10 +4,11 @@ side by side, one GPU per job (or ``--jobs N`` on the CPU), one log per job and 
     python -m search_lib.sweep --presets all --seeds 0,1,2            # data from $METANTKNAS_*_DATA
     python -m search_lib.sweep --jobs_file jobs.txt --gpus none --jobs 2 -- --device cpu
 
-A job whose run folder (its ``--save_dir``) holds a ``done`` marker is skipped; any other job is run with
-its own command, which resumes an interrupted run (the scripts save their state after every round or
-epoch). Exit code: 0 when every job finished or was skipped, 1 when any failed, 2 for bad sweep flags,
-130 on Ctrl-C or SIGTERM (running jobs are interrupted; running the sweep again resumes them).
+A job whose run folder (``--save_dir``) holds ``done`` is skipped, one whose folder another process holds
+(`search_lib.run_dir.FolderLock`) is reported ``running elsewhere``; any other job runs its command, which
+resumes an interrupted run. The sweep holds its log folder's lock: a second sweep on it stops (exit 2).
+Exit code: 0 when every job finished, was skipped or runs elsewhere, 1 when any failed, 2 for bad sweep
+flags, 130 on Ctrl-C or SIGTERM (running jobs are interrupted; running the sweep again resumes them).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 from .cli import make_parser, run_cli, str2bool
 from .config import PAPER_PRESETS
 from .errors import RunFailure, UsageError, one_line
-from .run_dir import DONE_FILE
-from .utils import atomic_write_json, available_cpus
+from .run_dir import DONE_FILE, FolderLock, describe_holder
+from .threads import available_cpus
+from .utils import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")
@@ -57,7 +59,7 @@ class Job:
     argv: list[str]
     save_dir: Path | None
     train_after: bool  # --train_after_search: finished only when <save_dir>/train is done too
-    status: str = "not run"  # ok / failed / skipped / interrupted / not run
+    status: str = "not run"  # ok / failed / skipped / running elsewhere / interrupted / not run
     exit_code: int | None = None
     wall_s: float | None = None
     log: str | None = None
@@ -66,11 +68,15 @@ class Job:
     fh: IO | None = field(default=None, repr=False)
     t0: float = 0.0
 
-    def finished(self) -> bool:
-        if self.save_dir is None:  # nothing to look at: always run (the scripts report a finished run)
-            return False
-        marks = [self.save_dir / DONE_FILE] + ([self.save_dir / "train" / DONE_FILE] if self.train_after else [])
-        return all(m.is_file() for m in marks)
+    def folders(self) -> list[Path]:  # <save_dir>, and <save_dir>/train with --train_after_search
+        return [] if self.save_dir is None else [self.save_dir] + [self.save_dir / "train"] * self.train_after
+
+    def finished(self) -> bool:  # without a save_dir, always run (the scripts report a finished run)
+        return bool(self.folders()) and all((f / DONE_FILE).is_file() for f in self.folders())
+
+    def elsewhere(self) -> dict | None:
+        """The record of another process holding one of the job's run folders, None when none is held."""
+        return next((h for h in (FolderLock(f).holder() for f in self.folders()) if h is not None), None)
 
     def record(self) -> dict:
         return dict(job=self.name, status=self.status, exit_code=self.exit_code, wall_s=self.wall_s, log=self.log,
@@ -164,8 +170,7 @@ def make_jobs(cfg: SweepConfig) -> list[Job]:
 # ---- running ----------------------------------------------------------------------------------------------
 
 def _cuda_id(index: int) -> str:
-    """The CUDA_VISIBLE_DEVICES entry for torch device ``index`` of this process: a child reads the variable
-    against the physical devices, so a sweep started with CUDA_VISIBLE_DEVICES=2,3 must hand out 2 and 3."""
+    """The CUDA_VISIBLE_DEVICES entry of torch device ``index`` (the child reads it against the physical devices)."""
     parent = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
     return parent[index] if index < len(parent) else str(index)
 
@@ -233,13 +238,19 @@ def run_jobs(jobs: list[Job], slots: list[int | None], log_dir: Path, threads: i
     try:
         while (pending or running) and stop.signum is None:
             while pending and free and stop.signum is None:
-                job, slot = pending.pop(0), free.pop(0)
+                job = pending.pop(0)
+                holder = job.elsewhere()
+                if holder is not None:  # e.g. started by hand, or by another sweep with another --log_dir
+                    job.status = "running elsewhere"
+                    print(f"[running elsewhere] {job.name}: held by {describe_holder(holder)}; not started", flush=True)
+                    continue
+                slot = free.pop(0)
                 _start(job, slot, log_dir, threads)
                 running.append((job, slot))
             for job, slot in list(running):
                 code = job.exit_code if job.proc is None else job.proc.poll()
-                if code is not None:
-                    _finish(job, code)
+                if code is not None:  # exit 2 on a folder another process took meanwhile: not a failure
+                    _finish(job, code, "running elsewhere" if code == 2 and job.elsewhere() is not None else None)
                     running.remove((job, slot))
                     free.append(slot)
             time.sleep(POLL_S)
@@ -354,13 +365,20 @@ def sweep(cfg: SweepConfig) -> int:
             job.status = "skipped"
     if cfg.dry_run:
         for job in jobs:
-            print(f"{job.name}  {'skip (done)' if job.status == 'skipped' else 'run'}  {shlex.join(job.argv)}")
+            what = "skip (done)" if job.status == "skipped" else "running elsewhere" if job.elsewhere() else "run"
+            print(f"{job.name}  {what}  {shlex.join(job.argv)}")
         return 0
     log_dir = Path(cfg.log_dir or Path(cfg.save_root) / "sweep_logs")
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunFailure(f"cannot create --log_dir {log_dir}: {exc.strerror}; choose a writable folder") from None
+    # one sweep per log folder: a cron run firing while the last one still runs stops here (exit 2)
+    with FolderLock(log_dir).hold(f"the sweep's --log_dir {log_dir}", fix="give another --log_dir"):
+        return _sweep(cfg, jobs, log_dir)
+
+
+def _sweep(cfg: SweepConfig, jobs: list[Job], log_dir: Path) -> int:
     slots = list(cfg.gpus) if cfg.gpus else [None] * cfg.jobs
     cores = available_cpus()
     print(f"sweep: {len(jobs)} jobs ({sum(j.status == 'skipped' for j in jobs)} done already), {len(slots)} at once "

@@ -120,3 +120,38 @@ def test_tensors_changed_in_place_are_not_shared():
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(fast(x), net(x))
     assert _count(fast, lambda n: n.op == "call_module") == 2
+
+
+def test_the_test_rewrites_the_network_once_per_state_of_its_weights(monkeypatch):
+    """meta_test is called once per split and shot with the same weights: one rewrite serves them all, and a
+    change of the weights (training on, loading others) makes a new one."""
+    import eval_lib.fewshot as fewshot
+
+    made = []
+    real = fewshot.inference_network
+    monkeypatch.setattr(fewshot, "inference_network", lambda net, mode: made.append(mode) or real(net, mode))
+    torch.manual_seed(0)
+    net = AugmentCNN(PRESETS["mini-5cell-1"], C=4, layers=5, num_classes=5).eval()
+    x = torch.randn(6, 3, 16, 16)
+    first = fewshot._Features(net, torch.device("cpu"), False, 64, "fused")(x)
+    second = fewshot._Features(net, torch.device("cpu"), False, 64, "fused")(x)
+    assert made == ["fused"] and torch.equal(first, second)
+    with torch.no_grad():
+        net.stem[0].weight.mul_(2.0)  # in place, as an optimiser step
+    changed = fewshot._Features(net, torch.device("cpu"), False, 64, "fused")(x)
+    assert made == ["fused", "fused"] and not torch.equal(changed, first)
+    fewshot._Features(net, torch.device("cpu"), True, 64, "fused")  # logits instead of features: another rewrite
+    assert len(made) == 3
+
+
+def test_the_cpu_feature_batch_follows_the_activation_size():
+    """64 images of the demo's network (8 channels after the stem, 32 x 32) is the reference: narrower networks
+    and smaller images take more per pass, up to 256."""
+    from eval_lib.fewshot import _feature_batch
+
+    def batch(C, size):
+        return _feature_batch(AugmentCNN(PRESETS["mini-5cell-1"], C=C, layers=2, num_classes=5),
+                              torch.zeros(1, 3, size, size))
+
+    assert (batch(8, 32), batch(2, 16), batch(4, 32), batch(48, 84)) == (64, 256, 128, 64)
+    assert _feature_batch(nn.Linear(3, 2), torch.zeros(1, 3)) == 64  # no convolution: the reference size

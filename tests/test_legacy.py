@@ -71,6 +71,7 @@ def test_legacy_checkpoint_is_tested_with_the_recorded_numbers(legacy, tmp_path)
     new = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert new["genotype"] == old["genotype"] and new["params"] == old["params"]
     assert _mean(new) == pytest.approx(_mean(old), abs=1e-9)
+    assert new["memory"]["test"]["measure"] == "process_rss" and new["memory"]["test"]["peak_bytes"] > 100 << 20
 
 
 def test_legacy_training_run_is_cached_then_resumes(legacy):

@@ -196,3 +196,17 @@ def test_resize_after_the_colour_jitter_matches_pil():
                     T.ToTensor()])
     images = _images(12, 14, 2)
     assert torch.equal(_batched(tf, images, 1)[0], _reference(tf, images, 1)[0])
+
+
+def test_resizes_are_made_once_per_distinct_image(monkeypatch):
+    """The few-shot test resizes each support image once per copy and episode: the step remembers its output."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)[rng.integers(0, 4, 40)]  # 4 distinct images
+    tf = T.Compose([_ToPIL(), _ResizeIfNeeded(16), T.ToTensor()])
+    resizes = []
+    real = pil_batch.Image.Image.resize
+    monkeypatch.setattr(pil_batch.Image.Image, "resize", lambda self, *a, **k: resizes.append(1) or real(self, *a, **k))
+    fast = BatchedPIL.build(tf)
+    out, again = fast._batched(images), fast._batched(images[:7])
+    assert len(resizes) == 4  # the 40 images, then 7 of them again
+    assert torch.equal(out, torch.stack([tf(img) for img in images])) and torch.equal(again, out[:7])

@@ -14,7 +14,7 @@ import eval_searched_arch
 from eval_lib.config import EVAL_KEYS, TrainConfig, eval_settings
 from eval_lib.train import train_and_evaluate
 from search_lib.errors import UsageError
-from search_lib.utils import THREADS_ENV, available_cpus, configure_threads
+from search_lib.threads import THREADS_ENV, available_cpus, configure_threads
 
 
 def _cfg(data_path, save_dir, **kw) -> TrainConfig:

@@ -93,13 +93,38 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 # the steps on the stack: uint8 (N, H, W, 3) until a step needs arithmetic, then float32 (N, 3, H, W)
 # ----------------------------------------------------------------------------------------------------------
 
-def _resize(x: torch.Tensor, step: Resize, params: AugmentParams) -> torch.Tensor:
-    """Through PIL, image by image (deterministic: the step itself)."""
+class ResizeMemo:
+    """What a resize made of each image, by the image's bytes. The few-shot test resizes every support image
+    once per copy and episode (the digits' 4 x 100 episodes: 30,000 resizes of a few hundred distinct
+    images); a resize is deterministic, so each distinct image needs it once."""
+
+    LIMIT_BYTES = 64 << 20  # of resized images kept; beyond that new images are resized every time
+
+    def __init__(self):
+        self._made: dict[bytes, np.ndarray] = {}
+        self._held = 0
+
+    def __call__(self, step: Resize, a: np.ndarray) -> np.ndarray:
+        key = a.tobytes() + bytes(f"{a.shape}{step.size}", "ascii")
+        out = self._made.get(key)
+        if out is None:
+            out = np.asarray(step.step(Image.fromarray(a)))
+            if self._held + out.nbytes <= self.LIMIT_BYTES:
+                self._made[key] = out
+                self._held += out.nbytes
+        return out
+
+
+def _resize(x: torch.Tensor, step: Resize, params: AugmentParams, memo: ResizeMemo | None = None) -> torch.Tensor:
+    """Through PIL, image by image (deterministic: the step itself), each distinct image once with a memo."""
     if x.dtype != torch.uint8:  # after a colour operation: integers 0..255, so uint8 holds them exactly
         x = x.permute(0, 2, 3, 1).to(torch.uint8)
     if tuple(x.shape[1:3]) == step.size:  # the step returns such an image unchanged
         return x
-    out = [np.asarray(step.step(Image.fromarray(a))) for a in x.numpy()]
+    if memo is None:
+        out = [np.asarray(step.step(Image.fromarray(a))) for a in x.numpy()]
+    else:
+        out = [memo(step, a) for a in x.numpy()]
     return torch.from_numpy(np.stack(out))
 
 
@@ -157,12 +182,14 @@ def _normalize(x: torch.Tensor, step: Normalize, params: AugmentParams) -> torch
 _RUN = {Resize: _resize, Crop: _crop, Jitter: _jitter, Flip: _flip, ToTensor: _to_tensor, Normalize: _normalize}
 
 
-def run_exact(pipeline: Pipeline, images: np.ndarray, params: AugmentParams) -> torch.Tensor:
+def run_exact(pipeline: Pipeline, images: np.ndarray, params: AugmentParams,
+              memo: ResizeMemo | None = None) -> torch.Tensor:
     """The pipeline on a stack of RGB uint8 images (N, H, W, 3) with the given choices, as Pillow computes it;
-    returns the normalised float32 (N, C, h, w). The caller's images are not modified."""
+    returns the normalised float32 (N, C, h, w). The caller's images are not modified. ``memo`` keeps the
+    resizes for later calls."""
     x = torch.from_numpy(np.array(images, copy=True))  # the steps work in place
     for step in pipeline.steps:
-        x = _RUN[type(step)](x, step, params)
+        x = _resize(x, step, params, memo) if type(step) is Resize else _RUN[type(step)](x, step, params)
     return x.contiguous()
 
 
@@ -176,6 +203,7 @@ class BatchedPIL:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline, self.transform = pipeline, pipeline.transform
+        self.resized = ResizeMemo()
         self.checked = False
         self.exact = True  # False once the first-call check found a difference: PIL from then on
 
@@ -195,7 +223,7 @@ class BatchedPIL:
 
     def _batched(self, images: np.ndarray) -> torch.Tensor:
         params = sample_exact(self.pipeline, images.shape[0], tuple(images.shape[1:3]))
-        return run_exact(self.pipeline, images, params)
+        return run_exact(self.pipeline, images, params, self.resized)
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         """What ``torch.stack([transform(img) for img in images])`` returns, drawing from torch's global
