@@ -18,6 +18,7 @@ Files of a study folder (``--save_dir``):
     study.jsonl               the records in id order
     summary.json              per proxy and shots: τ, ρ, partial τ and ρ given #params, 95% intervals,
                               top-k hit rates; cost per architecture; proxy-vs-proxy rank correlations
+    summary.txt               the same as the printed table
     study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars; heatmap
     study.log                 the log
     done                      every architecture has a record and the summary is written
@@ -54,7 +55,7 @@ from .train import TrainingData, train_and_evaluate
 log = logging.getLogger("metantknas.study")
 
 ARCHS_DIR = "archs"
-OUTPUTS = ("study.jsonl", "summary.json", "study.png")
+OUTPUTS = ("study.jsonl", "summary.json", "summary.txt", "study.png")
 DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at initialisation (κ of the MetaNTK of "
                "MAML and ANIL and of the NTK, linear regions, #params, MACs, and the zero-cost proxies grad_norm, "
                "snip, grasp, fisher, jacob_cov, synflow, NASWOT, ZiCo, SWAP, MeCo; two combined rankings) against "
@@ -63,8 +64,8 @@ DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at in
 
 
 def study_run_dir(path) -> RunDir:
-    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, study.png, study.log
-    (``--overwrite`` removes them all, the archs/ folder included)."""
+    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, summary.txt, study.png,
+    study.log (``--overwrite`` removes them all, the archs/ folder included)."""
     return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR), log_name="study.log", logger=log)
 
 
@@ -160,7 +161,8 @@ def _brief(record: dict) -> str:
 
 
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
-    """study.jsonl, summary.json, study.png (and done) from the records, once all are present (or ``partial``)."""
+    """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present (or
+    ``partial``)."""
     records = [r for r in (read_record(run, a) for a in archs) if r is not None]
     if len(records) < len(archs) and not partial:
         log.info("%d of %d architectures have records; the process that finishes the last writes the summary "
@@ -173,11 +175,13 @@ def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: boo
                         expected=len(archs), log_rank_members=cfg.log_rank_members)
     atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_json(run / "summary.json", summary)
+    table = format_table(summary)
+    atomic_write_text(run / "summary.txt", table + "\n")
     atomic_write_bytes(run / "study.png", study_png(records, summary, "5" if "5" in shots else shots[-1]))
     if len(records) == len(archs):
         run.mark_done()
-    print(format_table(summary))
-    print(f"outputs: {run.path} (study.jsonl, summary.json, study.png)")
+    print(table)
+    print(f"outputs: {run.path} (study.jsonl, summary.json, summary.txt, study.png)")
     sys.stdout.flush()
     return 0
 

@@ -85,11 +85,13 @@ def _heatmap(fig, ax, summary: dict) -> None:
     for i in range(len(names)):
         for j in range(len(names)):
             if math.isfinite(m[i, j]) and i != j:
-                ax.text(j, i, f"{m[i, j]:.1f}".replace("0.", ".").replace("-.", "−."), ha="center", va="center",
-                        fontsize=5.5, color="white" if abs(m[i, j]) > 0.6 else "black")
+                text = f"{m[i, j]:.1f}"
+                text = "0" if text in ("0.0", "-0.0") else text.replace("0.", ".").replace("-", "−")
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        color="white" if abs(m[i, j]) > 0.6 else "black")
     labels = [_label(summary, p) for p in names]
-    ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=6.5)
-    ax.set_yticks(range(len(names)), labels, fontsize=6.5)
+    ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), labels, fontsize=7)
     fig.colorbar(image, ax=ax, shrink=0.7, pad=0.02).ax.tick_params(labelsize=7)
 
 

@@ -67,19 +67,29 @@ def kind(name: str) -> str:
 # Rank correlations, plain and partial, vectorised over bootstrap resamples
 
 
+def _pair_signs(v, axis: int) -> np.ndarray:
+    """sign(v_i − v_j) over the pairs i < j along ``axis`` (moved last), as int8: one row of pairs per resample.
+    Compared through dense ranks (the same order and ties), as small integers: faster than the floats."""
+    v = np.moveaxis(np.asarray(v, dtype=np.float64), axis, -1)
+    n = v.shape[-1]
+    ranks = scipy.stats.rankdata(v, axis=-1, method="dense").astype(np.int16 if n < 2 ** 15 else np.int64)
+    i, j = np.triu_indices(n, 1)
+    return np.sign(np.take(ranks, i, axis=-1) - np.take(ranks, j, axis=-1)).astype(np.int8)
+
+
+def _tau_from_signs(sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """τ-b = Σ sx·sy / √(untied pairs of x × untied pairs of y)."""
+    concordance = np.einsum("...k,...k->...", sx, sy, dtype=np.float64)
+    untied_x = np.count_nonzero(sx, axis=-1).astype(np.float64)
+    untied_y = np.count_nonzero(sy, axis=-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return concordance / np.sqrt(untied_x * untied_y)
+
+
 def kendall_tau_b(x, y, axis: int = -1) -> np.ndarray:
     """Kendall's τ-b along ``axis``, vectorised over the other axes (scipy.stats.kendalltau's statistic, which
     it equals; NaN where x or y is constant). The bootstrap evaluates it on thousands of resamples at once."""
-    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
-    y = np.moveaxis(np.asarray(y, dtype=np.float64), axis, -1)
-    n = x.shape[-1]
-    dx = np.sign(x[..., :, None] - x[..., None, :])
-    dy = np.sign(y[..., :, None] - y[..., None, :])
-    pairs = n * (n - 1) / 2
-    untied_x = pairs - ((dx == 0).sum(axis=(-2, -1)) - n) / 2
-    untied_y = pairs - ((dy == 0).sum(axis=(-2, -1)) - n) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (dx * dy).sum(axis=(-2, -1)) / 2 / np.sqrt(untied_x * untied_y)
+    return _tau_from_signs(_pair_signs(x, axis), _pair_signs(y, axis))
 
 
 def spearman_rho(x, y, axis: int = -1) -> np.ndarray:
@@ -103,7 +113,8 @@ def partial_correlation(r_xy, r_xz, r_yz) -> np.ndarray:
 
 def partial_kendall_tau(x, y, z, axis: int = -1) -> np.ndarray:
     """Kendall's partial τ of x and y given z (Kendall 1942), from the three τ-b's; vectorised like `kendall_tau_b`."""
-    return partial_correlation(kendall_tau_b(x, y, axis), kendall_tau_b(x, z, axis), kendall_tau_b(y, z, axis))
+    sx, sy, sz = (_pair_signs(v, axis) for v in (x, y, z))
+    return partial_correlation(_tau_from_signs(sx, sy), _tau_from_signs(sx, sz), _tau_from_signs(sy, sz))
 
 
 def partial_spearman_rho(x, y, z, axis: int = -1) -> np.ndarray:

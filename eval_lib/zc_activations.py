@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from search_lib.linear_regions import count_distinct_codes
+
 
 def _hooked(net: nn.Module, select, hook) -> list:
     return [m.register_forward_hook(hook) for m in net.modules() if select(m)]
@@ -80,8 +82,7 @@ def swap(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         _remove(handles)
     if not outputs:
         return float("nan")
-    patterns = torch.cat(outputs, dim=1).T.to(torch.uint8)  # neurons x images
-    return float(torch.unique(patterns, dim=0).shape[0])
+    return float(count_distinct_codes(torch.cat(outputs, dim=1).T))  # rows: each neuron's pattern over the images
 
 
 def _min_eigenvalue_of_correlation(feature: torch.Tensor) -> float | None:

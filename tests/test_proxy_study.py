@@ -232,7 +232,7 @@ def test_bad_shard_is_one_line(shard, capsys, tmp_path):
 def test_tiny_study_writes_its_outputs(reference):
     records = [json.loads(line) for line in (reference / "study.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["000-random0", "001-random1", "002-random2"]
-    for name in ("config.json", "summary.json", "study.png", "done", "study.log"):
+    for name in ("config.json", "summary.json", "summary.txt", "study.png", "done", "study.log"):
         assert (reference / name).is_file(), name
     assert (reference / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = records[0]
@@ -246,6 +246,8 @@ def test_tiny_study_writes_its_outputs(reference):
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["architectures"] == 3 and set(summary["proxies"]) == set(PROXIES)
     assert set(summary["proxies"]["kappa_maml"]["shots"]) == {"1", "5"}
+    # the printed table (summary.json's keys come back sorted, so its rows come in another order)
+    assert sorted((reference / "summary.txt").read_text().splitlines()) == sorted(format_table(summary).splitlines())
     # every proxy is recorded with its cost; every row has the partial correlations given #params
     for r in records:
         assert set(r["baselines"]) == set(BASELINES) and set(r["timings"]["proxy_s"]) == set(MEASURED)
