@@ -96,7 +96,9 @@ def _heatmap(fig, ax, summary: dict) -> None:
 
 
 def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
-    """The PNG: the scatter panels at ``shots``, the τ bar chart of every number of shots, the heatmap."""
+    """The PNG: the scatter panels at ``shots``, the τ bar chart of every number of shots, the heatmap.
+
+    Fixed margins instead of matplotlib's constrained layout, which took most of the drawing time here."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -104,21 +106,27 @@ def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
     names = [p for p in PROXIES if any(v is not None for v in signed.get(p, ()))]
     all_shots = list(summary["accuracy"])
     rows = max(1, math.ceil(len(names) / SCATTER_COLUMNS))
-    fig = Figure(figsize=(24, 2.75 * rows + 8.5), layout="constrained")
+    top_in, bottom_in = 2.75 * rows + 1.0, 9.0
+    height = top_in + bottom_in
+    fig = Figure(figsize=(24, height))
     FigureCanvasAgg(fig)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.75 * rows, 8.5])
-    axes = top.subplots(rows, SCATTER_COLUMNS, squeeze=False).ravel()
+    split = bottom_in / height
+    grid = fig.add_gridspec(rows, SCATTER_COLUMNS, left=0.035, right=0.99, top=1 - 1.0 / height,
+                            bottom=split + 0.5 / height, hspace=0.55, wspace=0.22)
+    axes = [fig.add_subplot(grid[k // SCATTER_COLUMNS, k % SCATTER_COLUMNS]) for k in range(len(names))]
     for ax, p in zip(axes, names):
         _scatter(ax, records, summary, p, signed[p], shots)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    top.supylabel(f"test {shots}-shot accuracy (%)", fontsize=9)
-    top.suptitle(f"Proxies at initialisation against few-shot accuracy ({len(records)} architectures; τ of the "
-                 f"signed proxy, partial τ given #params; combinations on their own scale)", fontsize=11)
-    panels = bottom.subplots(1, len(all_shots) + 1, width_ratios=[1] * len(all_shots) + [1.35])
+    fig.text(0.008, split + top_in / height / 2, f"test {shots}-shot accuracy (%)", rotation=90, va="center",
+             fontsize=9)
+    fig.suptitle(f"Proxies at initialisation against few-shot accuracy ({len(records)} architectures; τ of the "
+                 f"signed proxy, partial τ given #params; combinations on their own scale)", fontsize=11,
+                 y=1 - 0.15 / height)
+    lower = fig.add_gridspec(1, len(all_shots) + 1, width_ratios=[1] * len(all_shots) + [1.35], left=0.085,
+                             right=0.965, top=split - 0.45 / height, bottom=1.5 / height, wspace=0.42)
+    panels = [fig.add_subplot(lower[0, k]) for k in range(len(all_shots) + 1)]
     for ax, s in zip(panels, all_shots):
         _bars(ax, summary, s, [p for p in names if p in summary["proxies"]])
-    _heatmap(bottom, panels[-1], summary)
+    _heatmap(fig, panels[-1], summary)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return buf.getvalue()
