@@ -76,6 +76,19 @@ def test_zico_of_a_linear_layer(linear_case):
     assert ZC["zico"](c["net"], c["x"], c["y"]) == pytest.approx(math.log(ratio.sum()), rel=1e-5)
 
 
+def test_grad_norm_leaves_out_batchnorm_and_biases():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    x, y = torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 0, 1, 1])
+    work = copy.deepcopy(net)
+    nn.functional.cross_entropy(work(x), y).backward()
+    weights = float(work[0].weight.grad.norm() + work[5].weight.grad.norm())
+    everything = sum(float(p.grad.norm()) for p in work.parameters())
+    assert ZC["grad_norm"](net, x, y) == pytest.approx(weights, rel=1e-6)
+    assert everything > 1.05 * weights  # the BN and bias gradients the study's first version also summed
+
+
 # ---- synflow: BN as the identity, float64, one all-ones image, Conv/Linear weights only ----
 
 def test_synflow_is_the_sum_of_the_weights_of_a_linear_layer():
