@@ -5,7 +5,7 @@ Modules:
     config          TrainConfig (the training's and the test's flags) and the paper's training presets
     models          AugmentCNN, the evaluation network
     network         from a config to the network: architecture, default run folder, size (complexity)
-    complexity      parameters and MACs (ptflops)
+    complexity      parameters, MACs (ptflops) and Conv/Linear MACs (as TE-NAS counts them)
     epoch           optimiser, learning-rate schedule, one epoch of training
     device_batches  --gpu_augment: training batches made and augmented on the device
     metrics         metrics.jsonl, the per-epoch record (its one owner)
@@ -22,8 +22,11 @@ Modules:
     aug_flags       the --aug_* flags (the training after a search or in a proxy study)
     search_cli      the command line of prune_metantknas.py (the search, then --train_after_search)
     launch          the command line of prune_launch.py (the paper's presets)
-    proxies         the proxies of the proxy study
+    proxies         the proxies of the proxy study; ZERO_COST_PROXIES, the registry of zero-cost proxies
+    zc_gradients    zero-cost proxies from gradients: grad_norm, snip, grasp, fisher, jacob_cov, synflow, zico
+    zc_activations  zero-cost proxies from activations: naswot, swap, meco
     study_config    StudyConfig and the studied architectures
-    study_stats     rank correlations, bootstrap intervals, the table and study.png
+    study_stats     rank and partial rank correlations, bootstrap intervals, combined rankings, the table
+    study_plot      study.png
     proxy_study     python -m eval_lib.proxy_study
 """

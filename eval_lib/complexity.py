@@ -1,4 +1,5 @@
-"""Parameter count and multiply-accumulate count (MACs) of a network, via ptflops."""
+"""Parameter count and multiply-accumulate count (MACs) of a network: via ptflops, and of its Conv/Linear layers
+only (the count TE-NAS and NAS-Bench-201's tools report)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 
 import torch
 from torch import nn
@@ -47,4 +49,33 @@ def model_complexity(model: nn.Module, input_shape: tuple[int, ...], backend: st
     return {"params": params, "macs": None if macs is None else int(macs)}
 
 
-__all__ = ["BACKENDS", "count_parameters", "model_complexity"]
+def conv_linear_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """MACs of the Conv1d/Conv2d and Linear layers in one forward pass (eval mode) on one ``input_shape`` image.
+
+    Per call: a conv's kernel size × in_channels/groups × out_channels per output position, a linear layer's
+    in × out features per row, plus one per output value when the layer has a bias. BatchNorm, activations,
+    pooling and additions are not counted (ptflops counts them, so `model_complexity`'s MACs are larger).
+    The caller's model is left untouched (a CPU copy runs).
+    """
+    probe = copy.deepcopy(model).to("cpu").eval()
+    total = 0
+
+    def count(module: nn.Module, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            per_output = module.in_features
+        else:
+            per_output = math.prod(module.kernel_size) * module.in_channels // module.groups
+        per_output += module.bias is not None
+        total += per_output * out.numel()
+
+    handles = [m.register_forward_hook(count) for m in probe.modules()
+               if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        probe(torch.zeros(1, *(int(s) for s in input_shape)))
+    for h in handles:
+        h.remove()
+    return int(total)
+
+
+__all__ = ["BACKENDS", "conv_linear_macs", "count_parameters", "model_complexity"]

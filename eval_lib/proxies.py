@@ -1,4 +1,4 @@
-"""The proxies of a proxy study (`eval_lib.proxy_study`, docs/method.md §9), each computed by the toolkit's own code.
+"""The proxies of a proxy study (`eval_lib.proxy_study`, docs/method.md §9).
 
 * Training-free proxies of the search (docs/method.md §2–§3), on the search's supernet with only the
   genotype's ops alive: κ of the analytical MetaNTK of MAML and of ANIL, κ of the plain NTK, and the
@@ -6,15 +6,24 @@
   architecture uses the seed ``repeat_seed(seed, 0, r)`` (weights, batch, head, crops), so all
   architectures are scored with the same random numbers, as the candidates of a search round are.
 * Baselines on the network that is then trained (`eval_lib.network.build_network`, the training's
-  channels and cells, initialised exactly as the training initialises it): parameter count and MACs
-  (`eval_lib.network.complexity`), and two zero-cost proxies at initialisation, grad_norm and synflow.
+  channels and cells, initialised exactly as the training initialises it): parameter count, MACs as
+  ptflops counts them and as TE-NAS counts them (Conv/Linear only), and the zero-cost proxies of the
+  literature at initialisation, `ZERO_COST_PROXIES`.
+* Two combined rankings, computed by the statistics from the others (`eval_lib.study_stats`): the search's
+  own rule (rank sum of κ and linear regions) and AZ-NAS's log-rank sum over ``--log_rank_members``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import logging
 import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +32,18 @@ from torch import nn
 
 from search_lib.config import SearchConfig
 from search_lib.data import SupervisedDataset, build_transform, load_split, sample_batch
-from search_lib.errors import DataError
+from search_lib.errors import DataError, UsageError
 from search_lib.genotypes import PRUNED_ALPHA, Genotype, alphas_from_genotype
 from search_lib.kernels import KAPPA_SENTINEL
-from search_lib.scoring import CandidateScorer
 from search_lib.ranking import repeat_seed
+from search_lib.scoring import CandidateScorer
 
+from . import zc_activations, zc_gradients
+from .complexity import conv_linear_macs, count_parameters
 from .config import TrainConfig
 from .network import build_network, complexity, input_shape
+
+log = logging.getLogger("metantknas.study")
 
 # name: (label, sign). The sign is how the method uses the proxy: +1 high is good, -1 low is good (κ).
 PROXIES: dict[str, tuple[str, int]] = {
@@ -39,13 +52,83 @@ PROXIES: dict[str, tuple[str, int]] = {
     "kappa_ntk": ("κ NTK", -1),
     "regions": ("linear regions", 1),
     "params": ("#params", 1),
-    "macs": ("MACs", 1),
+    "macs": ("MACs (ptflops)", 1),
+    "macs_conv": ("MACs (Conv/Linear)", 1),
     "grad_norm": ("grad_norm", 1),
+    "snip": ("snip", 1),
+    "grasp": ("grasp", 1),
+    "fisher": ("fisher", 1),
+    "jacob_cov": ("jacob_cov", 1),
     "synflow": ("synflow", 1),
+    "naswot": ("NASWOT", 1),
+    "zico": ("ZiCo", 1),
+    "swap": ("SWAP", 1),
+    "meco": ("MeCo", 1),
+    "search_rule": ("rank sum κ-MAML + regions", 1),
+    "log_rank": ("log-rank combination", 1),
 }
 KERNELS = {"kappa_maml": ("MetaNTK_anl", "MAML"), "kappa_anil": ("MetaNTK_anl", "ANIL"), "kappa_ntk": ("NTK", "MAML")}
 REPEATED = (*KERNELS, "regions")  # the proxies computed over the R repeats (mean and std)
-BASELINES = ("params", "macs", "grad_norm", "synflow")  # one value each, on the trained network at init
+SIZE = ("params", "macs", "macs_conv")
+COMBINATIONS = ("search_rule", "log_rank")  # rows of their own, computed from the other proxies' ranks
+SEARCH_RULE = ("kappa_maml", "regions")  # the search's rule: κ and linear regions, ranks summed
+DEFAULT_LOG_RANK_MEMBERS = ("naswot", "synflow", "zico", "swap", "meco")
+MEASURED = tuple(p for p in PROXIES if p not in COMBINATIONS)  # the proxies an architecture's record holds
+
+
+# --------------------------------------------------------------------------------------------------
+# The zero-cost proxies of the literature
+
+
+@contextmanager
+def preserved_random_state():
+    """Leaves the global random state of torch (CPU and every CUDA device), numpy and `random` as it was."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def isolated(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]):
+    """``fn`` on its own deep copy of the network, with gradients enabled and the global random state
+    preserved: the network's weights, buffers, gradients, hooks and mode and the caller's random numbers
+    stay as they were, whatever order the proxies run in."""
+
+    @functools.wraps(fn)
+    def proxy(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        with preserved_random_state(), torch.enable_grad():
+            return float(fn(copy.deepcopy(net), inputs.detach(), targets.detach()))
+
+    return proxy
+
+
+# name -> f(net, inputs, targets) -> float (docs/method.md §9 gives each one's formula and source)
+ZERO_COST_PROXIES: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], float]] = {
+    name: isolated(fn) for name, fn in (
+        ("grad_norm", zc_gradients.grad_norm), ("snip", zc_gradients.snip), ("grasp", zc_gradients.grasp),
+        ("fisher", zc_gradients.fisher), ("jacob_cov", zc_gradients.jacob_cov), ("synflow", zc_gradients.synflow),
+        ("naswot", zc_activations.naswot), ("zico", zc_gradients.zico), ("swap", zc_activations.swap),
+        ("meco", zc_activations.meco))}
+BASELINES = (*SIZE, *ZERO_COST_PROXIES)  # one value each, on the trained network at initialisation
+
+
+def check_proxy_names(names: Iterable[str], valid: Iterable[str], flag: str) -> list[str]:
+    """``names`` as a list; UsageError naming ``flag`` and the valid names when one is unknown or repeated."""
+    names, valid = list(names), list(valid)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"{flag}: unknown proxy {unknown[0]!r}; valid: {', '.join(valid)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{flag}: a proxy is named twice ({' '.join(names)}); name each once")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# κ and linear regions on the search's supernet
 
 
 def alive_mask(genotype: Genotype, space: str) -> np.ndarray:
@@ -83,20 +166,30 @@ class KernelProxies:
                 raise DataError(f"the NTK batch of {kcfg.effective_batch_size} images exceeds the {len(split)} "
                                 f"training images of {cfg.dataset}; lower --batch_size or --n_ways")
             self.scorers[name] = CandidateScorer(kcfg, split, device, len(split.class_ids))
+        self.last_cost_s: dict[str, float] = {}
 
     def score(self, alive: np.ndarray, label: str) -> tuple[dict, dict]:
-        """({proxy: {"mean", "std", "values"}} over the repeats, {kernel: repeats that hit the κ sentinel})."""
+        """({proxy: {"mean", "std", "values"}} over the repeats, {kernel: repeats that hit the κ sentinel}).
+
+        ``last_cost_s`` then holds the seconds each proxy took over all repeats (a kernel's includes its repeats'
+        set-up: weights, batch, head)."""
         values: dict[str, list[float]] = {name: [] for name in REPEATED}
+        self.last_cost_s = dict.fromkeys(REPEATED, 0.0)
         for rep in range(self.cfg.repeat):
             seed = repeat_seed(self.cfg.rand_seed, 0, rep)
             for name, scorer in self.scorers.items():
+                t0, regions_s = time.perf_counter(), 0.0
                 scorer.begin_repeat(seed)
                 try:
                     values[name].append(scorer.kappa(alive, f"{label} repeat {rep} ({name})"))
                     if name == "kappa_maml":  # the thin network and crops are the same in every scorer
+                        t1 = time.perf_counter()
                         values["regions"].append(float(scorer.regions(alive)))
+                        regions_s = time.perf_counter() - t1
                 finally:
                     scorer.end_repeat()
+                self.last_cost_s[name] += time.perf_counter() - t0 - regions_s
+                self.last_cost_s["regions"] += regions_s
         sentinels = {name: sum(v == KAPPA_SENTINEL for v in values[name]) for name in KERNELS}
         return {name: mean_std(v) for name, v in values.items()}, sentinels
 
@@ -137,35 +230,34 @@ def initial_network(genotype: Genotype, tcfg: TrainConfig, data: BaselineData) -
         return build_network(genotype, net_kwargs)
 
 
-def grad_norm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
-    """Σ over parameters of ‖∂L/∂θ‖₂, L the mean cross-entropy of one batch (train mode, as at the first
-    training step)."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(images), targets).backward()
-    total = sum(float(p.grad.norm()) for p in model.parameters() if p.grad is not None)
-    model.zero_grad(set_to_none=True)
-    return total
+def _finite_or_none(name: str, value: float, context: str) -> float | None:
+    if math.isfinite(value):
+        return value
+    log.warning("%s: %s is %s; recorded as null (left out of the statistics)", context, name, value)
+    return None
 
 
-def synflow(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> float:
-    """SynFlow (Tanaka et al. 2020): on a float64 copy with every parameter replaced by its absolute value and
-    BatchNorm in eval mode, R = Σ of the output for an all-ones input; the score is Σ |θ ⊙ ∂R/∂θ|."""
-    net = copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.abs_()
-    net.zero_grad(set_to_none=True)
-    net(torch.ones(1, *shape, dtype=torch.float64, device=device)).sum().backward()
-    score = sum(float((p.detach() * p.grad).abs().sum()) for p in net.parameters() if p.grad is not None)
-    return score if math.isfinite(score) else float("inf")
-
-
-def baselines(genotype: Genotype, tcfg: TrainConfig, data: BaselineData, device: torch.device) -> dict:
-    """{"params", "macs", "grad_norm", "synflow"} of the network the training starts from."""
+def baselines(genotype: Genotype, tcfg: TrainConfig, data: BaselineData, device: torch.device,
+              zero_cost: Iterable[str] = tuple(ZERO_COST_PROXIES), costs: dict | None = None,
+              context: str = "") -> dict:
+    """#params, MACs (ptflops, and Conv/Linear only) and the ``zero_cost`` proxies of the network the training
+    starts from, in train mode as built, on the baselines' batch. Seconds per proxy go into ``costs``;
+    a non-finite value (e.g. NASWOT of a singular kernel) is recorded as None."""
+    costs = {} if costs is None else costs
     model = initial_network(genotype, tcfg, data)
-    cost = complexity(model, data.input_shape)
+    out: dict = {}
+    for name, count in (("params", lambda: count_parameters(model)),
+                        ("macs", lambda: complexity(model, data.input_shape)["macs"]),
+                        ("macs_conv", lambda: conv_linear_macs(model, data.input_shape))):
+        t0 = time.perf_counter()
+        value = count()
+        costs[name] = time.perf_counter() - t0
+        out[name] = None if value is None else int(value)
     model.to(device)
-    gn = grad_norm(model, data.images.to(device), data.targets.to(device))
-    return {"params": int(cost["params"]), "macs": None if cost["macs"] is None else int(cost["macs"]),
-            "grad_norm": gn, "synflow": synflow(model, data.input_shape, device)}
+    images, targets = data.images.to(device), data.targets.to(device)
+    for name in zero_cost:
+        t0 = time.perf_counter()
+        value = ZERO_COST_PROXIES[name](model, images, targets)
+        costs[name] = time.perf_counter() - t0
+        out[name] = _finite_or_none(name, value, context or str(genotype))
+    return out

@@ -1,9 +1,10 @@
 """``python -m eval_lib.proxy_study``: does the search's proxy predict few-shot accuracy? (docs/method.md §9)
 
 For a set of architectures (seeded random genotypes, the published ones, a search's genotype.json files)
-it computes the proxies of `eval_lib.proxies` at initialisation, trains and few-shot tests every
-architecture (`eval_lib.train.train_and_evaluate`), and measures how well each proxy ranks the
-architectures by test accuracy (`eval_lib.study_stats`).
+it computes the proxies of `eval_lib.proxies` at initialisation (the search's κ and linear regions, size,
+the zero-cost proxies of the literature), trains and few-shot tests every architecture
+(`eval_lib.train.train_and_evaluate`), and measures how well each proxy, and two combinations of them,
+rank the architectures by test accuracy, also once size is held fixed (`eval_lib.study_stats`).
 
     python -m eval_lib.proxy_study --dataset MetaDigits --n_archs 12 --save_dir runs/proxy_study \\
         --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 2 --aug_epochs 4 --aug_eval_splits test
@@ -15,8 +16,10 @@ Files of a study folder (``--save_dir``):
     archs/<id>/train/         its training and few-shot test (a resumable training run folder)
     archs/<id>/record.json    its record, written when it is finished
     study.jsonl               the records in id order
-    summary.json              correlations, 95% intervals and top-k hit rates per proxy and shots
-    study.png                 one panel per proxy: the proxy against the 5-shot test accuracy
+    summary.json              per proxy and shots: τ, ρ, partial τ and ρ given #params, 95% intervals,
+                              top-k hit rates; cost per architecture; proxy-vs-proxy rank correlations
+    summary.txt               the same as the printed table
+    study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars; heatmap
     study.log                 the log
     done                      every architecture has a record and the summary is written
 
@@ -52,22 +55,25 @@ from .checkpoints import read_json
 from .aug_flags import add_aug_flags
 from .proxies import BaselineData, KernelProxies, alive_mask, baselines
 from .study_config import PROXY_FLAGS, Arch, StudyConfig, architectures, result_keys
-from .study_stats import format_table, scatter_png, summarize
+from .study_plot import study_png
+from .study_stats import format_table, summarize
 from .train import TrainingData, train_and_evaluate
 
 log = logging.getLogger("metantknas.study")
 
 ARCHS_DIR = "archs"
 SUMMARY_LOCK = ".summary.lock"
-OUTPUTS = ("study.jsonl", "summary.json", "study.png")
+OUTPUTS = ("study.jsonl", "summary.json", "summary.txt", "study.png")
 DESCRIPTION = ("Does the search's proxy predict few-shot accuracy? Proxies at initialisation (κ of the MetaNTK of "
-               "MAML and ANIL and of the NTK, linear regions, #params, MACs, grad_norm, synflow) against the "
-               "few-shot test accuracy of trained architectures: Kendall τ, Spearman ρ, bootstrap intervals.")
+               "MAML and ANIL and of the NTK, linear regions, #params, MACs, and the zero-cost proxies grad_norm, "
+               "snip, grasp, fisher, jacob_cov, synflow, NASWOT, ZiCo, SWAP, MeCo; two combined rankings) against "
+               "the few-shot test accuracy of trained architectures: Kendall τ, Spearman ρ, partial τ and ρ given "
+               "#params, bootstrap intervals, top-k hit rates, cost per architecture.")
 
 
 def study_run_dir(path) -> RunDir:
-    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, study.png, study.log
-    (``--overwrite`` removes them all, the archs/ folder included)."""
+    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, summary.txt, study.png,
+    study.log (``--overwrite`` removes them all, the archs/ folder included)."""
     return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR), log_name="study.log", logger=log)
 
 
@@ -90,9 +96,11 @@ class StudyWork:
         t0 = time.time()
         proxies, sentinels = self.kernels.score(alive_mask(arch.genotype, self.cfg.proxy.space.name), arch.id)
         t1 = time.time()
-        base = baselines(arch.genotype, self.cfg.train_config(arch.genotype, "unused"), self.data, self.device)
+        cost = dict(self.kernels.last_cost_s)
+        base = baselines(arch.genotype, self.cfg.train_config(arch.genotype, "unused"), self.data, self.device,
+                         zero_cost=self.cfg.zero_cost_proxies, costs=cost, context=arch.id)
         out = {"genotype": str(arch.genotype), "proxies": proxies, "kappa_sentinels": sentinels, "baselines": base,
-               "timings": {"proxies_s": t1 - t0, "baselines_s": time.time() - t1}}
+               "timings": {"proxies_s": t1 - t0, "baselines_s": time.time() - t1, "proxy_s": cost}}
         atomic_write_json(folder / "proxies.json", out)
         return out
 
@@ -198,7 +206,7 @@ def _brief(record: dict) -> str:
 
 
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
-    """study.jsonl, summary.json, study.png (and done) from the records, once all are present (or ``partial``);
+    """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present (or ``partial``);
     one process at a time (the summary's lock, waited for)."""
     lock = FolderLock(run.path, SUMMARY_LOCK)
     lock.acquire(wait=True)
@@ -218,25 +226,30 @@ def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bo
         raise UsageError(f"--save_dir {run.path} holds no architecture records yet; run the study first")
     shots = [str(s) for s in cfg.train_config(archs[0].genotype, "unused").n_shots]
     summary = summarize(records, shots=shots, top_k=cfg.top_k, seed=cfg.seed, n_resamples=cfg.bootstrap_resamples,
-                        expected=len(archs))
+                        expected=len(archs), log_rank_members=cfg.log_rank_members)
     atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_json(run / "summary.json", summary)
-    atomic_write_bytes(run / "study.png", scatter_png(records, summary, "5" if "5" in shots else shots[-1]))
+    table = format_table(summary)
+    atomic_write_text(run / "summary.txt", table + "\n")
+    atomic_write_bytes(run / "study.png", study_png(records, summary, "5" if "5" in shots else shots[-1]))
     if len(records) == len(archs):
         run.mark_done()
-    print(format_table(summary))
-    print(f"outputs: {run.path} (study.jsonl, summary.json, study.png)")
+    print(table)
+    print(f"outputs: {run.path} (study.jsonl, summary.json, summary.txt, study.png)")
     sys.stdout.flush()
     return 0
 
 
 def summarize_folder(run: RunDir, cfg: StudyConfig) -> int:
-    """--summarize: the architectures of the recorded config, --top_k, --bootstrap_resamples of this command."""
+    """--summarize: the architectures of the recorded config; --top_k, --bootstrap_resamples and
+    --log_rank_members of this command."""
     old = run.read_config()
     if old is None:
         raise UsageError(f"--save_dir {run.path} holds no proxy study (no config.json); run the study first")
     recorded = StudyConfig.from_flags(old)
     recorded.top_k, recorded.bootstrap_resamples = cfg.top_k, cfg.bootstrap_resamples
+    recorded.log_rank_members = cfg.log_rank_members
+    recorded.check_log_rank_members()
     return write_outputs(run, recorded, architectures(recorded), partial=True)
 
 

@@ -22,6 +22,7 @@ from search_lib.genotypes import PRESETS, Genotype, GenotypeRecord, random_genot
 
 from .aug_flags import AUG_PREFIX, aug_train_config, split_aug_values
 from .config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
+from .proxies import DEFAULT_LOG_RANK_MEMBERS, MEASURED, ZERO_COST_PROXIES, check_proxy_names
 
 # The search's flags that make no sense in a study: every kernel type is computed, nothing is pruned.
 LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_type", "algorithm",
@@ -29,7 +30,7 @@ LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_
 PROXY_FLAGS = tuple(f.name for f in flag_fields(SearchConfig) if f.name not in LEFT_OUT)
 # Flags that do not change the records: a study folder may be resumed with other values.
 NON_RESULT_KEYS = ("save_dir", "overwrite", "shard", "summarize", "device", "top_k", "bootstrap_resamples",
-                   "aug_num_workers", "aug_threads", "aug_episode_batch")
+                   "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch")
 
 _ARCHS, _STUDY = "architectures", "study"
 
@@ -49,6 +50,12 @@ class StudyConfig:
         group=_STUDY))
     save_dir: str = field(default="runs/proxy_study", metadata=flag(
         "study folder; re-running the same command resumes it", group=_STUDY))
+    zero_cost_proxies: list[str] = field(default_factory=lambda: list(ZERO_COST_PROXIES), metadata=flag(
+        "the zero-cost proxies to compute on each network at initialisation", type=str, nargs="+", metavar="P",
+        group=_STUDY))
+    log_rank_members: list[str] = field(default_factory=lambda: list(DEFAULT_LOG_RANK_MEMBERS), metadata=flag(
+        "the proxies whose ranks the log-rank combination (AZ-NAS's rule) sums", type=str, nargs="+",
+        metavar="P", group=_STUDY))
     top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
     bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
     shard: str | None = field(default=None, metadata=flag(
@@ -100,12 +107,24 @@ class StudyConfig:
                              f"--shard 1/2 in two processes")
         return int(match[1]), int(match[2])
 
+    def check_log_rank_members(self) -> None:
+        """The members of the log-rank combination: at least two known proxies that the study computes."""
+        check_proxy_names(self.log_rank_members, MEASURED, "--log_rank_members")
+        missing = [p for p in self.log_rank_members if p in ZERO_COST_PROXIES and p not in self.zero_cost_proxies]
+        if missing:
+            raise UsageError(f"--log_rank_members names {missing[0]}, which --zero_cost_proxies leaves out; add it "
+                             f"there or drop it from the members")
+        if len(self.log_rank_members) < 2:
+            raise UsageError("--log_rank_members combines several proxies; name at least two")
+
     def validate(self) -> "StudyConfig":
         """Refuse bad settings before any work or any write."""
         for name, least in (("n_archs", 0), ("top_k", 1), ("bootstrap_resamples", 1)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
         self.shard_index()
+        check_proxy_names(self.zero_cost_proxies, ZERO_COST_PROXIES, "--zero_cost_proxies")
+        self.check_log_rank_members()
         cfg = self.search_config().validate()
         tcfg = self.train_config(random_genotype(cfg.space.name, cfg.space.max_nodes, 0), "unused").validate()
         if "test" not in tcfg.eval_splits:

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from eval_lib import proxy_study
-from eval_lib.proxies import PROXIES, KernelProxies, grad_norm, synflow
+from eval_lib.proxies import BASELINES, MEASURED, PROXIES, ZERO_COST_PROXIES, KernelProxies
 from eval_lib.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
-from eval_lib.study_stats import bootstrap_interval, kendall_tau_b, spearman_rho, summarize, top_k_hit
+from eval_lib.study_stats import (bootstrap_interval, combined_scores, format_table, kendall_tau_b,
+                                  partial_kendall_tau, partial_spearman_rho, spearman_rho, summarize, top_k_hit)
 from search_lib.cli import field_default, flag_fields
 from search_lib.config import SearchConfig
+from search_lib.ranking import dense_rank
 
 # A tiny study on the synthetic miniImageNet of conftest (6 base classes of 12 images at 20x20).
 TINY = ["--dataset", "MetaMiniImageNet", "--n_archs", "3", "--seed", "1", "--ntk_channels", "4", "--ntk_layers", "2",
@@ -74,6 +76,20 @@ def test_correlations_are_scipys_with_the_methods_sign():
         row = summary["proxies"]["regions"]["shots"][shots]  # high is good: no flip
         assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(regions, acc).statistic, abs=1e-12)
         assert row["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(regions, acc).statistic, abs=1e-12)
+        # partial correlations given #params, and the search's rule as a row of its own
+        params = 100 + regions
+        row = summary["proxies"]["kappa_maml"]["shots"][shots]
+        assert row["partial_n"] == 9
+        assert row["partial_kendall_tau"] == pytest.approx(float(partial_kendall_tau(-kappa, acc, params)), abs=1e-12)
+        assert row["partial_spearman_rho"] == pytest.approx(float(partial_spearman_rho(-kappa, acc, params)),
+                                                            abs=1e-12)
+        assert row["partial_kendall_tau_ci95"]["low"] <= row["partial_kendall_tau"]
+        rule = np.array(dense_rank(-kappa)) + np.array(dense_rank(regions))
+        assert summary["proxies"]["search_rule"]["shots"][shots]["kendall_tau"] == pytest.approx(
+            scipy.stats.kendalltau(rule, acc).statistic, abs=1e-12)
+    assert summary["proxies"]["log_rank"]["shots"] == {}  # its members are not in these records
+    assert summary["proxies"]["search_rule"]["cost_s"]["n"] == 0  # no timings in these records
+    assert "partial τ | #params" in format_table(summary)
     assert {p: e["sign"] for p, e in summary["proxies"].items()} == {p: s for p, (_, s) in PROXIES.items()}
     assert [e["sign"] for p, e in summary["proxies"].items() if p.startswith("kappa")] == [-1, -1, -1]
     # the bootstrap's vectorised statistics are scipy's, ties and constant inputs (NaN) included
@@ -114,16 +130,60 @@ def test_top_k_hit_rate():
 
 
 def test_zero_cost_proxies_on_a_linear_layer():
+    """grad_norm and synflow score the Conv/Linear weights only, as their reference does (the study's first
+    version summed every parameter, biases and BN included; tests/test_zero_cost.py has the other proxies)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 2))
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
     net.zero_grad()
     nn.functional.cross_entropy(net(x), y).backward()
-    expected = sum(float(p.grad.norm()) for p in net.parameters())
-    assert grad_norm(net, x, y) == pytest.approx(expected)
-    # R = Σ_o (Σ_i |W_oi| + |b_o|) for an all-ones input, so θ ⊙ ∂R/∂θ = |θ|: synflow is Σ |θ|
-    expected = sum(float(p.detach().abs().sum()) for p in net.parameters())
-    assert synflow(net, (3,), torch.device("cpu")) == pytest.approx(expected)
+    expected = float(net[0].weight.grad.norm())
+    assert ZERO_COST_PROXIES["grad_norm"](net, x, y) == pytest.approx(expected)
+    # R = Σ_o (Σ_i |W_oi| + |b_o|) for an all-ones input, so W ⊙ ∂R/∂W = |W|: synflow is Σ |W|
+    assert ZERO_COST_PROXIES["synflow"](net, x, y) == pytest.approx(float(net[0].weight.detach().abs().sum()))
+
+
+def test_partial_correlations_are_the_formula_and_the_residual_correlation():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=12)
+    x, y = z + rng.normal(size=12), z + rng.normal(size=12)
+    t = {k: scipy.stats.kendalltau(a, b).statistic for k, (a, b) in {"xy": (x, y), "xz": (x, z), "yz": (y, z)}.items()}
+    expected = (t["xy"] - t["xz"] * t["yz"]) / np.sqrt((1 - t["xz"] ** 2) * (1 - t["yz"] ** 2))
+    assert float(partial_kendall_tau(x, y, z)) == pytest.approx(expected, abs=1e-12)
+    # partial Spearman ρ = the correlation of the residuals of the ranks of x and y regressed on those of z
+    rx, ry, rz = (scipy.stats.rankdata(v) for v in (x, y, z))
+    design = np.column_stack([np.ones(12), rz])
+    res = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in (rx, ry)]
+    assert float(partial_spearman_rho(x, y, z)) == pytest.approx(np.corrcoef(*res)[0, 1], abs=1e-12)
+    # a hand case: 4 architectures with τ_xy = 2/3 (one discordant pair of 6), τ_xz = 1/3 (two), τ_yz = 2/3 (one):
+    # (2/3 − 1/3 · 2/3) / √((1 − 1/9)(1 − 4/9)) = (4/9) / (√40 / 9) = 4/√40
+    x4, y4, z4 = [1, 2, 3, 4], [1, 2, 4, 3], [2, 1, 4, 3]
+    assert [float(kendall_tau_b(*p)) for p in ((x4, y4), (x4, z4), (y4, z4))] == pytest.approx([2 / 3, 1 / 3, 2 / 3])
+    assert float(partial_kendall_tau(x4, y4, z4)) == pytest.approx(4 / np.sqrt(40))
+    # the size itself given the size: undefined
+    assert np.isnan(partial_kendall_tau(z, y, z)) and np.isnan(partial_spearman_rho(z, y, z))
+    # vectorised over resamples (rows), as the bootstrap calls it
+    stacked = np.stack([x, x[::-1]])
+    np.testing.assert_allclose(partial_kendall_tau(stacked, np.stack([y, y]), np.stack([z, z])),
+                               [partial_kendall_tau(x, y, z), partial_kendall_tau(x[::-1], y, z)])
+
+
+def test_combinations_on_a_hand_made_ranking():
+    a = [1.0, 2.0, 3.0, 4.0, 2.0]
+    b = [4.0, 3.0, 2.0, 1.0, None]
+    # search rule: dense ranks from 0 (ties share one, no gaps) summed; an architecture lacking a member: None
+    assert combined_scores([a[:4], b[:4]], "search_rule") == [3.0, 3.0, 3.0, 3.0]
+    assert combined_scores([a, b], "search_rule") == [3.0, 3.0, 3.0, 3.0, None]
+    assert combined_scores([[1.0, 1.0, 2.0], [3.0, 1.0, 2.0]], "search_rule") == [2.0, 0.0, 2.0]
+    # AZ-NAS: Σ log(average rank / m), 1 the worst, m the best
+    got = combined_scores([[1.0, 1.0, 2.0], [3.0, 1.0, 2.0]], "log_rank")
+    expected = [np.log(1.5 / 3) + np.log(3 / 3), np.log(1.5 / 3) + np.log(1 / 3), np.log(3 / 3) + np.log(2 / 3)]
+    assert got == pytest.approx(expected)
+    # ranks (1, 3), (2, 2), (3, 1): equal rank sums, but the log-rank rule prefers the architecture without a
+    # low rank (a low rank in any member costs more than a high one earns)
+    assert combined_scores([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], "search_rule") == [2.0, 2.0, 2.0]
+    got = combined_scores([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], "log_rank")
+    assert got == pytest.approx([np.log(1 / 3), 2 * np.log(2 / 3), np.log(1 / 3)])
 
 
 # ---- the command line ----
@@ -142,6 +202,23 @@ def test_flags_are_the_study_search_and_aug_fields():
     assert StudyConfig.from_flags(json.loads(json.dumps(cfg.flags()))) == cfg
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--zero_cost_proxies", "synflow", "nasw0t"], "--zero_cost_proxies"),
+    (["--log_rank_members", "naswot", "kappa"], "--log_rank_members"),
+    (["--log_rank_members", "naswot", "search_rule"], "--log_rank_members")])
+def test_an_unknown_proxy_name_is_one_line_listing_the_valid_ones(flags, named, capsys, tmp_path):
+    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "valid: " in err and "synflow" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_log_rank_members_must_be_computed(capsys, tmp_path):
+    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), "--zero_cost_proxies", "synflow", "naswot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--log_rank_members" in err and "zico" in err and "--zero_cost_proxies" in err
+
+
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])
 def test_bad_shard_is_one_line(shard, capsys, tmp_path):
     assert proxy_study.main(["--save_dir", str(tmp_path / "s"), f"--shard={shard}"]) == 2
@@ -155,7 +232,7 @@ def test_bad_shard_is_one_line(shard, capsys, tmp_path):
 def test_tiny_study_writes_its_outputs(reference):
     records = [json.loads(line) for line in (reference / "study.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["000-random0", "001-random1", "002-random2"]
-    for name in ("config.json", "summary.json", "study.png", "done", "study.log"):
+    for name in ("config.json", "summary.json", "summary.txt", "study.png", "done", "study.log"):
         assert (reference / name).is_file(), name
     assert (reference / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = records[0]
@@ -164,11 +241,31 @@ def test_tiny_study_writes_its_outputs(reference):
     assert r["baselines"]["params"] > 0 and r["baselines"]["macs"] > 0 and r["baselines"]["synflow"] > 0
     assert set(r["accuracy"]["test"]) == {"1", "5"} and r["accuracy"]["test"]["5"]["ci95"] is not None
     assert (reference / r["train_dir"] / "done").is_file()
-    assert set(r["timings"]) == {"proxies_s", "baselines_s", "train_s", "test_s"}
+    assert set(r["timings"]) == {"proxies_s", "baselines_s", "train_s", "test_s", "proxy_s"}
     assert json.loads((reference / "archs" / r["id"] / "record.json").read_text()) == r
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["architectures"] == 3 and set(summary["proxies"]) == set(PROXIES)
     assert set(summary["proxies"]["kappa_maml"]["shots"]) == {"1", "5"}
+    # the printed table (summary.json's keys come back sorted, so its rows come in another order)
+    assert sorted((reference / "summary.txt").read_text().splitlines()) == sorted(format_table(summary).splitlines())
+    # every proxy is recorded with its cost; every row has the partial correlations given #params
+    for r in records:
+        assert set(r["baselines"]) == set(BASELINES) and set(r["timings"]["proxy_s"]) == set(MEASURED)
+        assert all(isinstance(r["baselines"][p], (int, float)) for p in BASELINES), r["baselines"]
+        assert all(t >= 0 for t in r["timings"]["proxy_s"].values())
+    assert summary["partial_given"] == "params" and summary["combinations"]["search_rule"] == ["kappa_maml", "regions"]
+    for p, entry in summary["proxies"].items():
+        assert set(entry["shots"]) == {"1", "5"}, p
+        row = entry["shots"]["5"]
+        assert {"partial_kendall_tau", "partial_kendall_tau_ci95", "partial_spearman_rho", "top_k_hit"} <= set(row)
+        assert entry["cost_s"]["n"] == 3 and entry["cost_s"]["mean"] >= 0
+    assert summary["proxies"]["params"]["shots"]["5"]["partial_kendall_tau"] is None
+    assert summary["proxies"]["log_rank"]["members"] == ["naswot", "synflow", "zico", "swap", "meco"]
+    corr = summary["proxy_correlation"]
+    assert corr["names"] == list(PROXIES) and corr["matrix"][0][0] == pytest.approx(1.0)
+    from PIL import Image
+    with Image.open(reference / "study.png") as png:
+        assert png.size[0] > 1500 and png.size[1] > 1000
 
 
 def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tmp_path, monkeypatch, capsys):
