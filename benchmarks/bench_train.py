@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from benchmarks.common import peak_memory_mb, sync
-from eval_lib.fewshot import FewShotSettings, meta_test
 from eval_lib.epoch import train_step
+from eval_lib.fewshot import FewShotSettings, meta_test
 from eval_lib.network import build_network
+from search_lib.cli import make_parser
 from search_lib.data import EpisodeDataset, SupervisedDataset
 from search_lib.genotypes import resolve_genotype_record
-from search_lib.cli import make_parser
 from search_lib.threads import configure_threads
 from search_lib.utils import resolve_device
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from search_lib import distributed, original_flags
 from search_lib.cli import add_config_flags, flag_fields, make_parser, note, run_cli

@@ -18,9 +18,8 @@ from search_lib.errors import UsageError
 from search_lib.threads import available_cpus
 from search_lib.utils import DEVICE_CHOICES
 
-from .tensorboard_log import require_tensorboard
-
 from .fewshot import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, FewShotSettings
+from .tensorboard_log import require_tensorboard
 
 SCHEDULERS = ("step", "cosine", "exp")
 SPLITS = ("test", "val")
@@ -208,11 +207,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- resolved values (names made canonical once, defaults filled in) ----
@@ -258,7 +257,7 @@ class TrainConfig:
         d["optimizer"] = self.optimizer.lower()
         return d
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check the values; raise UsageError naming the bad setting and the fix."""
         def positive_int(name):
             value = getattr(self, name)

@@ -36,8 +36,18 @@ from search_lib.errors import DataError, UsageError
 from search_lib.threads import ThreadTuner
 from search_lib.utils import resolve_device
 
-from .classifiers import (BACKENDS, CLASSIFIERS, PROTO_RULES, Classifier, canonical_classifier, get_classifier,
-                          l2_normalize, logistic_regression_batched, predict_batched, predict_episodes)
+from .classifiers import (
+    BACKENDS,
+    CLASSIFIERS,
+    PROTO_RULES,
+    Classifier,
+    canonical_classifier,
+    get_classifier,
+    l2_normalize,
+    logistic_regression_batched,
+    predict_batched,
+    predict_episodes,
+)
 from .inference import INFERENCE_MODES, inference_network
 
 logger = logging.getLogger("metantknas.eval")

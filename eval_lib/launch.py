@@ -15,11 +15,20 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from search_lib import original_flags
-from search_lib.cli import (RECORDED_DEST, add_config_flags, field_default, flag_fields, format_value, make_parser,
-                            note, recorded_flags, run_cli)
+from search_lib.cli import (
+    RECORDED_DEST,
+    add_config_flags,
+    field_default,
+    flag_fields,
+    format_value,
+    make_parser,
+    note,
+    recorded_flags,
+    run_cli,
+)
 from search_lib.config import PAPER_COMMON, PAPER_PRESETS, SearchConfig, paper_preset
 from search_lib.data import resolve_dataset
 from search_lib.distributed import launched

@@ -208,7 +208,7 @@ class BaselineData:
     targets: torch.Tensor
 
     @classmethod
-    def load(cls, tcfg: TrainConfig, seed: int) -> "BaselineData":
+    def load(cls, tcfg: TrainConfig, seed: int) -> BaselineData:
         """``min(batch_size, images)`` training images, drawn with ``seed`` and the training's transform."""
         conf = tcfg.normalised()
         train_set = SupervisedDataset(tcfg.data, tcfg.data_path, partition="train", transform=conf["transform"],

@@ -42,7 +42,7 @@ import json
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli
 from search_lib.config import SearchConfig
@@ -51,8 +51,8 @@ from search_lib.original_flags import add_earlier_names
 from search_lib.run_dir import FolderLock, RunDir, describe_holder
 from search_lib.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
 
-from .checkpoints import read_json
 from .aug_flags import add_aug_flags
+from .checkpoints import read_json
 from .proxies import BaselineData, KernelProxies, alive_mask, baselines
 from .study_config import PROXY_FLAGS, Arch, StudyConfig, architectures, result_keys
 from .study_plot import study_png
@@ -176,7 +176,7 @@ def _hold_study(run: RunDir, cfg: StudyConfig, early: bool = False) -> None:
                           f"(or stop them) and run the command again, or choose another --save_dir") from exc
 
 
-def _study_one(run: RunDir, work: "StudyWork", arch: Arch, step: str) -> None:
+def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
     """Study ``arch`` holding its folder's lock; skip it when another process holds it or has finished it."""
     folder = run / ARCHS_DIR / arch.id
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,8 +206,8 @@ def _brief(record: dict) -> str:
 
 
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
-    """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present (or ``partial``);
-    one process at a time (the summary's lock, waited for)."""
+    """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present
+    (or ``partial``); one process at a time (the summary's lock, waited for)."""
     lock = FolderLock(run.path, SUMMARY_LOCK)
     lock.acquire(wait=True)
     try:

@@ -8,7 +8,7 @@ It lives here, above both packages, because it composes them: `search_lib` knows
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from search_lib import original_flags
 from search_lib.cli import add_config_flags, flag_fields, make_parser, run_cli

@@ -77,7 +77,7 @@ class StudyConfig:
         return out
 
     @classmethod
-    def from_flags(cls, values: dict) -> "StudyConfig":
+    def from_flags(cls, values: dict) -> StudyConfig:
         rest, aug = split_aug_values(values)
         own = {f.name for f in flag_fields(cls)}
         return cls(**{k: v for k, v in rest.items() if k in own},
@@ -117,7 +117,7 @@ class StudyConfig:
         if len(self.log_rank_members) < 2:
             raise UsageError("--log_rank_members combines several proxies; name at least two")
 
-    def validate(self) -> "StudyConfig":
+    def validate(self) -> StudyConfig:
         """Refuse bad settings before any work or any write."""
         for name, least in (("n_archs", 0), ("top_k", 1), ("bootstrap_resamples", 1)):
             if getattr(self, name) < least:

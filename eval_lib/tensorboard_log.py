@@ -69,7 +69,7 @@ class TrainingBoard:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "TrainingBoard":
+    def __enter__(self) -> TrainingBoard:
         return self
 
     def __exit__(self, *exc) -> None:

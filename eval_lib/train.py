@@ -48,16 +48,25 @@ from search_lib.data import SupervisedDataset
 from search_lib.distributed import World
 from search_lib.errors import DataError, RunFailure, UsageError
 from search_lib.genotypes import Genotype
+from search_lib.memory import MemoryMeter, peak_memory_record
 from search_lib.report import draw_quietly
 from search_lib.run_dir import RunDir
-from search_lib.memory import MemoryMeter, peak_memory_record
 from search_lib.threads import ThreadTuner, configure_threads, threads_fixed
 from search_lib.utils import atomic_write_json, config_diff, resolve_device, rng_state, set_rng_state, set_seed
 
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_latest_checkpoint, pack_rng, read_checkpoint,
-                          read_json, save_checkpoint, training_run_dir, unpack_rng)
-from .device_batches import DeviceBatches
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    load_latest_checkpoint,
+    pack_rng,
+    read_checkpoint,
+    read_json,
+    save_checkpoint,
+    training_run_dir,
+    unpack_rng,
+)
 from .config import EVAL_KEYS, SCHEDULERS, TRAINING_KEYS, TrainConfig, eval_settings, paper_training_preset
+from .device_batches import DeviceBatches
 from .epoch import build_optimizer, build_scheduler, epoch_seed, lr_factor, train_one_epoch
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
 from .metrics import append_epoch, epoch_record, truncate_metrics

@@ -11,9 +11,9 @@ from .cli import flag
 from .data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from .errors import UsageError
 from .memory import parse_size
+from .ops import SEARCH_SPACES
 from .original_flags import EARLIER_FIELDS
 from .space import SearchSpace
-from .ops import SEARCH_SPACES
 from .supernet import NORM_TYPES
 from .utils import DEVICE_CHOICES
 
@@ -130,16 +130,16 @@ class SearchConfig:
         return {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_KEYS}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SearchConfig":
+    def from_dict(cls, data: dict) -> SearchConfig:
         """A config from a dict (config.json), earlier field names included."""
         names = {f.name for f in fields(cls)}
         data = {EARLIER_FIELDS.get(k, k): v for k, v in data.items()}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def validate(self) -> "SearchConfig":
+    def validate(self) -> SearchConfig:
         """Refuse incompatible or out-of-range settings before any work or any write."""
         spec = self.data  # raises on unknown names
-        self.space  # unknown space or unsupported node count
+        _ = self.space  # raises on an unknown space or an unsupported node count
         _choice("--ntk_type", self.ntk_type, NTK_TYPES)
         _choice("--algorithm", self.algorithm, ALGORITHMS)
         _choice("--init", self.init, tuple(INIT_MODES))

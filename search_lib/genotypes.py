@@ -1,8 +1,8 @@
 """Genotypes: the discrete cell architectures a search produces and the evaluation network consumes.
 
 This module owns the `Genotype` value type (the cell topology it is read against, edge keys "i<-j" and
-edge groups, is `search_lib.space`'s), its paper-style string form (parsed safely with `ast`, never `eval`), its JSON form, the format of
-a search's ``genotype.json`` (`GenotypeRecord`), validation against a search space, the twelve
+edge groups, is `search_lib.space`'s), its paper-style string form (parsed safely with `ast`, never
+`eval`), its JSON form, the format of a search's ``genotype.json`` (`GenotypeRecord`), validation against a search space, the twelve
 published genotypes (`PRESETS`), derivation from pruned architecture parameters and seeded random
 genotypes (the random-architecture baseline). The cell layout is described in docs/method.md §1.
 """
@@ -13,9 +13,9 @@ import ast
 import json
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ class Genotype:
                 f"reduce={nodes(self.reduce)}, reduce_concat={list(self.reduce_concat)})")
 
     @classmethod
-    def parse(cls, text: str) -> "Genotype":
+    def parse(cls, text: str) -> Genotype:
         """Parse ``Genotype(normal=[...], normal_concat=[...], reduce=[...], reduce_concat=[...])``.
 
         Accepts the paper's nested form (a list of input pairs per node) and the DARTS flat form (a
@@ -103,7 +103,7 @@ class Genotype:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Genotype":
+    def from_dict(cls, data: dict) -> Genotype:
         """The genotype of its JSON form, or of a search's genotype.json record (see `GenotypeRecord`)."""
         if GenotypeRecord.is_record(data):
             return GenotypeRecord.from_dict(data).genotype
@@ -119,7 +119,7 @@ class Genotype:
                                 "reduce, reduce_concat") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         return cls.from_dict(_json_object(text))
 
     # ---- validation ----
@@ -127,7 +127,7 @@ class Genotype:
     def steps(self) -> int:
         return len(self.normal)
 
-    def validate(self, space: str | None = "darts_fewshot", max_nodes: int | None = None) -> "Genotype":
+    def validate(self, space: str | None = "darts_fewshot", max_nodes: int | None = None) -> Genotype:
         """Check ops (in `space`, or in any space when None), inputs and node counts; return self."""
         valid_ops = set(space_ops(space)) if space else set().union(*SEARCH_SPACES.values())
         valid_ops.discard("none")
@@ -256,7 +256,7 @@ class GenotypeRecord:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GenotypeRecord":
+    def from_dict(cls, data: dict) -> GenotypeRecord:
         if not cls.is_record(data):
             return cls(Genotype.from_dict(data))
         space, nodes, seed = data.get("search_space"), data.get("max_nodes"), data.get("rand_seed")
@@ -264,10 +264,10 @@ class GenotypeRecord:
                    nodes if isinstance(nodes, int) else None, seed if isinstance(seed, int) else None)
 
     @classmethod
-    def from_json(cls, text: str) -> "GenotypeRecord":
+    def from_json(cls, text: str) -> GenotypeRecord:
         return cls.from_dict(_json_object(text))
 
-    def validated(self, space: str | None = None, max_nodes: int | None = None) -> "GenotypeRecord":
+    def validated(self, space: str | None = None, max_nodes: int | None = None) -> GenotypeRecord:
         """Check the genotype against the given space / nodes, else against the ones the record names."""
         self.genotype.validate(space or self.search_space, max_nodes if max_nodes is not None else self.max_nodes)
         return self

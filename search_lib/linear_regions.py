@@ -12,8 +12,8 @@ and the ReLUs of ops an architecture does not run left out of its codes, as if t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

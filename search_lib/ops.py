@@ -8,7 +8,7 @@ activations right after a hooked module (docs/method.md §8). No conv in a cell 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn

@@ -24,8 +24,9 @@ import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cli import ALIAS, NO_EFFECT, RECORDED, RECORDED_DEST, SAME, Spelling, note, str2bool
 from .cli import add_spellings as cli_add_spellings

@@ -35,8 +35,8 @@ from .data import load_split
 from .distributed import World
 from .genotypes import Genotype, genotype_from_alphas
 from .kernels import KAPPA_SENTINEL
-from .ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
 from .memory import format_size, resolve_budget
+from .ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
 from .run_dir import RunDir, SavedState
 from .scoring import CandidateScorer
 from .utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device

@@ -4,7 +4,7 @@ the dense ranks, and the architecture parameters of a set of alive ops."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import scipy.stats

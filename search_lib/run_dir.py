@@ -34,9 +34,10 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .distributed import World
 from .errors import FolderInUse, RunFailure, ToolkitError, UsageError, one_line
@@ -151,14 +152,14 @@ class FolderLock:
             raise RunFailure(f"cannot create the lock file {self.path}: {exc.strerror}; choose a writable "
                              f"folder") from None
 
-    def hold(self, what: str, fix: str = "choose another --save_dir") -> "FolderLock":
+    def hold(self, what: str, fix: str = "choose another --save_dir") -> FolderLock:
         """`acquire` exclusively, or FolderInUse (exit 2) naming the holder; ``with lock.hold(...):`` releases."""
         record = self.acquire()
         if record is not None:
             raise FolderInUse(in_use_message(what, record, fix=fix))
         return self
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -219,7 +220,7 @@ class RunDir:
         return self.path / name
 
     # ---- the folder ----
-    def create(self, verb: str = "write") -> "RunDir":
+    def create(self, verb: str = "write") -> RunDir:
         """Make the folder (and its parents); RunFailure ("cannot <verb> --save_dir ...") when it cannot be
         written."""
         try:
@@ -350,7 +351,7 @@ class RunDir:
 
     # ---- the log ----
     def attach_log(self, logger_name: str = "metantknas", console: bool = False,
-                   level: int = logging.DEBUG) -> "RunLog":
+                   level: int = logging.DEBUG) -> RunLog:
         """Copy the run's log records to ``<folder>/<log_name>`` (appending) until the returned log is closed."""
         return RunLog(self.path / self.log_name, logger_name, console, level)
 
@@ -390,7 +391,7 @@ class RunLog:
         self.handlers = []
         self.logger.propagate, self.logger.level = self.saved
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -16,9 +16,9 @@ threads when the run shares its cores with other busy processes. Neither changes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +26,18 @@ import torch
 from .config import SearchConfig
 from .data import SplitData, build_transform, sample_batch, sample_meta_batch
 from .errors import RunFailure, one_line
-from .kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, gram_blocks, gram_by_group,
-                      kernel_parameters, metantk_kernel_groups, per_sample_gradients, seeded_linear)
+from .kernels import (
+    KAPPA_SENTINEL,
+    MetaNTKModel,
+    analytical_metantk,
+    condition_number,
+    gram_blocks,
+    gram_by_group,
+    kernel_parameters,
+    metantk_kernel_groups,
+    per_sample_gradients,
+    seeded_linear,
+)
 from .linear_regions import LinearRegionScorer, sample_crops
 from .memory import MemoryMeter, PassSizer, format_size, is_out_of_memory, resolve_budget
 from .ranking import alphas_from_alive
@@ -239,7 +249,7 @@ class CandidateScorer:
             k = min(self.sizer.size(), len(alives) - len(out))
             chunk, ctx = alives[len(out):len(out) + k], contexts[len(out):len(out) + k]
             try:
-                kappas = self._one_pass(lambda: self.kappas_many(chunk, ctx), k)
+                kappas = self._one_pass(lambda a=chunk, c=ctx: self.kappas_many(a, c), k)
             except _PassOutOfMemory as exc:
                 if k == 1:
                     raise self._out_of_memory(exc.__cause__) from None

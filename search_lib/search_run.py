@@ -23,9 +23,9 @@ from .distributed import World
 from .errors import DataError, GenotypeError, UsageError, one_line
 from .genotypes import Genotype, GenotypeRecord
 from .pruning import PruningSearch, search_run_dir
-from .scoring import search_transform
 from .report import draw_quietly, draw_search
 from .run_dir import RunDir
+from .scoring import search_transform
 from .supernet import Supernet, replace_norm
 from .threads import configure_threads
 from .utils import draw_seed, resolve_device

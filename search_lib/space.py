@@ -48,7 +48,7 @@ class SearchSpace:
     max_nodes: int = 3
 
     @classmethod
-    def resolve(cls, name: "str | SearchSpace", max_nodes: int = 3) -> "SearchSpace":
+    def resolve(cls, name: str | SearchSpace, max_nodes: int = 3) -> SearchSpace:
         """UsageError for an unknown space or an unsupported node count; a SearchSpace is returned as it is."""
         if isinstance(name, SearchSpace):
             return name

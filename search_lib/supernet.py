@@ -9,16 +9,16 @@ the two separate accessors.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from .errors import UsageError
 from .genotypes import PRUNED_ALPHA
-from .space import edge_keys
 from .ops import FactorizedReduce, ReLUConvBN, build_op, space_ops
+from .space import edge_keys
 
 SKIP_WEIGHT = 0.01  # ops whose softmax weight is <= this are not run (this is how pruning removes them)
 NORM_TYPES = ("batchnorm", "groupnorm16", "groupnorm", "instancenorm", "nonorm")

@@ -32,8 +32,8 @@ import search_lib.pruning as pruning
 import search_lib.scoring as scoring
 from eval_lib.train import read_checkpoint
 from search_lib.genotypes import PRESETS, edge_keys
-from search_lib.pruning import scores_text
 from search_lib.ops import space_ops
+from search_lib.pruning import scores_text
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -11,7 +11,6 @@ import torch
 import eval_searched_arch as cli
 from eval_lib.train import TrainConfig
 
-
 TINY = ["--init_channels", "4", "--layers", "3", "--image_size", "16", "--epochs", "2", "--batch_size", "16",
         "--learning_rate", "0.05", "--lr_decay_epochs", "1", "--n_shots", "1", "--n_queries", "3",
         "--n_test_runs", "2", "--n_aug_support_samples", "1", "--eval_splits", "test", "--num_workers", "0",

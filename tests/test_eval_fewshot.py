@@ -9,10 +9,15 @@ from scipy import stats
 from torch import nn
 
 from eval_lib.complexity import model_complexity
-from eval_lib.fewshot import (CLASSIFIERS, FewShotSettings, get_classifier, l2_normalize, mean_confidence_interval,
-                             meta_test)
+from eval_lib.fewshot import (
+    CLASSIFIERS,
+    FewShotSettings,
+    get_classifier,
+    l2_normalize,
+    mean_confidence_interval,
+    meta_test,
+)
 from search_lib.errors import UsageError
-
 
 
 def _separated(n_ways=5, n_support=5, n_query=15, dim=32, seed=0):

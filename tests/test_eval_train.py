@@ -9,11 +9,18 @@ import math
 import pytest
 import torch
 
-from eval_lib.train import (TrainConfig, build_optimizer, evaluate_checkpoint, format_results_table, lr_factor,
-                            paper_training_preset, read_checkpoint, train_and_evaluate)
+from eval_lib.train import (
+    TrainConfig,
+    build_optimizer,
+    evaluate_checkpoint,
+    format_results_table,
+    lr_factor,
+    paper_training_preset,
+    read_checkpoint,
+    train_and_evaluate,
+)
 from search_lib.errors import DataError, UsageError
 from search_lib.utils import read_jsonl
-
 
 
 def _cfg(data_path, save_dir, **kw) -> TrainConfig:

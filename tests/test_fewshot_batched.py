@@ -12,8 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from eval_lib.fewshot import (FewShotSettings, _episode_features_fast, _Features, draws_no_random_numbers, l2_normalize,
-                              logistic_regression_batched, meta_test, predict_episodes)
+from eval_lib.fewshot import (
+    FewShotSettings,
+    _episode_features_fast,
+    _Features,
+    draws_no_random_numbers,
+    l2_normalize,
+    logistic_regression_batched,
+    meta_test,
+    predict_episodes,
+)
 from search_lib.data import EpisodeDataset, build_transform
 from search_lib.errors import UsageError
 

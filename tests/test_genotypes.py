@@ -9,10 +9,18 @@ import torch
 
 from eval_lib.models import AugmentCNN
 from search_lib.errors import GenotypeError, UsageError
-from search_lib.genotypes import (PRESETS, PRUNED_ALPHA, Genotype, alphas_from_genotype, edge_groups, edge_keys,
-                                  genotype_from_alphas, random_genotype, resolve_genotype)
+from search_lib.genotypes import (
+    PRESETS,
+    PRUNED_ALPHA,
+    Genotype,
+    alphas_from_genotype,
+    edge_groups,
+    edge_keys,
+    genotype_from_alphas,
+    random_genotype,
+    resolve_genotype,
+)
 from search_lib.ops import space_ops
-
 
 # The published strings, copied verbatim (independent of the library's own copy).
 REFERENCE_STRINGS = {

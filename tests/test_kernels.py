@@ -17,10 +17,17 @@ import torch
 import torch.nn as nn
 
 from search_lib.genotypes import PRESETS, alphas_from_genotype
-from search_lib.kernels import (KAPPA_SENTINEL, MetaNTKModel, analytical_metantk, condition_number, empirical_ntk,
-                                kernel_parameters, metantk_kernels, per_sample_gradients)
+from search_lib.kernels import (
+    KAPPA_SENTINEL,
+    MetaNTKModel,
+    analytical_metantk,
+    condition_number,
+    empirical_ntk,
+    kernel_parameters,
+    metantk_kernels,
+    per_sample_gradients,
+)
 from search_lib.supernet import Supernet, init_weights, replace_norm
-
 
 # ---------------------------------------------------------------------------------------------------
 # Independent per-sample Jacobians

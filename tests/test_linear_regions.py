@@ -7,8 +7,13 @@ import torch
 import torch.nn as nn
 
 from search_lib.genotypes import PRESETS, Genotype, alphas_from_genotype
-from search_lib.linear_regions import (LinearRegionScorer, count_distinct_codes, count_linear_regions, relu_codes,
-                                       sample_crops)
+from search_lib.linear_regions import (
+    LinearRegionScorer,
+    count_distinct_codes,
+    count_linear_regions,
+    relu_codes,
+    sample_crops,
+)
 
 
 def breakpoint_net(breakpoints):

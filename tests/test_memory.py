@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from test_batch_runs import ENV, REPO, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
 
 import prune_metantknas
 import search_lib.memory as memory
@@ -22,8 +23,6 @@ import search_lib.scoring as scoring
 from search_lib.errors import UsageError
 from search_lib.memory import MemoryMeter, PassSizer, parse_size
 from search_lib.pruning import MEASURED_KEY, scores_text
-
-from test_batch_runs import ENV, REPO, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
 
 GiB, MiB = 1 << 30, 1 << 20
 

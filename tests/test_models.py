@@ -10,7 +10,6 @@ from eval_lib.models import AugmentCNN, DropPath
 from search_lib.genotypes import PRESETS, Genotype
 from search_lib.ops import FactorizedReduce
 
-
 # A small genotype with every kind of op, hand-checkable.
 TINY = Genotype(
     normal=[[("sep_conv_3x3", 0), ("skip_connect", 1)], [("conv_3x3", 0), ("dil_conv_3x3", 2)],

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from search_lib.errors import UsageError
 from search_lib.ops import OPS, SEARCH_SPACES, FactorizedReduce, Registry, build_op, space_ops
 
-
 ALL_OPS = sorted(set(SEARCH_SPACES["darts_fewshot"]) | set(SEARCH_SPACES["darts"]))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ORIGINAL_SCRIPT_ARGS, script_argv
 
 import eval_searched_arch
 import prune_launch
@@ -19,8 +20,6 @@ import prune_metantknas
 from eval_lib import search_cli
 from search_lib import original_flags as O
 from search_lib.cli import ALIAS, NO_EFFECT, SAME, make_parser
-
-from conftest import ORIGINAL_SCRIPT_ARGS, script_argv
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_ARGS = {name: " ".join(args) for name, args in ORIGINAL_SCRIPT_ARGS.items()}

@@ -8,13 +8,12 @@ import json
 import os
 
 import pytest
+from conftest import script_argv
 
 import eval_searched_arch
 import prune_launch
 import prune_metantknas
 from search_lib.genotypes import PRESETS, GenotypeRecord
-
-from conftest import script_argv
 
 # the search made tiny: 4 channels, 8 px, 2 tasks of 2 classes, one repeat, one op round, few crops
 TINY_SEARCH = ["--ntk_channels", "4", "--image_size", "8", "--n_ways", "2", "--repeat", "1", "--prune_number", "6",

@@ -15,8 +15,17 @@ from torch import nn
 from eval_lib import proxy_study
 from eval_lib.proxies import BASELINES, MEASURED, PROXIES, ZERO_COST_PROXIES, KernelProxies
 from eval_lib.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
-from eval_lib.study_stats import (bootstrap_interval, combined_scores, format_table, kendall_tau_b,
-                                  partial_kendall_tau, partial_spearman_rho, spearman_rho, summarize, top_k_hit)
+from eval_lib.study_stats import (
+    bootstrap_interval,
+    combined_scores,
+    format_table,
+    kendall_tau_b,
+    partial_kendall_tau,
+    partial_spearman_rho,
+    spearman_rho,
+    summarize,
+    top_k_hit,
+)
 from search_lib.cli import field_default, flag_fields
 from search_lib.config import SearchConfig
 from search_lib.ranking import dense_rank

@@ -17,10 +17,10 @@ from PIL import Image
 import eval_searched_arch
 import prune_metantknas
 from eval_lib import report
+from eval_lib.tensorboard_log import MISSING, TrainingBoard
 from search_lib import report as search_report
 from search_lib import search_run
 from search_lib.errors import DataError, UsageError
-from eval_lib.tensorboard_log import MISSING, TrainingBoard
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_ARGV = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6",

@@ -19,15 +19,24 @@ import time
 from pathlib import Path
 
 import pytest
+from test_batch_runs import (
+    ENV,
+    LIMIT,
+    REPO,
+    _Background,
+    _error_line,
+    _run,
+    _search_cmd,
+    _snapshot,
+    _train_cmd,
+    _wait_until,
+)
+from test_proxy_study import _argv as _study_argv
 
 from eval_lib import proxy_study
 from search_lib import sweep
 from search_lib.errors import FolderInUse
 from search_lib.run_dir import LOCK_FILE, FolderLock, describe_holder
-
-from test_batch_runs import (ENV, LIMIT, REPO, _Background, _error_line, _run, _search_cmd, _snapshot, _train_cmd,
-                             _wait_until)
-from test_proxy_study import _argv as _study_argv
 
 ME = os.getpid()
 

@@ -14,8 +14,15 @@ from eval_lib import search_cli
 from search_lib.config import SearchConfig
 from search_lib.errors import UsageError
 from search_lib.genotypes import Genotype
-from search_lib.pruning import (Candidate, PruningSearch, alphas_from_alive, dense_rank, repeat_seed, round_sig,
-                                 scores_text)
+from search_lib.pruning import (
+    Candidate,
+    PruningSearch,
+    alphas_from_alive,
+    dense_rank,
+    repeat_seed,
+    round_sig,
+    scores_text,
+)
 
 TINY = ["--ntk_channels", "4", "--ntk_layers", "5", "--image_size", "8", "--batch_size", "2", "--repeat", "1",
         "--prune_number", "3", "--lr_batch_size", "50", "--lr_batches", "1", "--device", "cpu", "--rand_seed", "0"]

@@ -13,7 +13,6 @@ from search_lib.genotypes import PRESETS, PRUNED_ALPHA, alphas_from_genotype, ed
 from search_lib.ops import FactorizedReduce, space_ops
 from search_lib.supernet import MixedOp, Supernet, cell_layout, init_weights, replace_norm, thin_supernet
 
-
 # ---------------------------------------------------------------------------------------------------
 # Layout and shapes
 

@@ -21,10 +21,26 @@ The names below are the package's public interface; import them from ``search_li
 
 from .episodes import EpisodeDataset, EpisodePlan, EpisodeSubset, SupervisedDataset, sample_batch, sample_meta_batch
 from .files import SplitData, clear_cache, load_split
-from .names import (DATASET_NAMES, DEFAULT_IMAGE_SIZE, PARTITIONS, DatasetSpec, canonical_dataset, expected_files,
-                    is_episodic_name, resolve_dataset)
-from .transforms import (CIFAR100_MEAN, CIFAR100_STD, CIFAR_MEAN, CIFAR_STD, MINI_MEAN, MINI_STD, TRANSFORM_NAMES,
-                         build_transform)
+from .names import (
+                    DATASET_NAMES,
+                    DEFAULT_IMAGE_SIZE,
+                    PARTITIONS,
+                    DatasetSpec,
+                    canonical_dataset,
+                    expected_files,
+                    is_episodic_name,
+                    resolve_dataset,
+)
+from .transforms import (
+                    CIFAR100_MEAN,
+                    CIFAR100_STD,
+                    CIFAR_MEAN,
+                    CIFAR_STD,
+                    MINI_MEAN,
+                    MINI_STD,
+                    TRANSFORM_NAMES,
+                    build_transform,
+)
 
 __all__ = [
     "DATASET_NAMES", "DEFAULT_IMAGE_SIZE", "TRANSFORM_NAMES", "PARTITIONS", "MINI_MEAN", "MINI_STD", "CIFAR_MEAN",

@@ -19,8 +19,17 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, UsageError, one_line
-from .names import (_CIFAR_FILES, _MINI_FILES, _MINI_PREFIX, _TIERED_FILES, CIFAR_KEYS, DatasetSpec, expected_files,
-                    normalise_partition, resolve_dataset)
+from .names import (
+    _CIFAR_FILES,
+    _MINI_FILES,
+    _MINI_PREFIX,
+    _TIERED_FILES,
+    CIFAR_KEYS,
+    DatasetSpec,
+    expected_files,
+    normalise_partition,
+    resolve_dataset,
+)
 
 
 @dataclass(eq=False)

@@ -67,7 +67,7 @@ class DatasetSpec:
         return self.key
 
 
-def resolve_dataset(name: "str | DatasetSpec") -> DatasetSpec:
+def resolve_dataset(name: str | DatasetSpec) -> DatasetSpec:
     """The spec of a command-line dataset name (case-insensitive); a spec is returned as it is."""
     if isinstance(name, DatasetSpec):
         return name
@@ -77,12 +77,12 @@ def resolve_dataset(name: "str | DatasetSpec") -> DatasetSpec:
     return DatasetSpec(_CANONICAL[key], key.startswith("meta"))
 
 
-def canonical_dataset(name: "str | DatasetSpec") -> str:
+def canonical_dataset(name: str | DatasetSpec) -> str:
     """Map a command-line dataset name (case-insensitive) to its key (``"mini"``, ``"tiered"``, ...)."""
     return resolve_dataset(name).key
 
 
-def is_episodic_name(name: "str | DatasetSpec") -> bool:
+def is_episodic_name(name: str | DatasetSpec) -> bool:
     """True for the ``Meta*`` names (episodic evaluation / meta-batches)."""
     return resolve_dataset(name).episodic
 

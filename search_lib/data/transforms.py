@@ -10,7 +10,7 @@ seeded generator, as the samplers need.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
