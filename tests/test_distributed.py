@@ -57,6 +57,7 @@ def test_world_shards_and_merges():
     assert World().merge(3, ["a", "b", "c"]) == ["a", "b", "c"]
 
 
+@pytest.mark.slow  # 34 s on 2 cores; test_distributed_train runs torchrun by default
 def test_two_processes_give_the_single_process_search(tmp_path):
     proc = _torchrun([*TINY, "--save_dir", str(tmp_path / "two")])
     assert prune_metantknas.main([*TINY, "--save_dir", str(tmp_path / "one")]) == 0

@@ -53,6 +53,7 @@ def test_two_process_training_writes_one_run_folder(two_process_training):
     assert results["fewshot"]["test"]["1"]["episodes"] == 9
 
 
+@pytest.mark.slow  # 18 s on 2 cores
 def test_fewshot_test_on_two_processes_equals_one(two_process_training, tmp_path):
     run, _ = two_process_training
     flags = ["--eval_only", "--checkpoint", str(run / "checkpoint.pt"), "--n_test_runs", "9", "--n_queries", "5",

@@ -49,7 +49,12 @@ def _archs(search: PruningSearch, alive: np.ndarray, rng: np.random.Generator) -
     return archs
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# the 4-node cases have the most expensive reference scoring (18-23 s each on 2 cores): `make test-slow`
+SLOW_CASES = {"anil-tau1-darts-4", "ntk-darts_fewshot-4"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k in SLOW_CASES else k
+                                        for k in sorted(CASES)])
 def scored(request):
     """Reference and fast scores of the same architectures, with the same weights and batch."""
     cfg = SearchConfig(**{**BASE, **CASES[request.param]}).validate()
@@ -112,7 +117,7 @@ def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeyp
     `REGIONS_PER_PASS` at a time, and the scores equal the reference path's exactly."""
     import search_lib.scoring as scoring
 
-    cfg = SearchConfig(**BASE).validate()
+    cfg = SearchConfig(**{**BASE, "ntk_layers": 2}).validate()  # "large" is CPU_BATCHING_LIMIT 0 below
     split = load_split(cfg.data, None, "train")
     scorer = CandidateScorer(cfg, split, torch.device("cpu"), len(split.class_ids))
     search = PruningSearch(cfg)

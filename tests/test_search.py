@@ -43,6 +43,7 @@ def _check_valid(geno: Genotype, space="darts_fewshot", nodes=3):
             assert len(node) == 2 and node[0][1] != node[1][1]
 
 
+@pytest.mark.slow  # 23 s; test_cifar and test_original_runs run MetaNTK searches on RFS files by default
 def test_metantk_search_on_synthetic_rfs_files(tmp_path, synthetic_mini):
     geno, record = _search(tmp_path, "mini", "--dataset", "MetaMiniImageNet", "--data_path", str(synthetic_mini))
     _check_valid(geno)
