@@ -12,7 +12,7 @@ STUDY_DIR ?= runs/proxy_study
 # busy; --dist loadfile keeps a file's module-scoped runs on one worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms clean-demo clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared clean-demo clean-study
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 # A MetaNTK (MAML) search on a small supernet, then a short training of the found genotype and its
-# 1-shot / 5-shot test on the novel digit classes. About 1.5 minutes on 2 CPU cores.
+# 1-shot / 5-shot test on the novel digit classes. About 3 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) prune_metantknas.py --dataset MetaDigits --save_dir $(DEMO_DIR) --rand_seed 0 \
 	  --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 1 --prune_number 2 --regions_batch_size 300 \
@@ -69,6 +69,10 @@ bench-train: $(STAMP)
 # The batched image transforms (transform A, the search's TENAS) against PIL image by image, same run.
 bench-transforms: $(STAMP)
 	$(PY) -m benchmarks.bench_transforms
+
+# two demo searches (and two training epochs) side by side against one alone: the thread tuners' fairness
+bench-shared: $(STAMP)
+	$(PY) -m benchmarks.bench_shared --what search,train
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

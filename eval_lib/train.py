@@ -151,6 +151,7 @@ class TrainingRun:
         self.model = self.optimizer = self.scheduler = None
         self.cost: dict = {}
         self.train_peak = self.test_peak = None  # memory windows (search_lib.memory.Window)
+        self.thread_steps: dict[str, int] = {}  # this session's training steps per thread count
 
     def execute(self) -> dict:
         """The results dict: status "finished", "cached" or "stopped" (see `train_and_evaluate`)."""
@@ -247,6 +248,7 @@ class TrainingRun:
             epoch_bar.close()
             if tuner is not None:
                 tuner.close()
+                self.thread_steps = {str(c): tuner.history.count(c) for c in sorted(set(tuner.history), reverse=True)}
                 if len(tuner.counts) > 1 and tuner.history:
                     logger.info("training on the CPU: %s (chosen by timing them)", tuner.summary())
         return None
@@ -326,7 +328,8 @@ class TrainingRun:
             "seed": cfg.seed,
             "classifier": cfg.classifier,
             "fewshot": fewshot,
-            "train": {"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s},
+            "train": {"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s,
+                      "threads": self.thread_steps},  # float rounding, hence the weights, depends on them
             "eval_time_s": eval_time_s,
             "wall_time_s": self.train_time_s + eval_time_s,
             "session_time_s": time.time() - self.started,

@@ -4,6 +4,8 @@ with another test (two threads get only part of their cores)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -258,6 +260,8 @@ def test_the_training_and_the_search_tune_unless_the_count_is_fixed(monkeypatch,
                                         "--device", "cpu", "--no-progress", "--threads", "1",
                                         "--save_dir", str(tmp_path / "fixed")]) == 0
         assert len(made) == 1 and made[0].counts == [1] and len(made[0].history) > 0  # --threads 1: no choice
+        results = json.loads((tmp_path / "fixed" / "results.json").read_text())
+        assert results["train"]["threads"] == {"1": len(made[0].history)}  # what the weights were trained at
         made.clear()
         assert prune_metantknas.main(["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2",
                                       "--image_size", "8", "--batch_size", "2", "--n_ways", "2", "--repeat", "1",
