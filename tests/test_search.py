@@ -63,6 +63,7 @@ def test_metantk_search_on_synthetic_rfs_files(tmp_path, synthetic_mini):
     assert config["rand_seed"] == 0 and config["ntk_type"] == "MetaNTK_anl"
 
 
+@pytest.mark.slow  # 11 s; test_batch_runs checks a kernel search's determinism by default
 def test_ntk_search_on_digits_and_same_seed_same_genotype(tmp_path):
     fast = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6", "--ntk_layers", "2"]
     a, _ = _search(tmp_path, "a", *fast)

@@ -179,17 +179,22 @@ def _load_mini(folder: Path, partition: str) -> SplitData:
 
 @functools.lru_cache(maxsize=8)
 def _load_mini_file(key: tuple, partition: str, fix: str) -> SplitData:
-    path = Path(key[0])
-    obj = _load_pickle(path, "miniImageNet", fix)
+    images, labels = _read_rfs_pickle(Path(key[0]), "miniImageNet", fix)
+    return SplitData(images=images, labels=labels, name=f"miniImageNet:{partition}", dataset="mini")
+
+
+def _read_rfs_pickle(path: Path, display: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The validated images and labels of an RFS pickle: a dict with keys 'data' and 'labels' (miniImageNet,
+    CIFAR-FS and FC100 share the format)."""
+    obj = _load_pickle(path, display, fix)
     if not isinstance(obj, dict):
-        raise DataError(f"miniImageNet file {path} holds a {type(obj).__name__}, expected a dict with keys "
-                        f"'data' and 'labels'; {_REDOWNLOAD}")
+        raise DataError(f"{display} file {path} holds a {type(obj).__name__}, expected a dict with keys 'data' and "
+                        f"'labels'; {_REDOWNLOAD}")
     for k in ("data", "labels"):
         if k not in obj:
-            raise DataError(f"miniImageNet file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
+            raise DataError(f"{display} file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
                             f"{_REDOWNLOAD}")
-    images, labels = _validate(obj["data"], obj["labels"], f"miniImageNet file {path}", _REDOWNLOAD)
-    return SplitData(images=images, labels=labels, name=f"miniImageNet:{partition}", dataset="mini")
+    return _validate(obj["data"], obj["labels"], f"{display} file {path}", _REDOWNLOAD)
 
 
 def _load_tiered(folder: Path, partition: str) -> SplitData:
@@ -252,16 +257,7 @@ def first_appearance_labels(labels: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _load_cifar_file(key: tuple, dataset: str, display: str, partition: str, fix: str) -> SplitData:
-    path = Path(key[0])
-    obj = _load_pickle(path, display, fix)
-    if not isinstance(obj, dict):
-        raise DataError(f"{display} file {path} holds a {type(obj).__name__}, expected a dict with keys 'data' and "
-                        f"'labels'; {_REDOWNLOAD}")
-    for k in ("data", "labels"):
-        if k not in obj:
-            raise DataError(f"{display} file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
-                            f"{_REDOWNLOAD}")
-    images, labels = _validate(obj["data"], obj["labels"], f"{display} file {path}", _REDOWNLOAD)
+    images, labels = _read_rfs_pickle(Path(key[0]), display, fix)
     labels = first_appearance_labels(labels)
     labels.flags.writeable = False
     return SplitData(images=images, labels=labels, name=f"{display}:{partition}", dataset=dataset)
