@@ -76,11 +76,16 @@ def test_zico_of_a_linear_layer(linear_case):
     assert ZC["zico"](c["net"], c["x"], c["y"]) == pytest.approx(math.log(ratio.sum()), rel=1e-5)
 
 
-def test_grad_norm_leaves_out_batchnorm_and_biases():
-    torch.manual_seed(2)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3), nn.ReLU(),
+def _conv_bn_net(seed: int, bias: bool):
+    """conv -> BatchNorm -> ReLU -> pool -> linear, and a batch of five 2-channel 6x6 images."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=bias), nn.BatchNorm2d(3), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    x, y = torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 0, 1, 1])
+    return net, torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 0, 1, 1])
+
+
+def test_grad_norm_leaves_out_batchnorm_and_biases():
+    net, x, y = _conv_bn_net(2, bias=True)
     work = copy.deepcopy(net)
     nn.functional.cross_entropy(work(x), y).backward()
     weights = float(work[0].weight.grad.norm() + work[5].weight.grad.norm())
@@ -100,10 +105,7 @@ def test_synflow_is_the_sum_of_the_weights_of_a_linear_layer():
 
 
 def test_synflow_treats_batchnorm_as_the_identity_whatever_its_statistics():
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    x, y = torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 0, 1, 1])
+    net, x, y = _conv_bn_net(1, bias=False)
     without_bn = copy.deepcopy(net)
     without_bn[1] = nn.Identity()
     expected = ZC["synflow"](without_bn, x, y)
