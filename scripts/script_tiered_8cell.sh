@@ -4,8 +4,7 @@
 #   METANTKNAS_TIERED_DATA=/data/tieredImageNet bash scripts/script_tiered_8cell.sh --device cpu
 # The data folder is --data_path DIR or $METANTKNAS_TIERED_DATA. Runs from any directory.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+source "$(dirname "$0")/python_env.sh"  # cd to the repository root; $PY
 
 args=(
     --gpu 0

@@ -4,6 +4,5 @@
 #   bash scripts/sweep.sh --presets all --seeds 0,1,2                      # data from $METANTKNAS_*_DATA
 #   bash scripts/sweep.sh --jobs_file scripts/sweep_jobs.example --gpus none --jobs 2
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+source "$(dirname "$0")/python_env.sh"  # cd to the repository root; $PY
 exec "$PY" -m search_lib.sweep "$@"
