@@ -248,7 +248,7 @@ class TrainingRun:
             epoch_bar.close()
             if tuner is not None:
                 tuner.close()
-                self.thread_steps = {str(c): tuner.history.count(c) for c in sorted(set(tuner.history), reverse=True)}
+                self.thread_steps = {str(c): n for c, n in tuner.step_counts().items()}
                 if len(tuner.counts) > 1 and tuner.history:
                     logger.info("training on the CPU: %s (chosen by timing them)", tuner.summary())
         return None

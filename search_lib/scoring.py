@@ -299,8 +299,8 @@ class CandidateScorer:
         stats, self.passes = self.passes, PassCount()
         threads: dict[str, int] = {}
         for kind, tuner in self.tuners.items():
-            for count in tuner.history[self._steps_seen[kind]:]:
-                threads[str(count)] = threads.get(str(count), 0) + 1
+            for count, n in tuner.step_counts(self._steps_seen[kind]).items():
+                threads[str(count)] = threads.get(str(count), 0) + n
             self._steps_seen[kind] = len(tuner.history)
         return {"pass_size": stats.largest, "passes": stats.passes, "oom_splits": stats.oom_splits,
                 "budget_bytes": self.budget, "threads": threads}

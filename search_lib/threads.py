@@ -153,10 +153,14 @@ class ThreadTuner:
             if self._left <= 0:
                 self._plan = self._probe_plan()
 
+    def step_counts(self, since: int = 0) -> dict[int, int]:
+        """How many steps ran at each count (the most threads first), counting from step ``since``."""
+        steps = self.history[since:]
+        return {c: steps.count(c) for c in sorted(set(steps), reverse=True)}
+
     def summary(self) -> str:
         """How many steps ran at each count, e.g. ``2 threads: 518 steps, 1 thread: 12 steps``."""
-        counts = {c: self.history.count(c) for c in sorted(set(self.history), reverse=True)}
-        return ", ".join(f"{c} thread{'s' * (c > 1)}: {n} steps" for c, n in counts.items()) or "no steps"
+        return ", ".join(f"{c} thread{'s' * (c > 1)}: {n} steps" for c, n in self.step_counts().items()) or "no steps"
 
     def close(self) -> None:
         self._set(self.start)
