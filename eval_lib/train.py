@@ -97,11 +97,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     try:
         data = TrainingData.load(cfg)  # data errors surface before anything is written
         world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
-        if world.is_main:
-            run.create(verb="create")
-        run.hold(world, overwrite=cfg.overwrite)  # held from the first write to the end (rank 0 for the group)
-        if world.is_main and cfg.overwrite:
-            run.clear()
+        run.claim(world, overwrite=cfg.overwrite, verb="create")  # the lock held from here to the end
         world.barrier()  # ... and reads it only after that
         with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
             with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:

@@ -267,6 +267,16 @@ class RunDir:
         if problem:
             raise FolderInUse(problem)
 
+    def claim(self, world: World | None = None, *, overwrite: bool = False, verb: str = "write") -> None:
+        """A run's first write: rank 0 makes the folder, the lock is held from here to the end (`hold`), and with
+        ``overwrite`` rank 0 then removes the earlier outputs (only once the lock keeps everyone else out)."""
+        world = world or World()
+        if world.is_main:
+            self.create(verb=verb)
+        self.hold(world, overwrite=overwrite)
+        if world.is_main and overwrite:
+            self.clear()
+
     def release(self) -> None:
         self.lock.release()
 

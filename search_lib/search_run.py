@@ -127,12 +127,8 @@ def _run_search(cfg: SearchConfig, run: RunDir, world: World, device: torch.devi
     if drawn:  # drawn once, by rank 0, for every rank
         cfg.rand_seed = world.gather(draw_seed())[0]
     world.barrier()  # every rank has read the folder before rank 0 changes it
+    run.claim(world, overwrite=cfg.overwrite)  # the lock held from here to the end (rank 0 for the group)
     if main:
-        run.create()
-    run.hold(world, overwrite=cfg.overwrite)  # held from the first write to the end (rank 0 for the group)
-    if main:
-        if cfg.overwrite:
-            run.clear()
         run.write_config(cfg.to_dict())
     log_file = run.attach_log("metantknas", console=True) if main else None
     try:
