@@ -43,6 +43,11 @@ def snip(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     gradient is W ⊙ ∂L/∂W exactly (the masked weight equals W), so the plain weight gradient gives it.
     """
     _backward_loss(net, inputs, targets)
+    return _weight_saliency(net)
+
+
+def _weight_saliency(net: nn.Module) -> float:
+    """Σ |W ⊙ ∂/∂W| over the Conv2d/Linear weights, from the gradients the last backward left (snip, synflow)."""
     return sum(float((m.weight.detach() * m.weight.grad).abs().sum()) for m in weight_layers(net)
                if m.weight.grad is not None)
 
@@ -142,8 +147,7 @@ def synflow(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> floa
     net.zero_grad(set_to_none=True)
     out = net(torch.ones(1, *inputs.shape[1:], dtype=torch.float64, device=inputs.device))
     out.sum().backward()
-    return sum(float((m.weight.detach() * m.weight.grad).abs().sum()) for m in weight_layers(net)
-               if m.weight.grad is not None)
+    return _weight_saliency(net)
 
 
 def zico(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
