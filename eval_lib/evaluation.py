@@ -29,7 +29,7 @@ from search_lib.utils import atomic_write_json, resolve_device
 from .checkpoints import read_checkpoint, state_dict_of
 from .config import DEFAULT_DATASET, DEFAULT_TRANSFORM, TrainConfig
 from .fewshot import FewShotSettings, mean_confidence_interval, meta_test
-from .network import build_network, complexity, resolve_architecture
+from .network import build_network, complexity, network_kwargs, resolve_architecture
 
 logger = logging.getLogger("metantknas.eval")
 
@@ -190,9 +190,7 @@ def _checkpoint_architecture(path, ckpt: dict, state: dict, cfg: TrainConfig) ->
     weight = state.get("linear.weight")
     if weight is None:
         raise DataError(f"checkpoint {path} has no 'linear.weight'; it is not an AugmentCNN state dict")
-    return genotype, dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(weight.shape[0]),
-                          stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr,
-                          in_channels=int(state.get("stem.0.weight", torch.zeros(1, 3)).shape[1]))
+    return genotype, network_kwargs(cfg, weight.shape[0], state.get("stem.0.weight", torch.zeros(1, 3)).shape[1])
 
 
 def _checkpoint_data(cfg: TrainConfig, old: dict) -> tuple[DatasetSpec, Any, str, int | None]:

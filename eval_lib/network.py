@@ -53,6 +53,13 @@ def default_save_dir(cfg: TrainConfig, genotype) -> str:
                         f"{ds}-{arch_label(cfg, genotype)}-C{cfg.init_channels}-L{cfg.layers}-seed{cfg.seed}")
 
 
+def network_kwargs(cfg: TrainConfig, num_classes: int, in_channels: int) -> dict:
+    """The `AugmentCNN` arguments of the training's flags (channels, cells, stem, reduction factor) for a data set
+    of ``num_classes`` classes and ``in_channels`` image channels: what a checkpoint records as ``net_kwargs``."""
+    return dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(num_classes),
+                stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr, in_channels=int(in_channels))
+
+
 def build_network(genotype, net_kwargs: dict) -> nn.Module:
     return AugmentCNN(genotype, **net_kwargs)
 

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -37,11 +36,12 @@ from search_lib.genotypes import PRUNED_ALPHA, Genotype, alphas_from_genotype
 from search_lib.kernels import KAPPA_SENTINEL
 from search_lib.ranking import repeat_seed
 from search_lib.scoring import CandidateScorer
+from search_lib.utils import rng_state, set_rng_state
 
 from . import zc_activations, zc_gradients
 from .complexity import conv_linear_macs, count_parameters
 from .config import TrainConfig
-from .network import build_network, complexity, input_shape
+from .network import build_network, complexity, input_shape, network_kwargs
 
 log = logging.getLogger("metantknas.study")
 
@@ -83,14 +83,11 @@ MEASURED = tuple(p for p in PROXIES if p not in COMBINATIONS)  # the proxies an 
 @contextmanager
 def preserved_random_state():
     """Leaves the global random state of torch (CPU and every CUDA device), numpy and `random` as it was."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    state = rng_state()
     try:
-        with torch.random.fork_rng(devices=devices):
-            yield
+        yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        set_rng_state(state)
 
 
 def isolated(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]):
@@ -223,11 +220,9 @@ class BaselineData:
 def initial_network(genotype: Genotype, tcfg: TrainConfig, data: BaselineData) -> nn.Module:
     """The network the training builds, with the weights it starts from (it seeds torch with its seed first);
     the global random state is left as it was."""
-    net_kwargs = dict(C=tcfg.init_channels, layers=tcfg.layers, num_classes=data.num_classes,
-                      stem_multiplier=tcfg.stem_multiplier, fsr=tcfg.fsr, in_channels=int(data.input_shape[0]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tcfg.seed)
-        return build_network(genotype, net_kwargs)
+        return build_network(genotype, network_kwargs(tcfg, data.num_classes, data.input_shape[0]))
 
 
 def _finite_or_none(name: str, value: float, context: str) -> float | None:

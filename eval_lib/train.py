@@ -70,7 +70,7 @@ from .device_batches import DeviceBatches
 from .epoch import build_optimizer, build_scheduler, epoch_seed, lr_factor, train_one_epoch
 from .evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
 from .metrics import append_epoch, epoch_record, truncate_metrics
-from .network import build_network, complexity, default_save_dir, input_shape, resolve_architecture
+from .network import build_network, complexity, default_save_dir, input_shape, network_kwargs, resolve_architecture
 from .report import REDRAW, draw_training
 from .tensorboard_log import TrainingBoard
 
@@ -141,8 +141,7 @@ class TrainingRun:
         self.started = time.time()
         self.conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
         self.keys = TRAINING_KEYS + ("genotype_resolved",)  # the settings a checkpoint must share
-        self.net_kwargs = dict(C=cfg.init_channels, layers=cfg.layers, num_classes=int(data.train_set.num_classes),
-                               stem_multiplier=cfg.stem_multiplier, fsr=cfg.fsr, in_channels=int(data.input_shape[0]))
+        self.net_kwargs = network_kwargs(cfg, data.train_set.num_classes, data.input_shape[0])
         self.epoch, self.train_time_s, self.last = 0, 0.0, {}
         self.model = self.optimizer = self.scheduler = None
         self.cost: dict = {}
