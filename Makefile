@@ -45,8 +45,8 @@ STUDY_FLAGS = --dataset MetaDigits --save_dir $(STUDY_DIR) --n_archs 32 --seed 0
 
 study: $(STAMP)
 	mkdir -p $(dir $(STUDY_DIR))
-	OMP_NUM_THREADS=1 $(PY) -m eval_lib.proxy_study $(STUDY_FLAGS) --shard 1/2 > $(STUDY_DIR).shard1.log 2>&1 & \
-	  first=$$!; OMP_NUM_THREADS=1 $(PY) -m eval_lib.proxy_study $(STUDY_FLAGS) --shard 0/2; status=$$?; \
+	OMP_NUM_THREADS=1 $(PY) -m eval_lib.study.study_run $(STUDY_FLAGS) --shard 1/2 > $(STUDY_DIR).shard1.log 2>&1 & \
+	  first=$$!; OMP_NUM_THREADS=1 $(PY) -m eval_lib.study.study_run $(STUDY_FLAGS) --shard 0/2; status=$$?; \
 	  wait $$first || { echo "shard 1/2 failed: see $(STUDY_DIR).shard1.log"; exit 1; }; \
 	  test $$status -eq 0 && cat $(STUDY_DIR)/summary.txt
 

@@ -8,12 +8,13 @@ Examples:
 
 Re-running the same command in the same --save_dir resumes an interrupted run; a finished run is reported
 without recomputation unless --overwrite. Exit codes: 0 ok, 2 usage/genotype error, 3 data error,
-4 run failure. The command line lives in `eval_lib.cli`; its flags come from `eval_lib.config.TrainConfig`.
+4 run failure. The command line lives in `eval_lib.commands.eval_command`; its flags come from
+`eval_lib.train.train_config.TrainConfig`.
 """
 
 import sys
 
-from eval_lib.cli import build_parser, config_from_args, main, run
+from eval_lib.commands.eval_command import build_parser, config_from_args, main, run
 
 __all__ = ["build_parser", "config_from_args", "main", "run"]
 

@@ -8,12 +8,12 @@ The data folder comes from --data_path or the environment (METANTKNAS_MINI_DATA 
 METANTKNAS_TIERED_DATA, else METANTKNAS_DATA). Every flag of prune_metantknas.py is taken and wins over
 the preset (so do --aug_* training flags over the paper's training preset), and so are the original
 launcher's flags (--gpu, --space, --seed, --dartsbs, --ntk_layers 5|8 for --cells, ...). Returns the
-search's exit code. The command line lives in `eval_lib.launch`.
+search's exit code. The command line lives in `eval_lib.commands.launch_command`.
 """
 
 import sys
 
-from eval_lib.launch import build_parser, main, search_argv
+from eval_lib.commands.launch_command import build_parser, main, search_argv
 
 __all__ = ["build_parser", "main", "search_argv"]
 

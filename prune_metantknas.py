@@ -3,12 +3,13 @@
     python prune_metantknas.py --dataset MetaDigits --ntk_channels 8 --repeat 1 --save_dir runs/demo
 
 See docs/usage.md ("Search") for every flag and the outputs in --save_dir, and docs/method.md for the method.
-The command line lives in `eval_lib.search_cli`; its flags come from `search_lib.config.SearchConfig`.
+The command line lives in `eval_lib.commands.search_command`; its flags come from
+`search_lib.search.search_config.SearchConfig`.
 """
 
 import sys
 
-from eval_lib.search_cli import build_parser, config_from_args, main, run
+from eval_lib.commands.search_command import build_parser, config_from_args, main, run
 
 __all__ = ["build_parser", "config_from_args", "main", "run"]
 

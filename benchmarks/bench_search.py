@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import peak_memory_mb, sync
-from search_lib.cli import make_parser
-from search_lib.config import SearchConfig
+from search_lib.core.command_line import make_parser
+from search_lib.core.utils import resolve_device
 from search_lib.data import load_split
-from search_lib.pruning import PruningSearch, repeat_seed
-from search_lib.scoring import REGIONS_PER_PASS, CandidateScorer
-from search_lib.utils import resolve_device
+from search_lib.search.pruning import PruningSearch, repeat_seed
+from search_lib.search.scoring import REGIONS_PER_PASS, CandidateScorer
+from search_lib.search.search_config import SearchConfig
 
 # Scorings of the paper's 5-cell search per repeat: op rounds of 126, 108, 90, 72, 54, 36 candidates,
 # the edge round of 14, and the full network once per round (7 rounds).

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from benchmarks.common import peak_memory_mb, sync
-from eval_lib.epoch import train_step
-from eval_lib.fewshot import FewShotSettings, meta_test
-from eval_lib.network import build_network
-from search_lib.cli import make_parser
+from eval_lib.fewshot.meta_test import FewShotSettings, meta_test
+from eval_lib.train.epoch import train_step
+from eval_lib.train.network import build_network
+from search_lib.core.command_line import make_parser
+from search_lib.core.threads import configure_threads
+from search_lib.core.utils import resolve_device
 from search_lib.data import EpisodeDataset, SupervisedDataset
-from search_lib.genotypes import resolve_genotype_record
-from search_lib.threads import configure_threads
-from search_lib.utils import resolve_device
+from search_lib.models.genotypes import resolve_genotype_record
 
 DEMO_GENOTYPE = "mini-5cell-1"
 

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
+from search_lib.core.threads import configure_threads
 from search_lib.data import build_transform
 from search_lib.data.transforms import transform_stack
-from search_lib.threads import configure_threads
 
 # name, transform, train, dataset, image size, raw image size, images per stack
 CASES = (

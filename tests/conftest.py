@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search_lib.synthetic import write_synthetic
+from search_lib.data.synthetic import write_synthetic
 
 # The tests use tiny networks, for which thread start-up costs more than it saves; on a busy 2-core
 # machine OpenMP threads spinning against each other made single steps 50x slower. Subprocesses

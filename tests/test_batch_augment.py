@@ -10,11 +10,11 @@ from PIL import Image
 from torchvision.transforms import RandomCrop
 from torchvision.transforms import functional as TF
 
-from eval_lib.device_batches import DeviceBatches
+from eval_lib.train.device_batches import DeviceBatches
+from search_lib.core.errors import DataError
 from search_lib.data import MINI_MEAN, MINI_STD, build_transform
 from search_lib.data.augment import AugmentParams
 from search_lib.data.tensor_augment import DeviceAugment
-from search_lib.errors import DataError
 
 SIZE = 32
 PAD = SIZE * 8 // 84  # 3, as build_transform("A") at 32

@@ -28,12 +28,12 @@ import torch
 
 import eval_searched_arch
 import prune_metantknas
-import search_lib.pruning as pruning
-import search_lib.scoring as scoring
-from eval_lib.train import read_checkpoint
-from search_lib.genotypes import PRESETS, edge_keys
-from search_lib.ops import space_ops
-from search_lib.pruning import scores_text
+import search_lib.search.pruning as pruning
+import search_lib.search.scoring as scoring
+from eval_lib.train.training_run import read_checkpoint
+from search_lib.models.genotypes import PRESETS, edge_keys
+from search_lib.models.ops import space_ops
+from search_lib.search.pruning import scores_text
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -130,7 +130,7 @@ def _snapshot(path: Path) -> dict | None:
 
 def _same_bytes(a: Path, b: Path, *names: str) -> None:
     """The files are byte-identical; for history.jsonl, all but what each round measured on its run (its pass
-    sizes, peak memory, thread counts and seconds: `search_lib.pruning.scores_text`)."""
+    sizes, peak memory, thread counts and seconds: `search_lib.search.pruning.scores_text`)."""
     for name in names:
         if name == "history.jsonl":
             assert scores_text(a / name) == scores_text(b / name), f"{name} differs between {a} and {b}"
@@ -263,7 +263,7 @@ GENO_MIXED = GENO_OK.replace("('conv_3x3', 0)", "('sep_conv_5x5', 0)", 1)  # a `
 
 
 def _genotype_record(geno: dict, space="darts_fewshot", max_nodes=3) -> str:
-    """A search's genotype.json (see search_lib.genotypes.GenotypeRecord)."""
+    """A search's genotype.json (see search_lib.models.genotypes.GenotypeRecord)."""
     return json.dumps({"genotype": geno, "string": "", "search_space": space, "max_nodes": max_nodes,
                        "rand_seed": 0})
 
@@ -465,7 +465,7 @@ def test_out_of_memory_exit_4_names_batch_size(exc, synthetic_mini, monkeypatch,
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "out of memory" in line[0] and "--batch_size" in line[0] and "Traceback" not in err
-    monkeypatch.setattr("eval_lib.train.train_one_epoch", boom)
+    monkeypatch.setattr("eval_lib.train.training_run.train_one_epoch", boom)
     assert eval_searched_arch.main(TRAIN_TINY + ["--save_dir", str(tmp_path / "t")]) == 4
     line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "--batch_size" in line[0]

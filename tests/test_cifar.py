@@ -16,10 +16,10 @@ from torchvision import transforms as T
 import eval_searched_arch
 import prune_metantknas
 import search_lib.data as D
-from search_lib.errors import DataError, UsageError
-from search_lib.genotypes import GenotypeRecord
-from search_lib.synthetic import main as synthetic_main
-from search_lib.synthetic import python2_pickle, write_synthetic
+from search_lib.core.errors import DataError, UsageError
+from search_lib.data.synthetic import main as synthetic_main
+from search_lib.data.synthetic import python2_pickle, write_synthetic
+from search_lib.models.genotypes import GenotypeRecord
 
 CLASSES = {"train": 6, "val": 5, "test": 5}
 

@@ -1,4 +1,4 @@
-"""Tests of search_lib.data (loaders, transforms, episodes, samplers) and search_lib.synthetic."""
+"""Tests of search_lib.data (loaders, transforms, episodes, samplers) and search_lib.data.synthetic."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from search_lib import data as D
-from search_lib.errors import DataError, UsageError
-from search_lib.synthetic import main as synthetic_main
-from search_lib.synthetic import write_synthetic
+from search_lib.core.errors import DataError, UsageError
+from search_lib.data.synthetic import main as synthetic_main
+from search_lib.data.synthetic import write_synthetic
 
 MINI_PARTS = ["train", "train_phase_train", "train_phase_val", "train_phase_test", "val", "test", "trainval",
               "trainval_phase_val", "trainval_phase_test"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval_lib.train import TrainConfig, build_network, fewshot_evaluate, train_and_evaluate
-from search_lib.genotypes import PRESETS
-from search_lib.utils import set_seed
+from eval_lib.train.training_run import TrainConfig, build_network, fewshot_evaluate, train_and_evaluate
+from search_lib.core.utils import set_seed
+from search_lib.models.genotypes import PRESETS
 
 
 @pytest.mark.slow

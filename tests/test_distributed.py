@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import prune_metantknas
-from search_lib.distributed import World
+from search_lib.core.distributed import World
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2", "--image_size", "8", "--batch_size",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import eval_searched_arch
-from eval_lib.device_batches import DeviceBatches
+from eval_lib.train.device_batches import DeviceBatches
 from search_lib.data import build_transform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from eval_lib.complexity import model_complexity
-from eval_lib.fewshot import (
+from eval_lib.fewshot.meta_test import (
     CLASSIFIERS,
     FewShotSettings,
     get_classifier,
@@ -17,7 +16,8 @@ from eval_lib.fewshot import (
     mean_confidence_interval,
     meta_test,
 )
-from search_lib.errors import UsageError
+from eval_lib.rfs_models.complexity import model_complexity
+from search_lib.core.errors import UsageError
 
 
 def _separated(n_ways=5, n_support=5, n_query=15, dim=32, seed=0):

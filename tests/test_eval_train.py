@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from eval_lib.train import (
+from eval_lib.train.training_run import (
     TrainConfig,
     build_optimizer,
     evaluate_checkpoint,
@@ -19,8 +19,8 @@ from eval_lib.train import (
     read_checkpoint,
     train_and_evaluate,
 )
-from search_lib.errors import DataError, UsageError
-from search_lib.utils import read_jsonl
+from search_lib.core.errors import DataError, UsageError
+from search_lib.core.utils import read_jsonl
 
 
 def _cfg(data_path, save_dir, **kw) -> TrainConfig:

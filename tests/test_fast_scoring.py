@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import prune_metantknas
-from search_lib.config import SearchConfig
 from search_lib.data import load_split
-from search_lib.kernels import KAPPA_SENTINEL
-from search_lib.pruning import Candidate, PruningSearch, repeat_seed
-from search_lib.scoring import CandidateScorer
+from search_lib.search.kernels import KAPPA_SENTINEL
+from search_lib.search.pruning import Candidate, PruningSearch, repeat_seed
+from search_lib.search.scoring import CandidateScorer
+from search_lib.search.search_config import SearchConfig
 
 BASE = dict(dataset="MetaDigits", ntk_channels=4, ntk_layers=5, image_size=8, batch_size=2, n_ways=3, repeat=1,
             regions_batches=2, regions_batch_size=200, rand_seed=0, device="cpu")
@@ -115,7 +115,7 @@ def test_candidates_per_pass_is_chosen_from_memory_and_can_be_forced():
 def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeypatch):
     """A large supernet on the CPU (one kernel per pass): the kernels go one by one, the regions
     `REGIONS_PER_PASS` at a time, and the scores equal the reference path's exactly."""
-    import search_lib.scoring as scoring
+    import search_lib.search.scoring as scoring
 
     cfg = SearchConfig(**{**BASE, "ntk_layers": 2}).validate()  # "large" is CPU_BATCHING_LIMIT 0 below
     split = load_split(cfg.data, None, "train")
@@ -140,7 +140,7 @@ def test_default_path_with_one_kernel_per_pass_still_batches_the_regions(monkeyp
 
 def test_fast_path_reports_non_finite_and_failed_kernels(synthetic_mini, monkeypatch, tmp_path):
     """Blocks with NaN/Inf entries and MetaNTK solves that fail get the sentinel, each counted once."""
-    import search_lib.scoring as scoring
+    import search_lib.search.scoring as scoring
 
     real_blocks, real_metantk = scoring.gram_blocks, scoring.analytical_metantk
     calls = {"metantk": 0}

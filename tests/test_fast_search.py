@@ -18,8 +18,8 @@ import prune_metantknas
 def three_ops(monkeypatch):
     """Start the search with three ops per edge: two op rounds and the edge round, cheap enough for several
     seeds on the one-by-one path."""
-    import search_lib.pruning as pruning
-    from search_lib.ops import space_ops
+    import search_lib.search.pruning as pruning
+    from search_lib.models.ops import space_ops
 
     ops = space_ops("darts_fewshot")
 

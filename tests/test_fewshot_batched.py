@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval_lib.fewshot import (
+from eval_lib.fewshot.meta_test import (
     FewShotSettings,
     _episode_features_fast,
     _Features,
@@ -22,8 +22,8 @@ from eval_lib.fewshot import (
     meta_test,
     predict_episodes,
 )
+from search_lib.core.errors import UsageError
 from search_lib.data import EpisodeDataset, build_transform
-from search_lib.errors import UsageError
 
 PARITY_CLASSIFIERS = ["LR", "NN", "Cosine", "Proto", "SVM"]
 
@@ -231,8 +231,8 @@ def test_batched_classifiers_match_sklearn_on_cuda(name):
 
 def test_fused_features_equal_eager_features(synthetic_mini):
     """The fused (BatchNorm folded, channels_last) network gives the eager network's features."""
-    from eval_lib.models import AugmentCNN
-    from search_lib.genotypes import PRESETS
+    from eval_lib.rfs_models.augment_cnn import AugmentCNN
+    from search_lib.models.genotypes import PRESETS
 
     torch.manual_seed(0)
     net = AugmentCNN(C=4, layers=2, num_classes=5, genotype=PRESETS["mini-5cell-1"], in_channels=3)

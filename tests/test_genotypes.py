@@ -1,4 +1,4 @@
-"""Genotypes (search_lib/genotypes.py): strings, JSON, validation, presets, alphas round trip."""
+"""Genotypes (search_lib/models/genotypes.py): strings, JSON, validation, presets, alphas round trip."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from eval_lib.models import AugmentCNN
-from search_lib.errors import GenotypeError, UsageError
-from search_lib.genotypes import (
+from eval_lib.rfs_models.augment_cnn import AugmentCNN
+from search_lib.core.errors import GenotypeError, UsageError
+from search_lib.models.genotypes import (
     PRESETS,
     PRUNED_ALPHA,
     Genotype,
@@ -20,7 +20,7 @@ from search_lib.genotypes import (
     random_genotype,
     resolve_genotype,
 )
-from search_lib.ops import space_ops
+from search_lib.models.ops import space_ops
 
 # The published strings, copied verbatim (independent of the library's own copy).
 REFERENCE_STRINGS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search_lib.kernels import empirical_ntk
-from search_lib.supernet import Supernet, init_weights, replace_norm
+from search_lib.models.supernet import Supernet, init_weights, replace_norm
+from search_lib.search.kernels import empirical_ntk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,9 +32,9 @@ def test_tiny_search_runs_on_cuda(tmp_path):
 
 
 def test_rewritten_inference_network_on_cuda_matches_eager():
-    from eval_lib.inference import inference_network
-    from eval_lib.models import AugmentCNN
-    from search_lib.genotypes import PRESETS
+    from eval_lib.fewshot.inference import inference_network
+    from eval_lib.rfs_models.augment_cnn import AugmentCNN
+    from search_lib.models.genotypes import PRESETS
 
     torch.manual_seed(0)
     net = AugmentCNN(PRESETS["mini-5cell-1"], C=8, layers=5, num_classes=5).eval().cuda()

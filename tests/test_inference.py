@@ -1,4 +1,4 @@
-"""The few-shot test's rewritten network (eval_lib/inference.py) against the network as it is."""
+"""The few-shot test's rewritten network (eval_lib/fewshot/inference.py) against the network as it is."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval_lib.inference import inference_network, shifted_for_stride2
-from eval_lib.models import AugmentCNN
-from search_lib.errors import UsageError
-from search_lib.genotypes import PRESETS, random_genotype
+from eval_lib.fewshot.inference import inference_network, shifted_for_stride2
+from eval_lib.rfs_models.augment_cnn import AugmentCNN
+from search_lib.core.errors import UsageError
+from search_lib.models.genotypes import PRESETS, random_genotype
 
 
 class _Features(nn.Module):
@@ -125,7 +125,7 @@ def test_tensors_changed_in_place_are_not_shared():
 def test_the_test_rewrites_the_network_once_per_state_of_its_weights(monkeypatch):
     """meta_test is called once per split and shot with the same weights: one rewrite serves them all, and a
     change of the weights (training on, loading others) makes a new one."""
-    import eval_lib.fewshot as fewshot
+    import eval_lib.fewshot.meta_test as fewshot
 
     made = []
     real = fewshot.inference_network
@@ -147,7 +147,7 @@ def test_the_test_rewrites_the_network_once_per_state_of_its_weights(monkeypatch
 def test_the_cpu_feature_batch_follows_the_activation_size():
     """64 images of the demo's network (8 channels after the stem, 32 x 32) is the reference: narrower networks
     and smaller images take more per pass, up to 256."""
-    from eval_lib.fewshot import _feature_batch
+    from eval_lib.fewshot.meta_test import _feature_batch
 
     def batch(C, size):
         return _feature_batch(AugmentCNN(PRESETS["mini-5cell-1"], C=C, layers=2, num_classes=5),

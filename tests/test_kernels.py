@@ -1,4 +1,4 @@
-"""Kernels (search_lib/kernels.py): empirical NTK, analytical MetaNTK, condition numbers (docs/method.md §2, §8).
+"""Kernels (search_lib/search/kernels.py): empirical NTK, analytical MetaNTK, condition numbers (docs/method.md §2, §8).
 
 Every kernel is compared with an independent computation: per-sample Jacobians from a plain
 `torch.autograd.grad` loop (one sample at a time) or `torch.func.vmap(jacrev)`, and the MetaNTK
@@ -16,8 +16,9 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from search_lib.genotypes import PRESETS, alphas_from_genotype
-from search_lib.kernels import (
+from search_lib.models.genotypes import PRESETS, alphas_from_genotype
+from search_lib.models.supernet import Supernet, init_weights, replace_norm
+from search_lib.search.kernels import (
     KAPPA_SENTINEL,
     MetaNTKModel,
     analytical_metantk,
@@ -27,7 +28,6 @@ from search_lib.kernels import (
     metantk_kernels,
     per_sample_gradients,
 )
-from search_lib.supernet import Supernet, init_weights, replace_norm
 
 # ---------------------------------------------------------------------------------------------------
 # Independent per-sample Jacobians
@@ -444,7 +444,7 @@ def test_grouped_conv_grad_sample_equals_opacus(kernel, stride, padding, dilatio
     """The grouped-convolution per-sample gradient of a Conv2d equals Opacus's unfold-based one."""
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from search_lib.kernels import conv2d_grad_sample
+    from search_lib.search.kernels import conv2d_grad_sample
 
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)

@@ -15,7 +15,7 @@ import pytest
 
 import eval_searched_arch
 import prune_metantknas
-from search_lib.genotypes import GenotypeRecord
+from search_lib.models.genotypes import GenotypeRecord
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
 SEARCH_ARGV = ["--dataset", "MetaDigits", "--rand_seed", "1", "--ntk_channels", "4", "--image_size", "8",

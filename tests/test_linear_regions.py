@@ -1,4 +1,4 @@
-"""Linear-region counting (search_lib/linear_regions.py, docs/method.md §3)."""
+"""Linear-region counting (search_lib/search/linear_regions.py, docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from search_lib.genotypes import PRESETS, Genotype, alphas_from_genotype
-from search_lib.linear_regions import (
+from search_lib.models.genotypes import PRESETS, Genotype, alphas_from_genotype
+from search_lib.search.linear_regions import (
     LinearRegionScorer,
     count_distinct_codes,
     count_linear_regions,

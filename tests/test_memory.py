@@ -18,11 +18,11 @@ import torch
 from test_batch_runs import ENV, REPO, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
 
 import prune_metantknas
-import search_lib.memory as memory
-import search_lib.scoring as scoring
-from search_lib.errors import UsageError
-from search_lib.memory import MemoryMeter, PassSizer, parse_size
-from search_lib.pruning import MEASURED_KEY, scores_text
+import search_lib.core.memory as memory
+import search_lib.search.scoring as scoring
+from search_lib.core.errors import UsageError
+from search_lib.core.memory import MemoryMeter, PassSizer, parse_size
+from search_lib.search.pruning import MEASURED_KEY, scores_text
 
 GiB, MiB = 1 << 30, 1 << 20
 

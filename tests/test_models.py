@@ -1,4 +1,4 @@
-"""The evaluation network (eval_lib/models.py, AugmentCNN) against docs/method.md §1."""
+"""The evaluation network (eval_lib/rfs_models/augment_cnn.py, AugmentCNN) against docs/method.md §1."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from eval_lib.models import AugmentCNN, DropPath
-from search_lib.genotypes import PRESETS, Genotype
-from search_lib.ops import FactorizedReduce
+from eval_lib.rfs_models.augment_cnn import AugmentCNN, DropPath
+from search_lib.models.genotypes import PRESETS, Genotype
+from search_lib.models.ops import FactorizedReduce
 
 # A small genotype with every kind of op, hand-checkable.
 TINY = Genotype(

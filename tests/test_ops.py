@@ -1,4 +1,4 @@
-"""Candidate operations (search_lib/ops.py) against docs/method.md §1."""
+"""Candidate operations (search_lib/models/ops.py) against docs/method.md §1."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from search_lib.errors import UsageError
-from search_lib.ops import OPS, SEARCH_SPACES, FactorizedReduce, Registry, build_op, space_ops
+from search_lib.core.errors import UsageError
+from search_lib.models.ops import OPS, SEARCH_SPACES, FactorizedReduce, Registry, build_op, space_ops
 
 ALL_OPS = sorted(set(SEARCH_SPACES["darts_fewshot"]) | set(SEARCH_SPACES["darts"]))
 

@@ -1,4 +1,4 @@
-"""The paper repository's command lines (search_lib.original_flags): its scripts' argument lists, every
+"""The paper repository's command lines (eval_lib.commands.original_flags): its scripts' argument lists, every
 original spelling of the three command lines (cases taken from the table), the flags whose names collide
 with ours, no prefix matching anywhere, one default per flag in every --help, and the README's table."""
 
@@ -17,9 +17,9 @@ from conftest import ORIGINAL_SCRIPT_ARGS, script_argv
 import eval_searched_arch
 import prune_launch
 import prune_metantknas
-from eval_lib import search_cli
-from search_lib import original_flags as O
-from search_lib.cli import ALIAS, NO_EFFECT, SAME, make_parser
+from eval_lib.commands import original_flags as O
+from eval_lib.commands import search_command as search_cli
+from search_lib.core.command_line import ALIAS, NO_EFFECT, SAME, make_parser
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_ARGS = {name: " ".join(args) for name, args in ORIGINAL_SCRIPT_ARGS.items()}
@@ -250,7 +250,8 @@ ENTRY_POINTS = {
     "prune_metantknas.py": prune_metantknas.build_parser, "prune_launch.py": prune_launch.build_parser,
     "eval_searched_arch.py": eval_searched_arch.build_parser,
     **{m: (lambda m=m: importlib.import_module(m).build_parser()) for m in (
-        "search_lib.sweep", "eval_lib.proxy_study", "search_lib.synthetic", "search_lib.report", "eval_lib.report",
+        "eval_lib.commands.sweep", "eval_lib.commands.study_command", "search_lib.data.synthetic",
+        "eval_lib.commands.draw_pictures",
         "benchmarks.bench_search", "benchmarks.bench_train")},
 }
 

@@ -13,7 +13,7 @@ from conftest import script_argv
 import eval_searched_arch
 import prune_launch
 import prune_metantknas
-from search_lib.genotypes import PRESETS, GenotypeRecord
+from search_lib.models.genotypes import PRESETS, GenotypeRecord
 
 # the search made tiny: 4 channels, 8 px, 2 tasks of 2 classes, one repeat, one op round, few crops
 TINY_SEARCH = ["--ntk_channels", "4", "--image_size", "8", "--n_ways", "2", "--repeat", "1", "--prune_number", "6",

@@ -12,10 +12,11 @@ import scipy.stats
 import torch
 from torch import nn
 
-from eval_lib import proxy_study
-from eval_lib.proxies import BASELINES, MEASURED, PROXIES, ZERO_COST_PROXIES, KernelProxies
-from eval_lib.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
-from eval_lib.study_stats import (
+from eval_lib.commands import study_command
+from eval_lib.study import study_run
+from eval_lib.study.proxies import BASELINES, MEASURED, PROXIES, ZERO_COST_PROXIES, KernelProxies
+from eval_lib.study.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
+from eval_lib.study.study_stats import (
     bootstrap_interval,
     combined_scores,
     format_table,
@@ -26,9 +27,9 @@ from eval_lib.study_stats import (
     summarize,
     top_k_hit,
 )
-from search_lib.cli import field_default, flag_fields
-from search_lib.config import SearchConfig
-from search_lib.ranking import dense_rank
+from search_lib.core.command_line import field_default, flag_fields
+from search_lib.search.ranking import dense_rank
+from search_lib.search.search_config import SearchConfig
 
 # A tiny study on the synthetic miniImageNet of conftest (6 base classes of 12 images at 20x20).
 TINY = ["--dataset", "MetaMiniImageNet", "--n_archs", "3", "--seed", "1", "--ntk_channels", "4", "--ntk_layers", "2",
@@ -53,7 +54,7 @@ def _records(save_dir) -> list[dict]:
 def reference(synthetic_mini, tmp_path_factory):
     """One uninterrupted tiny study (treat its folder as read-only)."""
     save_dir = tmp_path_factory.mktemp("study") / "ref"
-    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 0
+    assert study_command.main(_argv(synthetic_mini, save_dir)) == 0
     return save_dir
 
 
@@ -198,14 +199,14 @@ def test_combinations_on_a_hand_made_ranking():
 # ---- the command line ----
 
 def test_flags_are_the_study_search_and_aug_fields():
-    values = vars(proxy_study.build_parser().parse_args([]))
+    values = vars(study_command.build_parser().parse_args([]))
     search = {f.name: f for f in flag_fields(SearchConfig)}
     assert set(PROXY_FLAGS) == set(search) - set(LEFT_OUT)
     for name in PROXY_FLAGS:
         assert values[name] == field_default(search[name]), name
     own = {f.name for f in flag_fields(StudyConfig)}  # the study's own --save_dir and --overwrite among them
     assert own <= set(values) and not (set(LEFT_OUT) - own) & set(values)
-    cfg = proxy_study.config_from_args(proxy_study.build_parser().parse_args(
+    cfg = study_command.config_from_args(study_command.build_parser().parse_args(
         ["--genotype_files", "a.json", "b.json", "--aug_epochs", "2", "--ntk_channels", "8"]))
     assert cfg.genotype_files == ["a.json", "b.json"] and cfg.train["epochs"] == 2 and cfg.proxy.ntk_channels == 8
     assert StudyConfig.from_flags(json.loads(json.dumps(cfg.flags()))) == cfg
@@ -216,21 +217,21 @@ def test_flags_are_the_study_search_and_aug_fields():
     (["--log_rank_members", "naswot", "kappa"], "--log_rank_members"),
     (["--log_rank_members", "naswot", "search_rule"], "--log_rank_members")])
 def test_an_unknown_proxy_name_is_one_line_listing_the_valid_ones(flags, named, capsys, tmp_path):
-    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), *flags]) == 2
+    assert study_command.main(["--save_dir", str(tmp_path / "s"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and "valid: " in err and "synflow" in err
     assert not (tmp_path / "s").exists()
 
 
 def test_log_rank_members_must_be_computed(capsys, tmp_path):
-    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), "--zero_cost_proxies", "synflow", "naswot"]) == 2
+    assert study_command.main(["--save_dir", str(tmp_path / "s"), "--zero_cost_proxies", "synflow", "naswot"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--log_rank_members" in err and "zico" in err and "--zero_cost_proxies" in err
 
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])
 def test_bad_shard_is_one_line(shard, capsys, tmp_path):
-    assert proxy_study.main(["--save_dir", str(tmp_path / "s"), f"--shard={shard}"]) == 2
+    assert study_command.main(["--save_dir", str(tmp_path / "s"), f"--shard={shard}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--shard" in err and "i/n" in err
     assert not (tmp_path / "s").exists()
@@ -279,7 +280,7 @@ def test_tiny_study_writes_its_outputs(reference):
 
 def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tmp_path, monkeypatch, capsys):
     trained, scored = [], []
-    real_train, real_score = proxy_study.train_and_evaluate, KernelProxies.score
+    real_train, real_score = study_run.train_and_evaluate, KernelProxies.score
 
     def train(cfg, genotype):
         trained.append(cfg.save_dir)
@@ -291,18 +292,18 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
         scored.append(label)
         return real_score(self, alive, label)
 
-    monkeypatch.setattr(proxy_study, "train_and_evaluate", train)
+    monkeypatch.setattr(study_run, "train_and_evaluate", train)
     monkeypatch.setattr(KernelProxies, "score", score)
     save_dir = tmp_path / "study"
     kill = True
-    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 130
+    assert study_command.main(_argv(synthetic_mini, save_dir)) == 130
     assert scored == ["000-random0", "001-random1"]
     assert (save_dir / "archs/000-random0/record.json").is_file() and not (save_dir / "done").exists()
     assert not (save_dir / "archs/001-random1/record.json").exists()
     trained.clear()
     scored.clear()
     kill = False
-    assert proxy_study.main(_argv(synthetic_mini, save_dir)) == 0
+    assert study_command.main(_argv(synthetic_mini, save_dir)) == 0
     assert scored == ["002-random2"]  # the first is not redone; the second's proxies were kept
     assert [p.split("/")[-2] for p in trained] == ["001-random1", "002-random2"]
     assert (save_dir / "done").is_file()
@@ -310,12 +311,12 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
     # the same folder with other settings: refused on one line, nothing overwritten
     config = (save_dir / "config.json").read_text()
     capsys.readouterr()
-    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--n_archs", "4", "--aug_epochs", "2")) == 2
+    assert study_command.main(_argv(synthetic_mini, save_dir, "--n_archs", "4", "--aug_epochs", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "n_archs: 3 -> 4" in err and "aug_epochs" in err and "--overwrite" in err
     assert (save_dir / "config.json").read_text() == config
     # --overwrite starts over with the new settings (one architecture: no bootstrap interval)
-    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--n_archs", "1", "--overwrite")) == 0
+    assert study_command.main(_argv(synthetic_mini, save_dir, "--n_archs", "1", "--overwrite")) == 0
     assert [p.name for p in (save_dir / "archs").iterdir()] == ["000-random0"] and (save_dir / "done").is_file()
     assert len((save_dir / "study.jsonl").read_text().splitlines()) == 1
     summary = json.loads((save_dir / "summary.json").read_text())
@@ -325,13 +326,13 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
 @pytest.mark.slow
 def test_shards_give_the_records_of_one_process(reference, synthetic_mini, tmp_path):
     save_dir = tmp_path / "sharded"
-    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--shard", "1/2")) == 0
+    assert study_command.main(_argv(synthetic_mini, save_dir, "--shard", "1/2")) == 0
     assert sorted(p.parent.name for p in (save_dir / "archs").glob("*/record.json")) == ["001-random1"]
     assert not (save_dir / "done").exists() and not (save_dir / "summary.json").exists()
-    assert proxy_study.main(_argv(synthetic_mini, save_dir, "--shard", "0/2")) == 0
+    assert study_command.main(_argv(synthetic_mini, save_dir, "--shard", "0/2")) == 0
     assert (save_dir / "done").is_file()
     assert _records(save_dir) == _records(reference)
     # --summarize rebuilds the summary from the records (the recorded settings, this command's --top_k)
     (save_dir / "summary.json").unlink()
-    assert proxy_study.main(["--save_dir", str(save_dir), "--summarize", "--top_k", "2"]) == 0
+    assert study_command.main(["--save_dir", str(save_dir), "--summarize", "--top_k", "2"]) == 0
     assert json.loads((save_dir / "summary.json").read_text())["top_k"] == 2

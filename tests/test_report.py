@@ -1,6 +1,7 @@
-"""Pictures of run folders (search_lib.report, eval_lib.report): drawn by the hooks at the end of a real tiny
-search and training, redrawn by ``python -m eval_lib.report``, drawn from partial folders; bad folders give one error
-line; a picture that fails is a warning, not a failed run; the training's optional TensorBoard log."""
+"""Pictures of run folders (search_lib.search.search_plot, eval_lib.train.training_plot): drawn by the hooks at the
+end of a real tiny search and training, redrawn by ``python -m eval_lib.report``, drawn from partial folders; bad
+folders give one error line; a picture that fails is a warning, not a failed run; the training's optional
+TensorBoard log."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from PIL import Image
 
 import eval_searched_arch
 import prune_metantknas
-from eval_lib import report
-from eval_lib.tensorboard_log import MISSING, TrainingBoard
-from search_lib import report as search_report
-from search_lib import search_run
-from search_lib.errors import DataError, UsageError
+from eval_lib.commands import draw_pictures
+from eval_lib.train import training_plot
+from eval_lib.train.tensorboard_log import MISSING, TrainingBoard
+from search_lib.core import figures as core_figures
+from search_lib.core.errors import DataError, UsageError
+from search_lib.search import search_plot as search_report
+from search_lib.search import search_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_ARGV = ["--dataset", "Digits", "--ntk_type", "NTK", "--batch_size", "6", "--prune_number", "6",
@@ -69,7 +72,7 @@ def training_dir(search_dir) -> Path:
 def _captured(monkeypatch) -> list:
     """Record the figures `report` saves (to read their titles) while still writing them."""
     figures, save = [], search_report.save_png
-    for module in (search_report, report):
+    for module in (search_report, training_plot):
         monkeypatch.setattr(module, "save_png", lambda fig, path: figures.append(fig) or save(fig, path))
     return figures
 
@@ -106,7 +109,7 @@ def test_draw_quietly_logs_the_reason_on_one_line(caplog, tmp_path):
         raise DataError("history.jsonl\nis torn")
 
     with caplog.at_level(logging.WARNING, logger="metantknas.test"):
-        assert search_report.draw_quietly(broken, tmp_path, logging.getLogger("metantknas.test")) is None
+        assert core_figures.draw_quietly(broken, tmp_path, logging.getLogger("metantknas.test")) is None
     (record,) = caplog.records
     assert "history.jsonl is torn" in record.getMessage() and "\n" not in record.getMessage()
 
@@ -118,7 +121,7 @@ def test_cli_redraws_finished_folders(search_dir, training_dir, tmp_path, capsys
     (search / "search.png").unlink()
     (train / "training.png").unlink()
     shutil.copy(train / "metrics.jsonl", search)  # a folder holding both kinds gets both pictures
-    assert report.main([str(search), str(train)]) == 0
+    assert draw_pictures.main([str(search), str(train)]) == 0
     pictures = [search / "search.png", search / "training.png", train / "training.png"]
     assert capsys.readouterr().out.split() == [str(p) for p in pictures]
     for picture in pictures:
@@ -145,7 +148,7 @@ def test_cli_on_a_folder_with_nothing_exits_2_with_one_line(tmp_path):
 def test_cli_errors_are_one_line(make, code, words, tmp_path, capsys):
     run = tmp_path / "run"
     make(run)
-    assert report.main([str(run)]) == code
+    assert draw_pictures.main([str(run)]) == code
     assert words in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "run" / "search.png").exists()
 
@@ -153,7 +156,7 @@ def test_cli_errors_are_one_line(make, code, words, tmp_path, capsys):
 def test_every_folder_is_checked_before_any_picture(search_dir, tmp_path, capsys):
     run = shutil.copytree(search_dir, tmp_path / "search")
     (run / "search.png").unlink()
-    assert report.main([str(run), str(tmp_path / "typo")]) == 2
+    assert draw_pictures.main([str(run), str(tmp_path / "typo")]) == 2
     assert "typo does not exist" in _error_line(capsys.readouterr().err)
     assert not (run / "search.png").exists()
 
@@ -167,7 +170,7 @@ def test_a_partial_search_is_drawn_without_its_cells(search_dir, tmp_path, monke
     lines = (run / "history.jsonl").read_text().splitlines()
     (run / "history.jsonl").write_text(lines[0] + "\n")  # only the first (ops) round finished
     figures = _captured(monkeypatch)
-    assert report.draw_report(run) == [run / "search.png"]
+    assert draw_pictures.draw_report(run) == [run / "search.png"]
     _check_png(run / "search.png")
     assert "cells not drawn: no genotype.json" in figures[0].get_suptitle()
 
@@ -176,7 +179,7 @@ def test_a_training_without_results_is_drawn(training_dir, tmp_path, monkeypatch
     run = shutil.copytree(training_dir, tmp_path / "running")
     (run / "results.json").unlink()
     figures = _captured(monkeypatch)
-    assert report.draw_training(run) == run / "training.png"
+    assert training_plot.draw_training(run) == run / "training.png"
     _check_png(run / "training.png")
     texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
     assert any("no few-shot results yet (no results.json)" in t for t in texts)
@@ -184,7 +187,7 @@ def test_a_training_without_results_is_drawn(training_dir, tmp_path, monkeypatch
 
 def test_an_empty_training_log_is_drawn(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
-    _check_png(report.draw_training(tmp_path))
+    _check_png(training_plot.draw_training(tmp_path))
 
 
 # ---- TensorBoard ----------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_tensorboard_writes_the_scalars(tmp_path):
 
 
 def test_tensorboard_flag_defaults_off_and_is_forwarded_by_the_search():
-    from eval_lib.config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
+    from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
 
     assert TrainConfig().tensorboard is False and "tensorboard" in TRAIN_AFTER_SEARCH_FLAGS
     assert json.loads(json.dumps(TrainConfig().to_dict()))["tensorboard"] is False

@@ -1,4 +1,4 @@
-"""One process per run folder (issue 20): the folder's lock (search_lib.run_dir.FolderLock) for the search, the
+"""One process per run folder (issue 20): the folder's lock (search_lib.core.run_dir.FolderLock) for the search, the
 training, the sweep and the proxy study.
 
 Real processes where it matters: a second search or training on a folder another one runs in exits 2 at once
@@ -33,10 +33,9 @@ from test_batch_runs import (
 )
 from test_proxy_study import _argv as _study_argv
 
-from eval_lib import proxy_study
-from search_lib import sweep
-from search_lib.errors import FolderInUse
-from search_lib.run_dir import LOCK_FILE, FolderLock, describe_holder
+from eval_lib.commands import study_command, sweep
+from search_lib.core.errors import FolderInUse
+from search_lib.core.run_dir import LOCK_FILE, FolderLock, describe_holder
 
 ME = os.getpid()
 
@@ -74,7 +73,7 @@ def test_shared_holders_keep_an_exclusive_taker_out(tmp_path):
 
 
 def test_an_early_look_creates_nothing_and_hold_refuses_a_held_folder(tmp_path):
-    from search_lib.pruning import search_run_dir
+    from search_lib.search.pruning import search_run_dir
 
     for folder in (tmp_path / "absent", tmp_path):  # a folder without a lock file: nothing to look at yet
         run = search_run_dir(folder)
@@ -221,7 +220,7 @@ def test_study_overwrite_is_refused_while_a_shard_works(synthetic_mini, tmp_path
     assert shard.acquire(shared=True) is None and arch.acquire() is None  # a shard studying architecture 1
     try:
         before = _snapshot(save_dir)
-        assert proxy_study.main(_study_argv(synthetic_mini, save_dir, "--overwrite")) == 2
+        assert study_command.main(_study_argv(synthetic_mini, save_dir, "--overwrite")) == 2
         assert _snapshot(save_dir) == before
     finally:
         arch.release()

@@ -10,11 +10,10 @@ import pytest
 
 import prune_launch
 import prune_metantknas
-from eval_lib import search_cli
-from search_lib.config import SearchConfig
-from search_lib.errors import UsageError
-from search_lib.genotypes import Genotype
-from search_lib.pruning import (
+from eval_lib.commands import search_command as search_cli
+from search_lib.core.errors import UsageError
+from search_lib.models.genotypes import Genotype
+from search_lib.search.pruning import (
     Candidate,
     PruningSearch,
     alphas_from_alive,
@@ -23,6 +22,7 @@ from search_lib.pruning import (
     round_sig,
     scores_text,
 )
+from search_lib.search.search_config import SearchConfig
 
 TINY = ["--ntk_channels", "4", "--ntk_layers", "5", "--image_size", "8", "--batch_size", "2", "--repeat", "1",
         "--prune_number", "3", "--lr_batch_size", "50", "--lr_batches", "1", "--device", "cpu", "--rand_seed", "0"]

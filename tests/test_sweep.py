@@ -1,4 +1,4 @@
-"""The sweep runner (search_lib.sweep, scripts/sweep.sh): several jobs on one machine, finished ones skipped,
+"""The sweep runner (eval_lib.commands.sweep, scripts/sweep.sh): several jobs on one machine, finished ones skipped,
 failures reported, one log per job, a summary table and JSON, exit codes.
 
 The jobs are tiny Python scripts (milliseconds each), so the whole file runs in seconds; the real entry
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search_lib import sweep
+from eval_lib.commands import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

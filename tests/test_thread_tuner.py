@@ -1,4 +1,4 @@
-"""ThreadTuner (search_lib/threads.py): the thread count of the few-shot test's forward passes, chosen by
+"""ThreadTuner (search_lib/core/threads.py): the thread count of the few-shot test's forward passes, chosen by
 timing them. A fake clock plays a machine alone (two threads faster, both cores busy) and a machine shared
 with another test (two threads get only part of their cores)."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from search_lib.threads import ThreadTuner, configure_threads, threads_fixed
+from search_lib.core.threads import ThreadTuner, configure_threads, threads_fixed
 
 
 class _Machine:
@@ -147,10 +147,10 @@ def _advance(machine: _Machine, work: float) -> None:
 
 @pytest.fixture(scope="module")
 def scorer_and_archs():
-    from search_lib.config import SearchConfig
     from search_lib.data import load_split
-    from search_lib.pruning import PruningSearch
-    from search_lib.scoring import CandidateScorer
+    from search_lib.search.pruning import PruningSearch
+    from search_lib.search.scoring import CandidateScorer
+    from search_lib.search.search_config import SearchConfig
 
     cfg = SearchConfig(dataset="MetaDigits", ntk_channels=4, ntk_layers=2, image_size=8, batch_size=2, n_ways=3,
                        repeat=1, regions_batches=1, regions_batch_size=50, rand_seed=0, device="cpu",
@@ -168,7 +168,7 @@ def scorer_and_archs():
 def test_the_search_passes_choose_their_threads(load, threads, scorer_and_archs, two_threads, monkeypatch):
     """The kernel passes of the search through their tuner; the kernels themselves are faked here (their numbers
     at each thread count: the next test), so only the choice is timed, on the fake clocks."""
-    import search_lib.scoring as scoring
+    import search_lib.search.scoring as scoring
 
     scorer, archs = scorer_and_archs
     m = _Machine(**load)
@@ -216,7 +216,7 @@ def test_the_search_scores_the_same_at_any_thread_count_and_pass_size(scorer_and
 
 @pytest.mark.parametrize("load, threads", [(SHARED, 1), (ALONE, 2)], ids=["shared", "alone"])
 def test_the_training_steps_choose_their_threads(load, threads, two_threads, monkeypatch):
-    import eval_lib.epoch as trainer
+    import eval_lib.train.epoch as trainer
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 3)
@@ -235,10 +235,10 @@ def test_the_training_steps_choose_their_threads(load, threads, two_threads, mon
 def test_the_training_and_the_search_tune_unless_the_count_is_fixed(monkeypatch, tmp_path):
     """Through the real entry points: every training step and every search pass goes through a tuner, which
     has a choice only when nothing fixes the count."""
-    import eval_lib.train as train
+    import eval_lib.train.training_run as train
     import eval_searched_arch
     import prune_metantknas
-    from search_lib import scoring
+    from search_lib.search import scoring
 
     made = []
 

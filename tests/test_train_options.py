@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import eval_searched_arch
-from eval_lib.config import EVAL_KEYS, TrainConfig, eval_settings
-from eval_lib.train import train_and_evaluate
-from search_lib.errors import UsageError
-from search_lib.threads import THREADS_ENV, available_cpus, configure_threads
+from eval_lib.train.train_config import EVAL_KEYS, TrainConfig, eval_settings
+from eval_lib.train.training_run import train_and_evaluate
+from search_lib.core.errors import UsageError
+from search_lib.core.threads import THREADS_ENV, available_cpus, configure_threads
 
 
 def _cfg(data_path, save_dir, **kw) -> TrainConfig:
@@ -48,7 +48,7 @@ def test_new_flags_parse_and_are_forwarded_after_search():
          "--channels_last", "--threads", "3"])
     assert (args.C, args.nonorm, args.proto_rule, args.fewshot_backend, args.amp, args.channels_last,
             args.threads) == (0.5, True, "rfs", "sklearn", "none", True, 3)
-    from eval_lib.config import TRAIN_AFTER_SEARCH_FLAGS
+    from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS
     assert {"C", "nonorm", "proto_rule", "fewshot_backend", "amp", "channels_last"} <= set(TRAIN_AFTER_SEARCH_FLAGS)
     assert {"C", "nonorm", "proto_rule"} <= set(EVAL_KEYS)
     for bad in ({"C": 0.0}, {"C": float("nan")}, {"episode_batch": 0}, {"threads": 0}):
@@ -103,7 +103,7 @@ def test_device_augmentation_trains_on_the_cpu_and_is_off_by_default_there(synth
 # ---- the few-shot test's settings: one object, built and checked by the config ----
 
 def test_the_config_builds_the_fewshot_settings_and_checks_them_once():
-    from eval_lib.fewshot import FewShotSettings
+    from eval_lib.fewshot.meta_test import FewShotSettings
 
     cfg = TrainConfig(genotype="mini-5cell-1", classifier="proto", use_logits=True, fewshot_backend="sklearn", C=0.5,
                       nonorm=True, proto_rule="rfs", episode_batch=7, inference="eager", num_workers=2).validate()
@@ -123,7 +123,7 @@ def test_the_config_builds_the_fewshot_settings_and_checks_them_once():
 
 
 def test_the_fewshot_test_runs_with_the_configs_settings(synthetic_mini, tmp_path, monkeypatch):
-    from eval_lib import evaluation
+    from eval_lib.train import evaluation
 
     seen, real = [], evaluation.meta_test
     monkeypatch.setattr(evaluation, "meta_test", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
@@ -135,8 +135,8 @@ def test_the_fewshot_test_runs_with_the_configs_settings(synthetic_mini, tmp_pat
 def test_each_epochs_batches_are_a_function_of_the_seed_and_the_epoch(synthetic_mini):
     """The loader's order (its augmentations draw from torch's global generator, which a checkpoint restores),
     and with --gpu_augment the images themselves."""
-    from eval_lib.train import TrainingData, _EpochBatches
-    from search_lib.distributed import World
+    from eval_lib.train.training_run import TrainingData, _EpochBatches
+    from search_lib.core.distributed import World
 
     cfg = _cfg(synthetic_mini, "unused", batch_size=8)
     data = TrainingData.load(cfg)

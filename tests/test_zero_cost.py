@@ -1,4 +1,4 @@
-"""The zero-cost proxies of the study (eval_lib.proxies.ZERO_COST_PROXIES): each against a value computed by hand
+"""The zero-cost proxies of the study (eval_lib.study.proxies.ZERO_COST_PROXIES): each against a value computed by hand
 or by a few lines of independent numpy on a tiny network, the regression cases of their reference definitions,
 and their isolation (order independence; weights, buffers, modes and random states untouched)."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from eval_lib.complexity import conv_linear_macs
-from eval_lib.models import AugmentCNN
-from eval_lib.proxies import ZERO_COST_PROXIES
-from search_lib.genotypes import random_genotype
-from search_lib.ops import ReLUConvBN
+from eval_lib.rfs_models.augment_cnn import AugmentCNN
+from eval_lib.rfs_models.complexity import conv_linear_macs
+from eval_lib.study.proxies import ZERO_COST_PROXIES
+from search_lib.models.genotypes import random_genotype
+from search_lib.models.ops import ReLUConvBN
 
 ZC = ZERO_COST_PROXIES
 NAMES = ("grad_norm", "snip", "grasp", "fisher", "jacob_cov", "synflow", "naswot", "zico", "swap", "meco")

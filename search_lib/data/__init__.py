@@ -19,27 +19,34 @@
 The names below are the package's public interface; import them from ``search_lib.data``.
 """
 
-from .episodes import EpisodeDataset, EpisodePlan, EpisodeSubset, SupervisedDataset, sample_batch, sample_meta_batch
-from .files import SplitData, clear_cache, load_split
-from .names import (
-                    DATASET_NAMES,
-                    DEFAULT_IMAGE_SIZE,
-                    PARTITIONS,
-                    DatasetSpec,
-                    canonical_dataset,
-                    expected_files,
-                    is_episodic_name,
-                    resolve_dataset,
+from search_lib.data.episodes import (
+    EpisodeDataset,
+    EpisodePlan,
+    EpisodeSubset,
+    SupervisedDataset,
+    sample_batch,
+    sample_meta_batch,
 )
-from .transforms import (
-                    CIFAR100_MEAN,
-                    CIFAR100_STD,
-                    CIFAR_MEAN,
-                    CIFAR_STD,
-                    MINI_MEAN,
-                    MINI_STD,
-                    TRANSFORM_NAMES,
-                    build_transform,
+from search_lib.data.files import SplitData, clear_cache, load_split
+from search_lib.data.names import (
+    DATASET_NAMES,
+    DEFAULT_IMAGE_SIZE,
+    PARTITIONS,
+    DatasetSpec,
+    canonical_dataset,
+    expected_files,
+    is_episodic_name,
+    resolve_dataset,
+)
+from search_lib.data.transforms import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    MINI_MEAN,
+    MINI_STD,
+    TRANSFORM_NAMES,
+    build_transform,
 )
 
 __all__ = [

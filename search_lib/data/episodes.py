@@ -14,10 +14,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..errors import DataError, UsageError
-from .files import SplitData, load_split
-from .names import DatasetSpec, normalise_partition, resolve_dataset
-from .transforms import apply_seeded, resolve_transform, torch_seed, transform_stack
+from search_lib.core.errors import DataError, UsageError
+from search_lib.data.files import SplitData, load_split
+from search_lib.data.names import DatasetSpec, normalise_partition, resolve_dataset
+from search_lib.data.transforms import apply_seeded, resolve_transform, torch_seed, transform_stack
 
 
 class SupervisedDataset(torch.utils.data.Dataset):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError, UsageError, one_line
-from .names import (
+from search_lib.core.errors import DataError, UsageError, one_line
+from search_lib.data.names import (
     _CIFAR_FILES,
     _MINI_FILES,
     _MINI_PREFIX,

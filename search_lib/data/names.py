@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from search_lib.core.errors import UsageError
 
 DATASET_NAMES = ("MiniImageNet", "MetaMiniImageNet", "TieredImageNet", "MetaTieredImageNet", "Digits", "MetaDigits",
                  "CIFAR-FS", "MetaCIFAR-FS", "FC100", "MetaFC100")

@@ -36,7 +36,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import AugmentParams, Crop, Flip, Jitter, Normalize, Pipeline, Resize, ToTensor, sample_exact
+from search_lib.data.augment import (
+    AugmentParams,
+    Crop,
+    Flip,
+    Jitter,
+    Normalize,
+    Pipeline,
+    Resize,
+    ToTensor,
+    sample_exact,
+)
 
 logger = logging.getLogger("metantknas.data")
 

@@ -20,8 +20,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import rgb_to_grayscale
 
-from ..errors import DataError, UsageError
-from .augment import AugmentParams, Crop, Flip, Jitter, Normalize, Pipeline, Resize, ToTensor, sample_device
+from search_lib.core.errors import DataError, UsageError
+from search_lib.data.augment import (
+    AugmentParams,
+    Crop,
+    Flip,
+    Jitter,
+    Normalize,
+    Pipeline,
+    Resize,
+    ToTensor,
+    sample_device,
+)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from ..errors import DataError, UsageError
-from .augment import ResizeIfNeeded as _ResizeIfNeeded
-from .augment import ToPIL as _ToPIL
-from .names import CIFAR_KEYS, DEFAULT_IMAGE_SIZE, DatasetSpec, resolve_dataset
-from .pil_batch import batched
+from search_lib.core.errors import DataError, UsageError
+from search_lib.data.augment import ResizeIfNeeded as _ResizeIfNeeded
+from search_lib.data.augment import ToPIL as _ToPIL
+from search_lib.data.names import CIFAR_KEYS, DEFAULT_IMAGE_SIZE, DatasetSpec, resolve_dataset
+from search_lib.data.pil_batch import batched
 
 MINI_MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
 MINI_STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))

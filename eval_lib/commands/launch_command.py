@@ -1,0 +1,168 @@
+"""The command line of prune_launch.py: one of the paper's four searches (docs/method.md §5) from its
+preset, with the paper's training after it as --aug_* flags, run in-process (`eval_lib.commands.search_command`).
+
+It takes every flag of prune_metantknas.py (forwarded; the ones given win over the preset, with one line
+saying which differ) and the original launcher's flags (`eval_lib.commands.original_flags`: ``--gpu``, ``--space``,
+``--seed``, ``--dartsbs``, ``--ntk_layers`` choosing the preset, ...). The data folder comes from
+--data_path or the environment (METANTKNAS_MINI_DATA / METANTKNAS_TIERED_DATA, else METANTKNAS_DATA). The
+default run folder is runs/search/<dataset>-<cells>cell-seed<seed>, with the seed actually used: a drawn
+seed (``--seed -1``) starts a new run, a fixed one resumes. Returns the search's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from eval_lib.commands import original_flags
+from eval_lib.commands import search_command as search_cli
+from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, eval_flag_default
+from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, paper_training_preset
+from search_lib.core.command_line import (
+    RECORDED_DEST,
+    add_config_flags,
+    field_default,
+    flag_fields,
+    format_value,
+    make_parser,
+    note,
+    recorded_flags,
+    run_cli,
+)
+from search_lib.core.distributed import launched
+from search_lib.core.errors import UsageError
+from search_lib.core.utils import draw_seed
+from search_lib.data import resolve_dataset
+from search_lib.search.search_config import PAPER_COMMON, PAPER_PRESETS, SearchConfig, paper_preset
+
+ENV_VARS = {"mini": "METANTKNAS_MINI_DATA", "tiered": "METANTKNAS_TIERED_DATA"}
+GENERIC_ENV = "METANTKNAS_DATA"
+OWN = ("dataset", "cells", "data_path", "save_dir", "print_only")  # the launcher's flags; the rest is forwarded
+_PRESET_KEYS = set(PAPER_COMMON) | {k for preset in PAPER_PRESETS.values() for k in preset} | {"ntk_layers"}
+_TRAIN_PRESET_KEYS = ("epochs", "learning_rate", "lr_decay_epochs", "drop_path_prob", "batch_size", "init_channels",
+                      "layers")  # the training settings that differ between the paper's runs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("prune_launch.py", "Run one of the paper's searches from its preset, then (with "
+                    "--train_after_search) the paper's training of its genotype. Every prune_metantknas.py flag "
+                    "is forwarded and wins over the preset.")
+    p.add_argument("--dataset", required=True,
+                   help="mini or tiered (the name the kernel needs), or the original's MiniImageNet / TieredImageNet "
+                        "(--ntk_type NTK) and MetaMiniImageNet / MetaTieredImageNet (MetaNTK)")
+    p.add_argument("--cells", type=int, choices=(5, 8),
+                   help="cells of the searched network; default: --ntk_layers (one of them is needed)")
+    p.add_argument("--data_path", default=None, help=f"RFS data folder; default: ${ENV_VARS['mini']} / "
+                                                     f"${ENV_VARS['tiered']}, else ${GENERIC_ENV}")
+    p.add_argument("--save_dir", default=None, help="the run folder; default: runs/search/<dataset>-<cells>cell-seed"
+                                                    "<seed>, named after the seed actually used")
+    p.add_argument("--print_only", action="store_true",
+                   help="check the search command line (its flags and settings) and print it, without running it")
+    groups = {None: p.add_argument_group("forwarded to prune_metantknas.py (default: the preset's value, else "
+                                         "prune_metantknas.py's)")}
+    forwarded = [f for f in flag_fields(SearchConfig) if f.name not in OWN]
+    add_config_flags(p, forwarded, groups={f.metadata["cli"]["group"]: groups[None] for f in forwarded},
+                     unset_default=True, help_text=_search_help)
+    add_aug_flags(p, groups[None], help_suffix=_train_default)
+    original_flags.add_spellings(p, original_flags.LAUNCH)
+    return p
+
+
+def _search_help(f, text: str) -> str:
+    """The search flag's help with the launcher's default: the preset's value, else the search's default."""
+    if f.name in _PRESET_KEYS:
+        return text.split("; default")[0] + "; default: the preset's"
+    return text if field_default(f) is None else f"{text}; default: {format_value(field_default(f))}"
+
+
+def _train_default(f) -> str:
+    if f.name in _TRAIN_PRESET_KEYS:
+        return f" (eval_searched_arch.py --{f.name}; default: the paper's training of the preset)"
+    return eval_flag_default(f)
+
+
+def _cells(args: argparse.Namespace) -> int:
+    """--cells, else the original's --ntk_layers; they must agree."""
+    layers = args.ntk_layers
+    if args.cells is not None and layers is not None and layers != args.cells:
+        raise UsageError(f"--cells {args.cells} and --ntk_layers {layers} disagree; give one of them (5 or 8)")
+    cells = args.cells if args.cells is not None else layers
+    if cells is None:
+        raise UsageError("give --cells 5|8 (or the original's --ntk_layers 5|8) to choose the paper's preset")
+    if cells not in (5, 8):
+        raise UsageError(f"--ntk_layers {cells} has no paper preset; use 5 or 8 (or prune_metantknas.py directly)")
+    return cells
+
+
+def _search_dataset(name: str, ntk_type: str) -> tuple[str, str]:
+    """(dataset key, the search's dataset name): mini / tiered become the name --ntk_type needs."""
+    key = resolve_dataset(name).key
+    if key not in ENV_VARS:
+        raise UsageError(f"no paper preset for --dataset {name}; use mini or tiered (or MiniImageNet, "
+                         f"MetaMiniImageNet, TieredImageNet, MetaTieredImageNet)")
+    if name.strip().lower() in ENV_VARS:
+        plain = resolve_dataset(key).plain_name
+        return key, f"Meta{plain}" if ntk_type == "MetaNTK_anl" else plain
+    return key, name
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The forwarded settings the user gave (search fields, aug_<field> for the training)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in OWN and k != RECORDED_DEST and v is not None}
+
+
+def search_argv(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str]:
+    """The prune_metantknas.py command line of a preset; the user's own settings win (one line names those
+    that differ from the preset); ``extra`` arguments are appended as they are."""
+    original_flags.apply_spellings(args, original_flags.LAUNCH, notes=False)  # the search notes them
+    given = _given(args)
+    cells = _cells(args)
+    key, dataset = _search_dataset(args.dataset, given.get("ntk_type", "MetaNTK_anl"))
+    data_path = args.data_path or os.environ.get(ENV_VARS[key]) or os.environ.get(GENERIC_ENV)
+    if not data_path:
+        raise UsageError(f"no data folder for {args.dataset}: pass --data_path or set {ENV_VARS[key]}")
+    preset = dict(paper_preset(key, cells), dataset=dataset)
+    channels = given.get("ntk_channels", preset["ntk_channels"])  # the training uses the search's network
+    training = dict(paper_training_preset(key, cells), init_channels=channels, layers=cells)
+    preset.update({AUG_PREFIX + k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
+    differ = [k for k, v in given.items() if k in preset and v != preset[k]]
+    if differ:
+        note("keeping your " + ", ".join(f"--{k} {format_value(given[k])} (preset: {format_value(preset[k])})"
+                                         for k in differ) + " over the preset")
+    settings = {**preset, **given}
+    settings["save_dir"] = args.save_dir or _default_save_dir(settings, dataset, cells)
+    argv = [f"--{k}={format_value(v)}" for k, v in settings.items()] + [f"--data_path={data_path}"]
+    return argv + recorded_flags(args) + list(extra)
+
+
+def _default_save_dir(settings: dict, dataset: str, cells: int) -> str:
+    """runs/search/<dataset>-<cells>cell-seed<seed>, drawing the seed here for a negative one (so that the folder
+    names it); the drawn seed goes into ``settings``."""
+    seed = settings.get("rand_seed", -1)
+    if seed < 0:
+        if launched():  # every torchrun process would draw another seed, hence another folder
+            raise UsageError("under torchrun give --seed N (or --save_dir): every process must use the same run folder")
+        seed = settings["rand_seed"] = draw_seed()
+        note(f"--seed -1: drew seed {seed}; it names the run folder and is recorded in its config.json")
+    return f"runs/search/{dataset}-{cells}cell-seed{seed}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        cmd = search_argv(args)
+        print("prune_metantknas.py " + shlex.join(cmd), flush=True)
+        if args.print_only:
+            search_cli.check(search_cli.config_from_args(search_cli.build_parser().parse_args(cmd)))
+            return 0
+        return search_cli.main(cmd)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":  # pragma: no cover - the entry point is prune_launch.py
+    sys.exit(main())

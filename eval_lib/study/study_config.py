@@ -1,0 +1,198 @@
+"""The settings of a proxy study (`eval_lib.study.study_run`, docs/method.md §9) and the architectures it studies.
+
+The command line is generated from three configs: the study's own fields (`StudyConfig`), the search's
+fields under their own names (`SearchConfig`, less those that make no sense without a search; the study's
+``--seed`` plays ``--rand_seed``'s role) and the search's ``--aug_*`` training flags (`TrainConfig`, turned
+into a training config as ``--train_after_search`` does). ``config.json`` records these flags as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eval_lib.study.proxies import DEFAULT_LOG_RANK_MEMBERS, MEASURED, ZERO_COST_PROXIES, check_proxy_names
+from eval_lib.train.after_search import AUG_PREFIX, aug_train_config, split_aug_values
+from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
+from search_lib.core.command_line import flag, flag_fields
+from search_lib.core.errors import GenotypeError, UsageError
+from search_lib.models.genotypes import PRESETS, Genotype, GenotypeRecord, random_genotype
+from search_lib.search.search_config import SearchConfig
+
+# The search's flags that make no sense in a study: every kernel type is computed, nothing is pruned.
+LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_type", "algorithm",
+            "candidates_per_pass", "rand_seed", "precision", "only_lrs")
+PROXY_FLAGS = tuple(f.name for f in flag_fields(SearchConfig) if f.name not in LEFT_OUT)
+# Flags that do not change the records: a study folder may be resumed with other values.
+NON_RESULT_KEYS = ("save_dir", "overwrite", "shard", "summarize", "device", "top_k", "bootstrap_resamples",
+                   "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch")
+
+_ARCHS, _STUDY = "architectures", "study"
+
+
+@dataclass
+class StudyConfig:
+    """Settings of one proxy study; each flag field is the flag of the same name of
+    ``python -m eval_lib.proxy_study``."""
+
+    n_archs: int = field(default=12, metadata=flag("seeded random genotypes of the search space", group=_ARCHS))
+    published: bool = field(default=False, metadata=flag(
+        "add the published genotypes (presets) that fit --search_space_name and --max_nodes", group=_ARCHS))
+    genotype_files: list[str] = field(default_factory=list, metadata=flag(
+        "genotype.json files (a search's) to add", type=str, nargs="+", metavar="F", group=_ARCHS))
+    seed: int = field(default=0, metadata=flag(
+        "seed of the random genotypes, of the proxies' repeats (the search's --rand_seed) and of the bootstrap",
+        group=_STUDY))
+    save_dir: str = field(default="runs/proxy_study", metadata=flag(
+        "study folder; re-running the same command resumes it", group=_STUDY))
+    zero_cost_proxies: list[str] = field(default_factory=lambda: list(ZERO_COST_PROXIES), metadata=flag(
+        "the zero-cost proxies to compute on each network at initialisation", type=str, nargs="+", metavar="P",
+        group=_STUDY))
+    log_rank_members: list[str] = field(default_factory=lambda: list(DEFAULT_LOG_RANK_MEMBERS), metadata=flag(
+        "the proxies whose ranks the log-rank combination (AZ-NAS's rule) sums", type=str, nargs="+",
+        metavar="P", group=_STUDY))
+    top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
+    bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
+    shard: str | None = field(default=None, metadata=flag(
+        "i/n: process only the architectures whose index %% n == i (shards may share --save_dir); default: all",
+        type=str,
+        group=_STUDY))
+    summarize: bool = field(default=False, metadata=flag(
+        "only rebuild study.jsonl, summary.json and study.png from the records in --save_dir", group=_STUDY))
+    overwrite: bool = field(default=False, metadata=flag("discard the study in --save_dir and start over",
+                                                         group=_STUDY))
+    proxy: SearchConfig = field(default_factory=SearchConfig)  # the search's flags (PROXY_FLAGS)
+    train: dict = field(default_factory=dict)  # the --aug_* values (None: eval_searched_arch.py's default)
+
+    # ---- the flags as one flat dict (config.json) ----
+    def flags(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in flag_fields(StudyConfig)}
+        out.update({name: getattr(self.proxy, name) for name in PROXY_FLAGS})
+        out.update({AUG_PREFIX + k: self.train.get(k) for k in TRAIN_AFTER_SEARCH_FLAGS})
+        return out
+
+    @classmethod
+    def from_flags(cls, values: dict) -> StudyConfig:
+        rest, aug = split_aug_values(values)
+        own = {f.name for f in flag_fields(cls)}
+        return cls(**{k: v for k, v in rest.items() if k in own},
+                   proxy=SearchConfig(**{k: v for k, v in rest.items() if k in PROXY_FLAGS}),
+                   train={k: v for k, v in aug.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
+
+    def result_dict(self) -> dict:
+        return result_keys(self.flags())
+
+    # ---- resolved settings ----
+    def search_config(self) -> SearchConfig:
+        """The search settings of the proxies (the kernel type is chosen per proxy, `eval_lib.study.proxies`)."""
+        return dataclasses.replace(self.proxy, rand_seed=self.seed)
+
+    def train_config(self, genotype: Genotype, save_dir) -> TrainConfig:
+        p = self.proxy
+        return aug_train_config(self.train, genotype, space=p.space.name, max_nodes=p.space.max_nodes, data=p.data,
+                                data_path=p.data_path, device=p.device, save_dir=save_dir)
+
+    def shard_index(self) -> tuple[int, int]:
+        """(i, n) of ``--shard i/n``; (0, 1) without it."""
+        if self.shard is None:
+            return 0, 1
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(self.shard))
+        if not match or not int(match[1]) < int(match[2]):
+            raise UsageError(f"--shard {self.shard!r} is not valid; use i/n with 0 <= i < n, e.g. --shard 0/2 and "
+                             f"--shard 1/2 in two processes")
+        return int(match[1]), int(match[2])
+
+    def check_log_rank_members(self) -> None:
+        """The members of the log-rank combination: at least two known proxies that the study computes."""
+        check_proxy_names(self.log_rank_members, MEASURED, "--log_rank_members")
+        missing = [p for p in self.log_rank_members if p in ZERO_COST_PROXIES and p not in self.zero_cost_proxies]
+        if missing:
+            raise UsageError(f"--log_rank_members names {missing[0]}, which --zero_cost_proxies leaves out; add it "
+                             f"there or drop it from the members")
+        if len(self.log_rank_members) < 2:
+            raise UsageError("--log_rank_members combines several proxies; name at least two")
+
+    def validate(self) -> StudyConfig:
+        """Refuse bad settings before any work or any write."""
+        for name, least in (("n_archs", 0), ("top_k", 1), ("bootstrap_resamples", 1)):
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
+        self.shard_index()
+        check_proxy_names(self.zero_cost_proxies, ZERO_COST_PROXIES, "--zero_cost_proxies")
+        self.check_log_rank_members()
+        cfg = self.search_config().validate()
+        tcfg = self.train_config(random_genotype(cfg.space.name, cfg.space.max_nodes, 0), "unused").validate()
+        if "test" not in tcfg.eval_splits:
+            raise UsageError("the study correlates the proxies with the test split; give --aug_eval_splits test "
+                             "(or test,val)")
+        return self
+
+
+def result_keys(flags: dict) -> dict:
+    return {k: v for k, v in flags.items() if k not in NON_RESULT_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------
+# The architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    index: int
+    id: str  # <index>-<label>, zero-padded: the folder archs/<id> and the order of study.jsonl
+    source: str  # random, published or file
+    genotype: Genotype
+    name: str | None = None  # the preset's name or the file's path
+    arch_seed: int | None = None  # random: eval_searched_arch.py --random_arch --arch_seed <arch_seed>
+
+
+def arch_seed(seed: int, k: int) -> int:
+    """The seed of the k-th random genotype, derived from the study's seed."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:40] or "genotype"
+
+
+def architectures(cfg: StudyConfig) -> list[Arch]:
+    """Random genotypes, then the published ones that fit, then the files, in that order (their indices)."""
+    space, nodes = cfg.proxy.space.name, cfg.proxy.space.max_nodes
+    found: list[tuple[str, str, Genotype, str | None, int | None]] = []
+    for k in range(cfg.n_archs):
+        s = arch_seed(cfg.seed, k)
+        found.append(("random", f"random{k}", random_genotype(space, nodes, s), None, s))
+    if cfg.published:
+        fits = []
+        for name, geno in PRESETS.items():
+            try:
+                fits.append(("published", name, geno.validate(space, nodes), name, None))
+            except GenotypeError:
+                continue
+        if not fits:
+            raise UsageError(f"--published: no published genotype fits --search_space_name {space} --max_nodes "
+                             f"{nodes} (they are darts_fewshot genotypes with 3 nodes); drop --published")
+        found += fits
+    for path in cfg.genotype_files:
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"--genotype_files: {path} is not a file; give genotype.json files written by a search")
+        try:
+            record = GenotypeRecord.from_json(file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--genotype_files: cannot read {path} ({exc}); check the file") from None
+        try:
+            record.validated(space, nodes)
+        except GenotypeError as exc:
+            raise GenotypeError(f"--genotype_files {path}: {exc}") from None
+        label = file.parent.name if file.stem == "genotype" and file.parent.name else file.stem
+        found.append(("file", _slug(label), record.genotype, str(path), None))
+    if not found:
+        raise UsageError("no architectures to study; give --n_archs N (N >= 1), --published or --genotype_files F")
+    width = max(3, len(str(len(found) - 1)))
+    return [Arch(i, f"{i:0{width}d}-{label}", source, geno, name, s)
+            for i, (source, label, geno, name, s) in enumerate(found)]

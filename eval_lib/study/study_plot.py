@@ -1,0 +1,132 @@
+"""study.png of a proxy study (`eval_lib.study.study_run`, docs/method.md §9).
+
+Top: one panel per proxy, the proxy against the test accuracy at the chosen shots (with its 95% interval).
+Bottom: per number of shots a bar chart of Kendall τ and of the partial τ given #params (with their 95%
+intervals) per proxy, and a heatmap of the proxies' rank correlations with each other (Kendall τ).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from eval_lib.study.proxies import PROXIES
+from eval_lib.study.study_stats import accuracy, signed_values
+
+SCATTER_COLUMNS = 7
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
+
+
+def _label(summary: dict, p: str) -> str:
+    entry = summary["proxies"][p]
+    return f"{'−' if entry['sign'] < 0 else ''}{entry['label']}"
+
+
+def _scatter(ax, records: list[dict], summary: dict, p: str, values: list, shots: str) -> None:
+    label, sign = PROXIES[p]
+    pts = [(v * sign, r["accuracy"]["test"][shots]) for v, r in zip(values, records)
+           if v is not None and accuracy(r, shots) is not None]  # back to the proxy's own scale
+    if pts:
+        x = np.array([v for v, _ in pts])
+        y = np.array([res["mean"] for _, res in pts])
+        err = np.array([res.get("ci95") or 0.0 for _, res in pts])
+        ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=1.5, alpha=0.75, elinewidth=0.8)
+        if x.min() > 0 and x.max() / x.min() > 10:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on short ranges
+    row = summary["proxies"][p]["shots"].get(shots, {})
+    good = "low" if sign < 0 else "high"
+    ax.set_title(f"{label} ({good} is good)\nτ {_num(row.get('kendall_tau'))}, partial τ "
+                 f"{_num(row.get('partial_kendall_tau'))}", fontsize=8.5)
+    ax.tick_params(labelsize=6.5)
+    ax.xaxis.get_offset_text().set_fontsize(6.5)
+
+
+def _bars(ax, summary: dict, shots: str, names: list[str]) -> None:
+    y = np.arange(len(names))
+    for offset, stat, colour, text in ((-0.2, "kendall_tau", "tab:blue", "Kendall τ"),
+                                       (0.2, "partial_kendall_tau", "tab:orange", "partial τ | #params")):
+        rows = [summary["proxies"][p]["shots"].get(shots, {}) for p in names]
+        vals = [np.nan if r.get(stat) is None else r[stat] for r in rows]
+        ax.barh(y + offset, vals, height=0.4, color=colour, label=text)
+        # the 95% interval as a line of its own: a percentile interval need not hold the estimate
+        cis = [(i, r.get(stat + "_ci95") or {}) for i, r in enumerate(rows)]
+        cis = [(i, ci) for i, ci in cis if ci.get("low") is not None]
+        if cis:
+            ax.hlines([y[i] + offset for i, _ in cis], [ci["low"] for _, ci in cis], [ci["high"] for _, ci in cis],
+                      color="0.25", lw=0.9)
+    ax.axvline(0, color="0.2", lw=0.8)
+    ax.set_yticks(y, [_label(summary, p) for p in names], fontsize=7.5)
+    ax.invert_yaxis()
+    ax.set_xlim(-1, 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(f"{shots}-shot test accuracy: τ and partial τ given #params (lines: 95% intervals)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _heatmap(fig, ax, summary: dict) -> None:
+    corr = summary["proxy_correlation"]
+    names = corr["names"]
+    ax.set_title("proxy vs proxy: Kendall τ of the signed proxies over the architectures", fontsize=9)
+    if not names:
+        ax.text(0.5, 0.5, "fewer than 3 architectures", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    m = np.array([[np.nan if v is None else v for v in row] for row in corr["matrix"]], dtype=np.float64)
+    image = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if math.isfinite(m[i, j]) and i != j:
+                text = f"{m[i, j]:.1f}"
+                text = "0" if text in ("0.0", "-0.0") else text.replace("0.", ".").replace("-", "−")
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        color="white" if abs(m[i, j]) > 0.6 else "black")
+    labels = [_label(summary, p) for p in names]
+    ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), labels, fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.7, pad=0.02).ax.tick_params(labelsize=7)
+
+
+def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
+    """The PNG: the scatter panels at ``shots``, the τ bar chart of every number of shots, the heatmap.
+
+    Fixed margins instead of matplotlib's constrained layout, which took most of the drawing time here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    signed = signed_values(records, summary.get("combinations", {}).get("log_rank", ()))
+    names = [p for p in PROXIES if any(v is not None for v in signed.get(p, ()))]
+    all_shots = list(summary["accuracy"])
+    rows = max(1, math.ceil(len(names) / SCATTER_COLUMNS))
+    top_in, bottom_in = 2.75 * rows + 1.0, 9.0
+    height = top_in + bottom_in
+    fig = Figure(figsize=(24, height))
+    FigureCanvasAgg(fig)
+    split = bottom_in / height
+    grid = fig.add_gridspec(rows, SCATTER_COLUMNS, left=0.035, right=0.99, top=1 - 1.0 / height,
+                            bottom=split + 0.5 / height, hspace=0.55, wspace=0.22)
+    axes = [fig.add_subplot(grid[k // SCATTER_COLUMNS, k % SCATTER_COLUMNS]) for k in range(len(names))]
+    for ax, p in zip(axes, names):
+        _scatter(ax, records, summary, p, signed[p], shots)
+    fig.text(0.008, split + top_in / height / 2, f"test {shots}-shot accuracy (%)", rotation=90, va="center",
+             fontsize=9)
+    fig.suptitle(f"Proxies at initialisation against few-shot accuracy ({len(records)} architectures; τ of the "
+                 f"signed proxy, partial τ given #params; combinations on their own scale)", fontsize=11,
+                 y=1 - 0.15 / height)
+    lower = fig.add_gridspec(1, len(all_shots) + 1, width_ratios=[1] * len(all_shots) + [1.35], left=0.085,
+                             right=0.965, top=split - 0.45 / height, bottom=1.5 / height, wspace=0.42)
+    panels = [fig.add_subplot(lower[0, k]) for k in range(len(all_shots) + 1)]
+    for ax, s in zip(panels, all_shots):
+        _bars(ax, summary, s, [p for p in names if p in summary["proxies"]])
+    _heatmap(fig, panels[-1], summary)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()

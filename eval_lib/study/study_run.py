@@ -1,0 +1,240 @@
+"""The proxy study (``python -m eval_lib.proxy_study``, `eval_lib.commands.study_command`): does the search's proxy
+predict few-shot accuracy? (docs/method.md §9)
+
+For a set of architectures (seeded random genotypes, the published ones, a search's genotype.json files)
+it computes the proxies of `eval_lib.study.proxies` at initialisation (the search's κ and linear regions, size,
+the zero-cost proxies of the literature), trains and few-shot tests every architecture
+(`eval_lib.train.training_run.train_and_evaluate`), and measures how well each proxy, and two combinations of them,
+rank the architectures by test accuracy, also once size is held fixed (`eval_lib.study.study_stats`).
+
+    python -m eval_lib.proxy_study --dataset MetaDigits --n_archs 12 --save_dir runs/proxy_study \\
+        --ntk_channels 4 --image_size 16 --batch_size 2 --repeat 2 --aug_epochs 4 --aug_eval_splits test
+
+Files of a study folder (``--save_dir``):
+
+    config.json               the flags (--aug_* included); compared when the folder is used again
+    archs/<id>/proxies.json   the proxies of one architecture (kept while its training runs)
+    archs/<id>/train/         its training and few-shot test (a resumable training run folder)
+    archs/<id>/record.json    its record, written when it is finished
+    study.jsonl               the records in id order
+    summary.json              per proxy and shots: τ, ρ, partial τ and ρ given #params, 95% intervals,
+                              top-k hit rates; cost per architecture; proxy-vs-proxy rank correlations
+    summary.txt               the same as the printed table
+    study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars; heatmap
+    study.log                 the log
+    done                      every architecture has a record and the summary is written
+
+Re-running the same command continues with the next architecture without a record (an interrupted
+training resumes at its last epoch). ``--shard i/n`` processes the architectures whose index % n == i, so
+several processes (or GPUs) can share one folder; whichever finds every record present writes the
+summary. ``--summarize`` rebuilds the summary from the records there.
+
+Locks (`search_lib.core.run_dir.FolderLock`): every process of a study holds the study folder's lock shared, so
+``--overwrite`` (which needs it alone) is refused while any shard works; each architecture's folder is
+held exclusively while one process studies it, and the others skip it, so two processes in one folder
+(two shards, or the same command twice) never compute the same architecture; the summary is written under
+a lock of its own (``.summary.lock``), waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from eval_lib.study.proxies import BaselineData, KernelProxies, alive_mask, baselines
+from eval_lib.study.study_config import Arch, StudyConfig, architectures, result_keys
+from eval_lib.study.study_plot import study_png
+from eval_lib.study.study_stats import format_table, summarize
+from eval_lib.train.checkpoints import read_json
+from eval_lib.train.training_run import TrainingData, train_and_evaluate
+from search_lib.core.errors import FolderInUse, UsageError
+from search_lib.core.run_dir import FolderLock, RunDir, describe_holder
+from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
+
+log = logging.getLogger("metantknas.study")
+
+ARCHS_DIR = "archs"
+SUMMARY_LOCK = ".summary.lock"
+OUTPUTS = ("study.jsonl", "summary.json", "summary.txt", "study.png")
+def study_run_dir(path) -> RunDir:
+    """The study folder: config.json, the records under archs/, study.jsonl, summary.json, summary.txt, study.png,
+    study.log (``--overwrite`` removes them all, the archs/ folder included)."""
+    return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR), log_name="study.log", logger=log)
+
+
+class StudyWork:
+    """What studying an architecture needs, loaded once: the scorers, the baselines' batch, the device."""
+
+    def __init__(self, cfg: StudyConfig, first: Arch):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.proxy.device)
+        probe = cfg.train_config(first.genotype, "unused")
+        TrainingData.load(probe)  # the training data and its test episodes are usable: fails before any write
+        self.data = BaselineData.load(probe, cfg.seed)
+        self.kernels = KernelProxies(cfg.search_config(), self.device)
+
+    def proxies(self, arch: Arch, folder) -> dict:
+        """The proxies of ``arch`` (computed, or read back from its proxies.json after an interruption)."""
+        cached = read_json(folder / "proxies.json")
+        if cached is not None and cached.get("genotype") == str(arch.genotype):
+            return cached
+        t0 = time.time()
+        proxies, sentinels = self.kernels.score(alive_mask(arch.genotype, self.cfg.proxy.space.name), arch.id)
+        t1 = time.time()
+        cost = dict(self.kernels.last_cost_s)
+        base = baselines(arch.genotype, self.cfg.train_config(arch.genotype, "unused"), self.data, self.device,
+                         zero_cost=self.cfg.zero_cost_proxies, costs=cost, context=arch.id)
+        out = {"genotype": str(arch.genotype), "proxies": proxies, "kappa_sentinels": sentinels, "baselines": base,
+               "timings": {"proxies_s": t1 - t0, "baselines_s": time.time() - t1, "proxy_s": cost}}
+        atomic_write_json(folder / "proxies.json", out)
+        return out
+
+    def study(self, arch: Arch, folder) -> dict:
+        """Proxies, training and few-shot test of one architecture: its record."""
+        measured = self.proxies(arch, folder)
+        results = train_and_evaluate(self.cfg.train_config(arch.genotype, folder / "train"), arch.genotype)
+        if results.get("params") != measured["baselines"]["params"]:
+            log.warning("%s: the trained network has %s parameters, the baseline network %s", arch.id,
+                        results.get("params"), measured["baselines"]["params"])
+        accuracy = {split: {s: {k: res.get(k) for k in ("mean", "ci95", "episodes")} for s, res in per.items()}
+                    for split, per in results["fewshot"].items()}
+        return {"id": arch.id, "index": arch.index, "source": arch.source, "name": arch.name,
+                "arch_seed": arch.arch_seed, "genotype": str(arch.genotype), "proxies": measured["proxies"],
+                "kappa_sentinels": measured["kappa_sentinels"], "baselines": measured["baselines"],
+                "accuracy": accuracy, "train_dir": f"{ARCHS_DIR}/{arch.id}/train",
+                "timings": {**measured["timings"], "train_s": results["train"]["train_time_s"],
+                            "test_s": results["eval_time_s"]}}
+
+
+def read_record(run: RunDir, arch: Arch) -> dict | None:
+    """The record of ``arch`` in the folder, None when it has none; UsageError when it holds another genotype."""
+    record = read_json(run / ARCHS_DIR / arch.id / "record.json")
+    if record is not None and record.get("genotype") != str(arch.genotype):
+        raise UsageError(f"{run / ARCHS_DIR / arch.id / 'record.json'} holds another genotype than architecture "
+                         f"{arch.id} of this study (a genotype file changed?); use --overwrite to start over")
+    return record
+
+
+def run_study(cfg: StudyConfig) -> int:
+    """Study the architectures of this process's shard, then summarise once every record is present."""
+    cfg.validate()
+    run = study_run_dir(cfg.save_dir)
+    if cfg.summarize:
+        return summarize_folder(run, cfg)
+    archs = architectures(cfg)
+    _hold_study(run, cfg, early=True)
+    try:
+        old = None if cfg.overwrite else run.read_config()
+        if old is not None:
+            run.check_config(result_keys(old), cfg.result_dict(), what="a proxy study")
+        index, count = cfg.shard_index()
+        todo = [a for a in archs if a.index % count == index and (cfg.overwrite or read_record(run, a) is None)]
+        work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
+        run.create()
+        _hold_study(run, cfg)
+        if cfg.overwrite:
+            run.clear()
+            run.hold(shared=True)  # the other shards may join from here on
+        run.write_config(cfg.flags())
+        with run.attach_log("metantknas", console=True):
+            log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),
+                     f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
+                     run.path)
+            for n, arch in enumerate(todo, 1):
+                _study_one(run, work, arch, f"[{n}/{len(todo)}]")
+            return write_outputs(run, cfg, archs)
+    finally:
+        run.release()
+
+
+def _hold_study(run: RunDir, cfg: StudyConfig, early: bool = False) -> None:
+    """The study folder's lock: shared by the shards, alone for --overwrite (refused naming a busy shard)."""
+    try:
+        run.hold(early=early, shared=not cfg.overwrite, overwrite=cfg.overwrite)
+    except FolderInUse as exc:
+        if not cfg.overwrite:
+            raise
+        busy = [h for h in (FolderLock(d).holder() for d in sorted((run / ARCHS_DIR).glob("*"))) if h is not None]
+        who = f"shard {describe_holder(busy[0])}" if busy else "a shard between two architectures"
+        raise FolderInUse(f"--save_dir {run.path} is in use by other processes of this proxy study ({who}); "
+                          f"--overwrite is refused while they run (nothing was deleted); wait for them to finish "
+                          f"(or stop them) and run the command again, or choose another --save_dir") from exc
+
+
+def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
+    """Study ``arch`` holding its folder's lock; skip it when another process holds it or has finished it."""
+    folder = run / ARCHS_DIR / arch.id
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder)
+    holder = lock.acquire()
+    if holder is not None:
+        log.info("%s %s: another process studies it (%s); skipped", step, arch.id, describe_holder(holder))
+        return
+    try:
+        if read_record(run, arch) is not None:  # finished by another process since the list was made
+            log.info("%s %s: finished by another process; skipped", step, arch.id)
+            return
+        log.info("%s %s: %s", step, arch.id, arch.genotype)
+        record = work.study(arch, folder)
+        atomic_write_json(folder / "record.json", record)
+        log.info("%s %s: %s", step, arch.id, _brief(record))
+    finally:
+        lock.release()
+
+
+def _brief(record: dict) -> str:
+    p, t = record["proxies"], record["timings"]
+    acc = ", ".join(f"{s}-shot {r['mean']:.2f}" for s, r in record["accuracy"]["test"].items())
+    return (f"κ MAML {p['kappa_maml']['mean']:.4g}, regions {p['regions']['mean']:.0f}, "
+            f"params {record['baselines']['params']}; test {acc} (proxies {t['proxies_s'] + t['baselines_s']:.1f} s, "
+            f"training {t['train_s']:.1f} s, test {t['test_s']:.1f} s)")
+
+
+def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
+    """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present
+    (or ``partial``); one process at a time (the summary's lock, waited for)."""
+    lock = FolderLock(run.path, SUMMARY_LOCK)
+    lock.acquire(wait=True)
+    try:
+        return _write_outputs(run, cfg, archs, partial)
+    finally:
+        lock.release()
+
+
+def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool) -> int:
+    records = [r for r in (read_record(run, a) for a in archs) if r is not None]
+    if len(records) < len(archs) and not partial:
+        log.info("%d of %d architectures have records; the process that finishes the last writes the summary "
+                 "(or run with --summarize)", len(records), len(archs))
+        return 0
+    if not records:
+        raise UsageError(f"--save_dir {run.path} holds no architecture records yet; run the study first")
+    shots = [str(s) for s in cfg.train_config(archs[0].genotype, "unused").n_shots]
+    summary = summarize(records, shots=shots, top_k=cfg.top_k, seed=cfg.seed, n_resamples=cfg.bootstrap_resamples,
+                        expected=len(archs), log_rank_members=cfg.log_rank_members)
+    atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_json(run / "summary.json", summary)
+    table = format_table(summary)
+    atomic_write_text(run / "summary.txt", table + "\n")
+    atomic_write_bytes(run / "study.png", study_png(records, summary, "5" if "5" in shots else shots[-1]))
+    if len(records) == len(archs):
+        run.mark_done()
+    print(table)
+    print(f"outputs: {run.path} (study.jsonl, summary.json, summary.txt, study.png)")
+    sys.stdout.flush()
+    return 0
+
+
+def summarize_folder(run: RunDir, cfg: StudyConfig) -> int:
+    """--summarize: the architectures of the recorded config; --top_k, --bootstrap_resamples and
+    --log_rank_members of this command."""
+    old = run.read_config()
+    if old is None:
+        raise UsageError(f"--save_dir {run.path} holds no proxy study (no config.json); run the study first")
+    recorded = StudyConfig.from_flags(old)
+    recorded.top_k, recorded.bootstrap_resamples = cfg.top_k, cfg.bootstrap_resamples
+    recorded.log_rank_members = cfg.log_rank_members
+    recorded.check_log_rank_members()
+    return write_outputs(run, recorded, architectures(recorded), partial=True)

@@ -1,0 +1,317 @@
+"""The pruning-based search (docs/method.md §4), resumable round by round.
+
+Each round scores every remaining op on every edge that still has a choice: the supernet without that
+op is compared with the full supernet through Δκ = (κ_full - κ_without) / κ_full (the condition number
+of the NTK or MetaNTK) and ΔR = (R_full - R_without) / R_full (linear regions). Unlike the original:
+
+* Common random numbers. A repeat's initialisation seed and data batch are drawn once per round; the
+  full network is scored once per repeat and every candidate of that repeat reuses the same weights
+  and batch. Weights do not depend on the architecture parameters, so a candidate is scored by only
+  swapping alphas: one kernel per candidate, not two, and no init noise in the ranking.
+* Scoring a candidate is a pure function of (alphas, repeat seed, batch) (`search_lib.search.scoring`).
+* The state is saved atomically after every round, so a killed search resumes where it stopped.
+
+Each round's record in history.jsonl holds, besides the scores, what the round measured on this run (pass
+size, peak memory, budget, thread counts, seconds) under one key, ``measured`` (`MEASURED_KEY`): those
+numbers differ from run to run, everything else is the same for the same seed and command on the CPU.
+Compare histories with `scores_text`, which leaves that key out.
+
+The run folder around a search (config, resume, outputs) is `search_lib.search.search_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from search_lib.core.distributed import World
+from search_lib.core.memory import format_size, resolve_budget
+from search_lib.core.run_dir import RunDir, SavedState
+from search_lib.core.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
+from search_lib.data import load_split
+from search_lib.models.genotypes import Genotype, genotype_from_alphas
+from search_lib.search.kernels import KAPPA_SENTINEL
+from search_lib.search.ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
+from search_lib.search.scoring import CandidateScorer
+from search_lib.search.search_config import SearchConfig
+
+log = logging.getLogger("metantknas.search")
+
+CELLS = ("normal", "reduce")
+STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
+STATE_VERSION = 1
+MEASURED_KEY = "measured"  # the part of a history record that is measured on this run, not computed
+
+
+def scores_text(path) -> str:
+    """history.jsonl without each record's `MEASURED_KEY`, as the same JSON lines: two runs of the same search
+    (interrupted or not, whatever their pass sizes and thread counts) give the same text."""
+    return "".join(json.dumps({k: v for k, v in r.items() if k != MEASURED_KEY}, sort_keys=True) + "\n"
+                   for r in read_jsonl(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidates
+
+
+@dataclass
+class Candidate:
+    cell: int  # 0 normal, 1 reduce
+    edge: int
+    op: int | None  # None: the whole edge (final edge-group phase)
+
+    def without(self, alive: np.ndarray) -> np.ndarray:
+        out = alive.copy()
+        if self.op is None:
+            out[self.cell, self.edge, :] = False
+        else:
+            out[self.cell, self.edge, self.op] = False
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The search
+
+
+class PruningSearch:
+    """The rounds of one search; its state lives in the run folder's ``state.json``."""
+
+    def __init__(self, cfg: SearchConfig, run_dir: RunDir | None = None, world: World | None = None,
+                 device: torch.device | None = None):
+        self.cfg = cfg
+        self.ops = cfg.space.ops
+        self.keys = cfg.space.keys
+        self.run_dir = run_dir if run_dir is not None else search_run_dir(cfg.save_dir)
+        self.world = world if world is not None else World()
+        self.device = device if device is not None else resolve_device(cfg.device)
+
+    # ---- state ----
+    def initial_alive(self) -> np.ndarray:
+        alive = np.ones((2, len(self.keys), len(self.ops)), dtype=bool)
+        if "none" in self.ops:
+            alive[:, :, self.ops.index("none")] = False
+        return alive
+
+    def save_state(self, state: dict) -> None:
+        """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it;
+        rank 0 alone writes under torchrun."""
+        if not self.world.is_main:
+            return
+        self.run_dir.save_state(lambda path: atomic_write_json(path, state))
+        atomic_write_text(self.run_dir / "history.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
+
+    def load_state(self) -> dict | None:
+        """The newest readable state (state.json, else state.prev.json); None to start from round 0.
+
+        An unreadable file (truncated, not JSON, wrong shape) is reported, moved aside as ``*.corrupt``
+        (so it is never rotated over the good previous one) and the previous one is tried.
+        """
+        state = self.run_dir.load_state(self._read_state) if self.world.is_main else None
+        return self.world.gather(state)[0]  # rank 0 reads (and moves bad files aside); every rank resumes from it
+
+    def _read_state(self, path) -> dict:
+        """A state file of this search; ValueError unless it has this version, keys, shapes and phase."""
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("not a search state of this version")
+        if not {"round", "phase", "alive", "history"} <= set(state):
+            raise ValueError("missing keys")
+        shape = (2, len(self.keys), len(self.ops))
+        if (state["phase"] not in ("ops", "edges", "done") or not isinstance(state["round"], int)
+                or not isinstance(state["history"], list) or len(state["history"]) != state["round"]
+                or np.asarray(state["alive"]).shape != shape):
+            raise ValueError(f"inconsistent round, phase, history or alive (expected shape {shape})")
+        return state
+
+    # ---- one round ----
+    def score_round(self, scorer: CandidateScorer, alive: np.ndarray, candidates: list[Candidate],
+                    round_idx: int, phase: str) -> dict:
+        cfg = self.cfg
+        reps = cfg.repeat
+        kfull, rfull = [], []
+        dk = np.zeros((reps, len(candidates)))
+        dr = np.zeros((reps, len(candidates)))
+        kappas = np.zeros((reps, len(candidates)))
+        regions = np.zeros((reps, len(candidates)), dtype=np.int64)
+        sentinels: list[str] = []
+        bar = tqdm(total=reps * (len(candidates) + 1), desc=f"round {round_idx} ({phase})", leave=False,
+                   dynamic_ncols=True, disable=None if self.world.is_main else True)
+        for rep in range(reps):
+            seed = repeat_seed(cfg.rand_seed, round_idx, rep)
+            # the full network first, then every candidate: all scored with the same weights and batch
+            archs = [alive] + [cand.without(alive) for cand in candidates]
+            labels = ["full network"] + [f"without {self.describe(cand)}" for cand in candidates]
+            scorer.begin_repeat(seed)
+            try:
+                contexts = [f"round {round_idx} repeat {rep} {x}" for x in labels]
+                mine = list(self.world.shard(len(archs)))  # under torchrun each rank scores its share
+                scores = self.world.merge(len(archs), self.score_archs(
+                    scorer, [archs[i] for i in mine], [contexts[i] for i in mine], bar))
+            finally:
+                scorer.end_repeat()
+            (k0, r0), rest = scores[0], scores[1:]
+            sentinels += [f"repeat {rep} {x}" for (k, _), x in zip(scores, labels) if k == KAPPA_SENTINEL]
+            for c, (kc, rc) in enumerate(rest):
+                kappas[rep, c], regions[rep, c] = kc, rc
+                dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if not cfg.only_lrs else 0.0
+                dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
+            kfull.append(k0)
+            rfull.append(r0)
+        bar.close()
+        mean_dk = [round_sig(float(v), cfg.precision) for v in dk.mean(axis=0)]
+        mean_dr = [round_sig(float(v), cfg.precision) for v in dr.mean(axis=0)]
+        rank_k = dense_rank(mean_dk, descending=True) if not cfg.only_lrs else [0] * len(candidates)
+        rank_r = dense_rank(mean_dr)
+        records = []
+        for c, cand in enumerate(candidates):
+            records.append({
+                "cell": CELLS[cand.cell], "edge": self.keys[cand.edge],
+                "op": None if cand.op is None else self.ops[cand.op],
+                "kappa": [None if cfg.only_lrs else float(v) for v in kappas[:, c]],
+                "regions": [int(v) for v in regions[:, c]],
+                "d_kappa": mean_dk[c], "d_regions": mean_dr[c],
+                "rank_kappa": rank_k[c], "rank_regions": rank_r[c], "rank_sum": rank_k[c] + rank_r[c],
+            })
+        for s in sentinels:
+            log.warning("round %d: singular or non-finite kernel (%s); κ set to %g", round_idx, s, KAPPA_SENTINEL)
+        all_tied = len(candidates) > 1 and len({r["rank_sum"] for r in records}) == 1
+        if all_tied:
+            log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
+        return {"round": round_idx, "phase": phase,
+                "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
+                "regions_full": [int(v) for v in rfull], "candidates": records,
+                "sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: scorer.measured()}
+
+    def score_archs(self, scorer: CandidateScorer, archs: list[np.ndarray], contexts: list[str],
+                     bar=None) -> list[tuple[float, int]]:
+        """(κ, regions) of each architecture: one by one with ``--candidates_per_pass 1`` (the reference
+        path); else the regions `REGIONS_PER_PASS` at a time and the kernels in passes sized by the measured
+        memory (`CandidateScorer.kappas_measured`; one at a time for a large supernet on the CPU)."""
+        update = bar.update if bar is not None else None
+        if self.cfg.candidates_per_pass == 1:
+            return [(scorer.kappas_measured([arch], [ctx], update)[0], scorer.regions(arch))
+                    for arch, ctx in zip(archs, contexts)]
+        regions = scorer.regions_many(archs)
+        return list(zip(scorer.kappas_measured(archs, contexts, update), regions))
+
+    def describe(self, cand: Candidate) -> str:
+        what = "edge" if cand.op is None else self.ops[cand.op]
+        return f"{CELLS[cand.cell]} {self.keys[cand.edge]} {what}"
+
+    def op_candidates(self, alive: np.ndarray) -> list[Candidate]:
+        return [Candidate(c, e, o) for c in range(2) for e in range(len(self.keys)) if alive[c, e].sum() > 1
+                for o in range(len(self.ops)) if alive[c, e, o]]
+
+    def edge_candidates(self, alive: np.ndarray) -> list[Candidate]:
+        out = []
+        for c in range(2):
+            for start, end in self.cfg.space.groups:
+                live = [e for e in range(start, end) if alive[c, e].any()]
+                if len(live) > 2:
+                    out.extend(Candidate(c, e, None) for e in live)
+        return out
+
+    def prune_ops(self, alive: np.ndarray, candidates: list[Candidate], record: dict) -> np.ndarray:
+        alive = alive.copy()
+        by_edge: dict[tuple[int, int], list[int]] = {}
+        for i, cand in enumerate(candidates):
+            by_edge.setdefault((cand.cell, cand.edge), []).append(i)
+        pruned = []
+        for (c, e), idxs in by_edge.items():
+            n = min(self.cfg.prune_number, int(alive[c, e].sum()) - 1)
+            for i in sorted(idxs, key=lambda i: record["candidates"][i]["rank_sum"])[:n]:
+                alive[c, e, candidates[i].op] = False
+                record["candidates"][i]["pruned"] = True
+                pruned.append(self.describe(candidates[i]))
+        record["pruned"] = pruned
+        return alive
+
+    def prune_edges(self, alive: np.ndarray, candidates: list[Candidate], record: dict) -> np.ndarray:
+        alive = alive.copy()
+        groups = self.cfg.space.groups
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, cand in enumerate(candidates):
+            g = next(k for k, (s, t) in enumerate(groups) if s <= cand.edge < t)
+            by_group.setdefault((cand.cell, g), []).append(i)
+        pruned = []
+        for idxs in by_group.values():
+            keep = sorted(idxs, key=lambda i: -record["candidates"][i]["rank_sum"])[:2]
+            for i in idxs:
+                if i not in keep:
+                    alive[candidates[i].cell, candidates[i].edge] = False
+                    record["candidates"][i]["pruned"] = True
+                    pruned.append(self.describe(candidates[i]))
+        record["pruned"] = pruned
+        return alive
+
+    # ---- the whole search ----
+    def run(self, state: dict | None = None) -> Genotype:
+        cfg = self.cfg
+        split = load_split(cfg.data, cfg.data_path, "train")
+        num_classes = len(split.class_ids)
+        budget = resolve_budget(cfg.memory_budget, self.device)  # on CUDA: the free memory now, at the start
+        scorer = CandidateScorer(cfg, split, self.device, num_classes, budget)
+        try:
+            return self._rounds(scorer, state)
+        finally:
+            scorer.close()
+
+    def _rounds(self, scorer: CandidateScorer, state: dict | None) -> Genotype:
+        cfg = self.cfg
+        if state is None:
+            state = {"version": STATE_VERSION, "round": 0, "phase": "ops",
+                     "alive": self.initial_alive().tolist(), "history": []}
+        alive = np.array(state["alive"], dtype=bool)
+        while state["phase"] != "done":
+            t0 = time.time()
+            r = state["round"]
+            phase = state["phase"]
+            # ops rounds until every edge has one op, then one round choosing two input edges per node
+            candidates, prune, next_phase = ((self.op_candidates, self.prune_ops, "edges") if phase == "ops"
+                                             else (self.edge_candidates, self.prune_edges, "done"))
+            cands = candidates(alive)
+            if not cands:
+                state["phase"] = next_phase
+                continue
+            with scorer.meter.window() as peak:  # the round's peak memory (its kernel passes measure their own)
+                record = self.score_round(scorer, alive, cands, r, phase)
+            alive = prune(alive, cands, record)
+            record["ops_left"] = int(alive.sum())
+            measured = record[MEASURED_KEY]  # this process's numbers (rank 0's under torchrun)
+            measured.update(peak_bytes=peak.peak, seconds=round(time.time() - t0, 2))
+            state["history"].append(record)
+            state["round"] = r + 1
+            state["alive"] = alive.tolist()
+            self.save_state(state)
+            log.info("round %d (%s): %d candidates, pruned %d, %d ops left, %.1f s, %d singular kernels%s; %s",
+                     r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], measured["seconds"],
+                     record["sentinel_events"], ", all scores tied" if record["all_tied"] else "", _brief(measured))
+        self.save_state(state)
+        return genotype_from_alphas(*alphas_from_alive(alive), cfg.space.name, cfg.space.max_nodes)
+
+
+def _brief(measured: dict) -> str:
+    """``up to 16 per pass, peak 1.21 GiB (budget 4.00 GiB), threads 2``: the measured part of a round's line."""
+    threads = "/".join(sorted(measured["threads"], key=int, reverse=True)) or "-"
+    split = f", {measured['oom_splits']} out-of-memory splits" if measured["oom_splits"] else ""
+    return (f"up to {measured['pass_size']} per pass, peak {format_size(measured['peak_bytes'])} (budget "
+            f"{format_size(measured['budget_bytes'])}){split}, threads {threads}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The search's run folder
+
+SEARCH_LOG = "search.log"
+
+
+def search_run_dir(path) -> RunDir:
+    """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
+    return RunDir(path, SavedState(STATE_FILE, STATE_PREV, "search state", restart="starting again from round 0"),
+                  outputs=("history.jsonl", "genotype.json", "search.png"), log_name=SEARCH_LOG, logger=log)

@@ -1,0 +1,39 @@
+"""The numbers of a pruning round (docs/method.md §4): the per-repeat seeds, the rounding of the scores,
+the dense ranks, and the architecture parameters of a set of alive ops."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import scipy.stats
+import torch
+
+from search_lib.models.genotypes import PRUNED_ALPHA
+
+
+def repeat_seed(base_seed: int, round_idx: int, rep: int) -> int:
+    """The seed of one repeat of one round (initialisation and batch), derived, never stateful."""
+    return int(np.random.SeedSequence([base_seed, round_idx, rep]).generate_state(1)[0])
+
+
+def round_sig(x: float, digits: int) -> float:
+    """Round to `digits` significant digits."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def dense_rank(values: Iterable[float], descending: bool = False) -> list[int]:
+    """Ranks from 0 with ties sharing a rank and no gaps (the original's ranking)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if descending:
+        arr = -arr
+    return [int(r) - 1 for r in scipy.stats.rankdata(arr, method="dense")]
+
+
+def alphas_from_alive(alive: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """alive: bool (2, edges, ops) -> architecture parameters (0 alive, PRUNED_ALPHA pruned)."""
+    a = torch.where(torch.as_tensor(alive), 0.0, PRUNED_ALPHA).to(torch.float32)
+    return a[0].clone(), a[1].clone()

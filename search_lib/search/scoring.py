@@ -1,0 +1,325 @@
+"""Scoring architectures of the supernet: κ of the NTK / MetaNTK and the linear-region count (docs/method.md §4).
+
+`CandidateScorer` holds the kernel network (Opacus per-sample gradients) and the thin linear-region network
+of a search and scores alive-op masks for one repeat at a time (one initialisation, one batch). Two paths
+give the same scores: one architecture per pass (`kappa`, `regions`: the obviously correct reference) and
+several per pass (`kappas_many`, `regions_many`, `score_many`: the batch repeated once per architecture,
+each copy with its own op weights). Scoring is a pure function of (alphas, repeat seed, batch).
+
+How many architectures a pass takes is measured, not estimated (`search_lib.core.memory.PassSizer`): the
+first passes probe with one and two, their peak memory gives the cost of one more, and each later pass
+takes the most that fit the memory budget (``--memory_budget``); an out-of-memory error halves the pass
+and retries it. On the CPU each pass runs through a `search_lib.core.threads.ThreadTuner`, which drops
+threads when the run shares its cores with other busy processes. Neither changes a score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from search_lib.core.errors import RunFailure, one_line
+from search_lib.core.memory import MemoryMeter, PassSizer, format_size, is_out_of_memory, resolve_budget
+from search_lib.core.threads import ThreadTuner, threads_fixed
+from search_lib.data import SplitData, build_transform, sample_batch, sample_meta_batch
+from search_lib.models.supernet import Supernet, init_weights, replace_norm
+from search_lib.search.kernels import (
+    KAPPA_SENTINEL,
+    MetaNTKModel,
+    analytical_metantk,
+    condition_number,
+    gram_blocks,
+    gram_by_group,
+    kernel_parameters,
+    metantk_kernel_groups,
+    per_sample_gradients,
+    seeded_linear,
+)
+from search_lib.search.linear_regions import LinearRegionScorer, sample_crops
+from search_lib.search.ranking import alphas_from_alive
+from search_lib.search.search_config import SearchConfig
+
+log = logging.getLogger("metantknas.search")
+
+# Above this per architecture a CPU pass is compute-bound (C=16, 32x32: 2 per pass took 1.14x one at a time);
+# below it (the demo's C=4) Python and hook overhead dominate and passes of many are 5-6x faster.
+CPU_BATCHING_LIMIT = 64 << 20
+MAX_PER_PASS = 64  # architectures per pass at most (beyond this the per-pass overhead is already amortised)
+# Linear regions of this many architectures per pass of the thin network, whatever the kernel's pass holds: its
+# activations are tiny, so one architecture per pass is all overhead (C=16 on 2 CPU cores: 196 ms per
+# architecture alone, 88 ms at 8, 84 ms at 16, 85 ms at 32).
+REGIONS_PER_PASS = 16
+
+
+def search_transform(cfg: SearchConfig):
+    return build_transform(cfg.transform, train=True, image_size=cfg.image_size, dataset=cfg.data)
+
+
+class CandidateScorer:
+    """Holds the kernel and linear-region networks; scores alphas for one repeat at a time.
+
+    ``budget``: bytes the process may peak at (``--memory_budget``; None: from the config, its default when
+    auto). `close()` stops the memory sampler and restores the thread count.
+    """
+
+    def __init__(self, cfg: SearchConfig, split: SplitData, device: torch.device, num_classes: int,
+                 budget: int | None = None):
+        self.cfg, self.split, self.device = cfg, split, device
+        self.budget = resolve_budget(cfg.memory_budget, device) if budget is None else int(budget)
+        self.transform = search_transform(cfg)
+        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space.name, cfg.space.max_nodes,
+                       cfg.ntk_stemm, cfg.ntk_fsr)
+        replace_norm(net, cfg.norm_type)
+        self.supernet = net
+        self.model = MetaNTKModel(net, net.feature_dim, cfg.n_ways) if cfg.meta else net
+        self.model.to(device).train(cfg.bn_mode == "train")
+        if cfg.meta:
+            self.groups = metantk_kernel_groups(self.model, cfg.params_types)
+        else:
+            self.groups = {"theta": kernel_parameters(self.model, cfg.params_types)}
+        # Linear regions: a pool of resized training images, cropped anew in every repeat.
+        pool_rng = np.random.default_rng([cfg.rand_seed, 7])
+        n_pool = min(len(split), 1000)
+        pool_idx = np.sort(pool_rng.choice(len(split), size=n_pool, replace=False))
+        regions_tf = build_transform("TENAS", train=False, dataset=cfg.data)
+        self.regions_pool = torch.stack([regions_tf(split.images[i]) for i in pool_idx])
+        self.regions_scorer = LinearRegionScorer(sample_crops(self.regions_pool, 1, 1, cfg.regions_crop),
+                                                 cfg.space.name, cfg.space.max_nodes, device,
+                                                 train_mode=cfg.bn_mode == "train")
+        self._stack: ExitStack | None = None
+        self._inputs: torch.Tensor | None = None
+        self.meter = MemoryMeter(device)
+        self.sizer: PassSizer | None = None  # made at the first batched pass, when the networks and data are in memory
+        self.passes = PassCount()
+        # one tuner per kind of pass (their times per architecture differ); CPU only, and not when the user fixed
+        # the thread count
+        tune = device.type == "cpu" and not threads_fixed(cfg.threads)
+        self.tuners = {kind: ThreadTuner(enabled=tune, period=8, probe_steps=1, trust_fair=True)
+                       for kind in ("kernel", "regions")}
+        self._steps_seen = {kind: 0 for kind in self.tuners}  # each tuner's steps already reported by `measured`
+
+    def close(self) -> None:
+        self.meter.close()
+        for tuner in self.tuners.values():
+            tuner.close()
+
+    def _step(self, kind: str, work: int):
+        """One pass of ``kind`` through its thread tuner (which only counts it when nothing is tuned). Passes of
+        every size are timed, the first ones too: under load the choice must come before the large passes, and
+        it rests on the share of its cores a pass got, which its size does not change (with ``trust_fair`` the
+        times of two counts are compared only on a box of more than two cores)."""
+        return self.tuners[kind].step(work)
+
+    # ---- one repeat ----
+    def begin_repeat(self, seed: int) -> None:
+        cfg = self.cfg
+        gen = np.random.default_rng(seed)
+        if cfg.meta:
+            x, _ = sample_meta_batch(self.split, cfg.effective_batch_size, cfg.n_ways, cfg.n_shots, cfg.n_queries,
+                                     self.transform, gen)
+        else:
+            x, _ = sample_batch(self.split, cfg.effective_batch_size, self.transform, gen)
+        self._inputs = x.to(self.device)
+        self.regions_scorer.crops = [c.to(self.device) for c in sample_crops(
+            self.regions_pool, cfg.regions_batches, cfg.regions_batch_size, cfg.regions_crop, seed)]
+        init_weights(self.supernet, mode=cfg.init_mode, seed=seed)
+        if cfg.meta:  # a fresh head, PyTorch's default init, seeded by the repeat
+            fresh = seeded_linear(self.supernet.feature_dim, cfg.n_ways, seed)
+            self.model.head.load_state_dict(fresh.state_dict())
+        self.regions_scorer.reinit(seed)
+        self._stack = ExitStack()
+        if not cfg.only_lrs:
+            self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
+
+    def end_repeat(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
+
+    def kappa(self, alive: np.ndarray, context: str) -> float:
+        """κ of one architecture: one per-sample-gradient pass of its own (the reference path)."""
+        if self.cfg.only_lrs:
+            return float("nan")
+        self.supernet.set_alphas(*alphas_from_alive(alive))
+        with self._step("kernel", 1):
+            grams = gram_by_group(self._gsm, self._inputs, self.groups)
+        return self._kappa_of(grams["theta"], grams.get("head"), context)
+
+    def _kappa_of(self, theta: torch.Tensor, head: torch.Tensor | None, context: str) -> float:
+        """κ of the NTK Θ, or of the analytical MetaNTK built from Θ (and the head kernel for ANIL)."""
+        cfg = self.cfg
+        if cfg.meta:
+            per_task = cfg.n_ways
+            k = theta if cfg.algorithm == "MAML" else head
+            if not (torch.isfinite(theta).all() and torch.isfinite(k).all()):
+                return condition_number(theta, context)  # NaN/Inf: the sentinel, logged (the solvers would fail)
+            try:
+                theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
+                                           per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
+            except RuntimeError as exc:  # torch.linalg failed to converge (a singular, ill-conditioned kernel)
+                log.warning("MetaNTK failed (%s): %s; condition number set to %g", context, one_line(exc, 100),
+                            KAPPA_SENTINEL)
+                return KAPPA_SENTINEL
+        return condition_number(theta, context)
+
+    def regions(self, alive: np.ndarray) -> int:
+        with self._step("regions", 1):
+            return self.regions_scorer.score(*alphas_from_alive(alive))
+
+    def score_many(self, alives: list[np.ndarray], contexts: list[str]) -> list[tuple[float, int]]:
+        """(κ, regions) of several architectures with one pass of each network (the fast path).
+
+        The batch is repeated once per architecture and every copy runs with its own op weights
+        (`Supernet.set_candidates`), so each architecture gets exactly the kernel and region count that
+        `kappa` and `regions` give it alone, up to floating-point rounding.
+        """
+        return list(zip(self.kappas_many(alives, contexts), self.regions_many(alives)))
+
+    @staticmethod
+    def _stacked_alphas(alives: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        normal, reduce = (torch.stack(a) for a in zip(*(alphas_from_alive(a) for a in alives)))
+        return normal, reduce
+
+    def regions_many(self, alives: list[np.ndarray]) -> list[int]:
+        """Region counts of several architectures, `REGIONS_PER_PASS` per pass of the thin network."""
+        out: list[int] = []
+        for start in range(0, len(alives), REGIONS_PER_PASS):
+            chunk = alives[start:start + REGIONS_PER_PASS]
+            with self._step("regions", len(chunk)):
+                out += self.regions_scorer.score_many(*self._stacked_alphas(chunk))
+        return out
+
+    def kappas_many(self, alives: list[np.ndarray], contexts: list[str]) -> list[float]:
+        """κ of several architectures from one per-sample-gradient pass over the batch repeated per architecture."""
+        if self.cfg.only_lrs:
+            return [float("nan")] * len(alives)
+        normal, reduce = self._stacked_alphas(alives)
+        n_arch, n = len(alives), self._inputs.shape[0]
+        self.supernet.set_candidates(normal, reduce, n)
+        try:
+            with self._step("kernel", n_arch):
+                grams = gram_blocks(self._gsm, self._inputs.repeat(n_arch, 1, 1, 1), self.groups, n_arch)
+        finally:
+            self.supernet.clear_candidates()
+        head = grams.get("head")
+        return [self._kappa_of(grams["theta"][b], None if head is None else head[b], contexts[b])
+                for b in range(n_arch)]
+
+    def candidates_per_pass(self) -> int:
+        """The most architectures one kernel pass may take: ``--candidates_per_pass`` when given; 1 on the CPU
+        when one architecture's per-sample gradients exceed `CPU_BATCHING_LIMIT` (a compute-bound pass, where
+        batching only adds memory traffic); else `MAX_PER_PASS`. Below that the measured memory decides
+        (`kappas_measured`)."""
+        if self.cfg.candidates_per_pass > 0:
+            return self.cfg.candidates_per_pass
+        n_params = sum(p.numel() for p in self.groups["theta"]) if not self.cfg.only_lrs else 0
+        per_arch = max(1, self._inputs.shape[0]) * max(n_params, 1) * 4  # one architecture's per-sample gradients
+        if self.device.type == "cpu" and per_arch > CPU_BATCHING_LIMIT:
+            return 1
+        return MAX_PER_PASS
+
+    def kappas_measured(self, alives: list[np.ndarray], contexts: list[str],
+                        progress: Callable[[int], None] | None = None) -> list[float]:
+        """κ of every architecture, in passes sized by the measured memory (see `search_lib.core.memory.PassSizer`).
+
+        With a cap of one (`candidates_per_pass`) every architecture gets the reference path's pass of its own.
+        Otherwise every pass, even one of a single architecture, is a `kappas_many` pass (the same numbers
+        whatever the pass holds), its peak measured; an out-of-memory error inside a pass halves it and
+        retries, down to one architecture, then stops the search with the one-line exit 4.
+        """
+        cap = self.candidates_per_pass()
+        out: list[float] = []
+        if cap == 1:
+            for alive, ctx in zip(alives, contexts):
+                try:
+                    out += self._one_pass(lambda a=alive, c=ctx: [self.kappa(a, c)], 1)
+                except _PassOutOfMemory as exc:
+                    raise self._out_of_memory(exc.__cause__) from None
+                if progress is not None:
+                    progress(1)
+            return out
+        if self.sizer is None:
+            self.sizer = PassSizer(self.budget, cap, base=self.meter.now())
+        while len(out) < len(alives):
+            k = min(self.sizer.size(), len(alives) - len(out))
+            chunk, ctx = alives[len(out):len(out) + k], contexts[len(out):len(out) + k]
+            try:
+                kappas = self._one_pass(lambda a=chunk, c=ctx: self.kappas_many(a, c), k)
+            except _PassOutOfMemory as exc:
+                if k == 1:
+                    raise self._out_of_memory(exc.__cause__) from None
+                self.passes.oom_splits += 1
+                log.warning("out of memory in a pass of %d architectures (%s); retrying with %d per pass",
+                            k, one_line(exc.__cause__, 80), self.sizer.failed(k))
+                continue
+            out += kappas
+            if progress is not None:
+                progress(k)
+        return out
+
+    def _one_pass(self, run: Callable[[], list[float]], k: int) -> list[float]:
+        """Run one kernel pass of ``k`` architectures, measuring its peak; an out-of-memory error becomes
+        `_PassOutOfMemory` after Opacus is re-attached (a pass that failed half-way leaves its hooks' state)."""
+        try:
+            with self.meter.window() as win:
+                result = run()
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._reattach()
+            raise _PassOutOfMemory() from exc
+        self.passes.record(k, win.peak)
+        if self.sizer is not None:
+            self.sizer.record(k, win.peak, win.start)
+        return result
+
+    def _reattach(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._stack = ExitStack()
+        self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
+
+    def _out_of_memory(self, exc: BaseException) -> RunFailure:
+        where = "GPU" if self.device.type == "cuda" else "CPU"
+        return RunFailure(f"out of memory on the {where} scoring a single architecture (budget "
+                          f"{format_size(self.budget)}; {one_line(exc, 80)}); lower --batch_size or --ntk_channels, "
+                          f"or free memory; re-running the same command resumes")
+
+    def measured(self) -> dict:
+        """What the kernel passes since the last call measured (then reset; history.jsonl's ``measured``): the
+        largest pass, the number of passes and of out-of-memory splits, the budget, and the thread count of
+        every pass, kernel and regions ({"2": passes, "1": passes})."""
+        stats, self.passes = self.passes, PassCount()
+        threads: dict[str, int] = {}
+        for kind, tuner in self.tuners.items():
+            for count, n in tuner.step_counts(self._steps_seen[kind]).items():
+                threads[str(count)] = threads.get(str(count), 0) + n
+            self._steps_seen[kind] = len(tuner.history)
+        return {"pass_size": stats.largest, "passes": stats.passes, "oom_splits": stats.oom_splits,
+                "budget_bytes": self.budget, "threads": threads}
+
+
+class _PassOutOfMemory(Exception):
+    """A kernel pass ran out of memory (the original error is its cause)."""
+
+
+@dataclass
+class PassCount:
+    """The kernel passes of a round: how many, the largest, the out-of-memory splits, the largest peak."""
+
+    passes: int = 0
+    largest: int = 0
+    oom_splits: int = 0
+    peak: int = 0
+
+    def record(self, k: int, peak: int) -> None:
+        self.passes += 1
+        self.largest = max(self.largest, k)
+        self.peak = max(self.peak, peak)

@@ -1,0 +1,156 @@
+"""A search in its run folder: validate, set up or resume the folder, search, write the genotype.
+
+The folder (`search_lib.core.run_dir`) holds ``config.json``, the state of the last finished round
+(``state.json``, the one before as ``state.prev.json``), ``history.jsonl`` (one record per round),
+``genotype.json`` (a `GenotypeRecord`), ``search.log``, ``done`` and ``search.png`` (drawn by
+`search_lib.search.search_plot`). Running the same command again resumes an interrupted search and reports a
+finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from search_lib.core import distributed
+from search_lib.core.distributed import World
+from search_lib.core.errors import DataError, GenotypeError, UsageError, one_line
+from search_lib.core.figures import draw_quietly
+from search_lib.core.run_dir import RunDir
+from search_lib.core.threads import configure_threads
+from search_lib.core.utils import draw_seed, resolve_device
+from search_lib.data import SplitData, load_split, sample_batch, sample_meta_batch
+from search_lib.models.genotypes import Genotype, GenotypeRecord
+from search_lib.models.supernet import Supernet, replace_norm
+from search_lib.search.pruning import PruningSearch, search_run_dir
+from search_lib.search.scoring import search_transform
+from search_lib.search.search_config import SearchConfig
+from search_lib.search.search_plot import draw_search
+
+log = logging.getLogger("metantknas.search")
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    save_dir: Path
+    seed: int
+    resumed_from_round: int
+    already_done: bool
+    search_space: str = "darts_fewshot"
+    max_nodes: int = 3
+
+    @property
+    def record(self) -> GenotypeRecord:
+        return GenotypeRecord(self.genotype, self.search_space, self.max_nodes, self.seed)
+
+
+def _check_network(cfg: SearchConfig) -> None:
+    """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
+    normalisation cannot divide fail here, before anything is written, not when the scorer is built."""
+    with torch.device("meta"):
+        replace_norm(Supernet(cfg.ntk_channels, cfg.ntk_layers, 2, cfg.space.name, cfg.space.max_nodes,
+                              cfg.ntk_stemm, cfg.ntk_fsr), cfg.norm_type)
+
+
+def _check_inputs(cfg: SearchConfig) -> SplitData:
+    """Check the network and load the data and draw one throwaway batch, so bad inputs fail before anything
+    is written."""
+    _check_network(cfg)
+    split = load_split(cfg.data, cfg.data_path, "train")
+    gen = np.random.default_rng(0)
+    tf = search_transform(cfg)
+    if cfg.meta:
+        sample_meta_batch(split, 1, cfg.n_ways, cfg.n_shots, cfg.n_queries, tf, gen)
+    else:
+        if cfg.effective_batch_size > len(split):
+            raise DataError(f"--batch_size {cfg.effective_batch_size} exceeds the {len(split)} training images of "
+                            f"{cfg.dataset}; lower --batch_size")
+        sample_batch(split, 2, tf, gen)
+    return split
+
+
+def _result(cfg: SearchConfig, geno: Genotype, save_dir: Path, start: int, done: bool) -> SearchResult:
+    return SearchResult(geno, save_dir, cfg.rand_seed, start, done, cfg.space.name, cfg.space.max_nodes)
+
+
+def run_search(cfg: SearchConfig) -> SearchResult:
+    """Validate, set up (or resume) the run directory, search, write the outputs.
+
+    Under torchrun every rank runs this: each scores its share of every round's candidates, every rank
+    gets all the scores and prunes alike, and rank 0 alone writes the run folder and prints. The folder's
+    lock is held from the first look (when the folder has a lock file) or the first write to the end.
+    """
+    cfg.validate()
+    world, device = distributed.init(resolve_device(cfg.device))
+    configure_threads(0, cfg.threads)  # --threads fixes the count; else the passes tune it (CPU)
+    run = search_run_dir(cfg.save_dir)
+    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process runs in: exit 2 at once
+    try:
+        return _run_search(cfg, run, world, device)
+    finally:
+        run.release()
+
+
+def _run_search(cfg: SearchConfig, run: RunDir, world: World, device: torch.device) -> SearchResult:
+    """`run_search` while this process holds (or is about to hold) the folder's lock."""
+    main = world.is_main
+    save_dir = run.path
+    old_cfg = None if cfg.overwrite else run.read_config()
+    if old_cfg is not None:
+        try:
+            old_seed = int(old_cfg.get("rand_seed", -1))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{save_dir}/config.json holds an invalid rand_seed ({one_line(exc, 100)}); use "
+                             f"--overwrite or another --save_dir") from None
+        if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
+            cfg.rand_seed = old_seed
+        run.check_config(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict(), what="a search")
+        if run.is_done():
+            try:
+                geno = GenotypeRecord.from_json((save_dir / "genotype.json").read_text()).genotype
+            except (OSError, UnicodeDecodeError, GenotypeError) as exc:
+                # the state says where the search ended: finishing it again only rewrites genotype.json
+                if main:
+                    print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
+                          f"({one_line(exc, 100)}); rebuilding it from the saved state", file=sys.stderr)
+            else:
+                if main:
+                    print(f"search already finished in {save_dir} (use --overwrite to recompute)")
+                    print(f"genotype: {geno}")
+                return _result(cfg, geno, save_dir, -1, True)
+    _check_inputs(cfg)
+    drawn = cfg.rand_seed == -1
+    if drawn:  # drawn once, by rank 0, for every rank
+        cfg.rand_seed = world.gather(draw_seed())[0]
+    world.barrier()  # every rank has read the folder before rank 0 changes it
+    run.claim(world, overwrite=cfg.overwrite)  # the lock held from here to the end (rank 0 for the group)
+    if main:
+        run.write_config(cfg.to_dict())
+    log_file = run.attach_log("metantknas", console=True) if main else None
+    try:
+        search = PruningSearch(cfg, run, world, device)
+        state = search.load_state() if old_cfg is not None else None
+        start = state["round"] if state else 0
+        log.info("search: %s, %s (%s), seed %d%s, device %s%s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
+                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
+                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device,
+                 f" x {world.size} processes" if world.active else "", save_dir,
+                 f", resuming at round {start}" if state else "")
+        geno = search.run(state)
+        result = _result(cfg, geno, save_dir, start, False)
+        if main:
+            result.record.write(save_dir / "genotype.json")
+            run.mark_done()
+            draw_quietly(draw_search, save_dir, log)  # search.png; a failure is a warning, not a failed search
+        log.info("genotype: %s", geno)
+        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log, search.png)", save_dir)
+        return result
+    finally:
+        if log_file is not None:
+            log_file.close()
