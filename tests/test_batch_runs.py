@@ -30,7 +30,7 @@ import eval_searched_arch
 import prune_metantknas
 import search_lib.search.pruning as pruning
 import search_lib.search.scoring as scoring
-from eval_lib.train.training_run import read_checkpoint
+from eval_lib.train.checkpoints import read_checkpoint
 from search_lib.models.genotypes import PRESETS, edge_keys
 from search_lib.models.ops import space_ops
 from search_lib.search.pruning import scores_text

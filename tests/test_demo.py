@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval_lib.train.training_run import TrainConfig, build_network, fewshot_evaluate, train_and_evaluate
+from eval_lib.train.evaluation import fewshot_evaluate
+from eval_lib.train.network import build_network
+from eval_lib.train.train_config import TrainConfig
+from eval_lib.train.training_run import train_and_evaluate
 from search_lib.core.utils import set_seed
 from search_lib.models.genotypes import PRESETS
 

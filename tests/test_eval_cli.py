@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eval_searched_arch as cli
-from eval_lib.train.training_run import TrainConfig
+from eval_lib.train.train_config import TrainConfig
 
 TINY = ["--init_channels", "4", "--layers", "3", "--image_size", "16", "--epochs", "2", "--batch_size", "16",
         "--learning_rate", "0.05", "--lr_decay_epochs", "1", "--n_shots", "1", "--n_queries", "3",

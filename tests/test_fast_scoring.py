@@ -1,6 +1,6 @@
 """The fast path of the search (several architectures per pass) against the reference (one per pass).
 
-`CandidateScorer.score_many` repeats the batch once per architecture and gives every copy its own op
+`CandidateScorer.kappas_many` / `regions_many` repeat the batch once per architecture and give every copy its own op
 weights; `kappa` / `regions` score one architecture with its own pass, the obviously correct path that
 the search used before. Both must give the same κ (float64: relative difference < 1e-5; float32: < 1e-3)
 and exactly the same region counts, on both spaces, 3 and 4 nodes, MAML, ANIL and the plain NTK; and
@@ -69,7 +69,7 @@ def scored(request):
         scorer._inputs = scorer._inputs.to(dtype)
         try:
             ref = [(scorer.kappa(a, "ref"), scorer.regions(a)) for a in archs]
-            fast = scorer.score_many(archs, ["fast"] * len(archs))
+            fast = list(zip(scorer.kappas_many(archs, ["fast"] * len(archs)), scorer.regions_many(archs)))
         finally:
             scorer.end_repeat()
         out[dtype] = (ref, fast)

@@ -24,8 +24,7 @@ each epoch's seeded batches), `finish` tests the network and writes the results.
 
 The pieces live in `eval_lib.train.train_config` (settings), `eval_lib.train.network` (architecture, network),
 `eval_lib.train.epoch` (optimiser, schedule, one epoch), `eval_lib.train.metrics` (metrics.jsonl),
-`eval_lib.train.checkpoints` and `eval_lib.train.evaluation` (few-shot test, `evaluate_checkpoint`); their public
-names are importable from here too.
+`eval_lib.train.checkpoints` and `eval_lib.train.evaluation` (few-shot test, `evaluate_checkpoint`).
 """
 
 from __future__ import annotations
@@ -48,15 +47,14 @@ from eval_lib.train.checkpoints import (
     CHECKPOINT_VERSION,
     load_latest_checkpoint,
     pack_rng,
-    read_checkpoint,
     read_json,
     save_checkpoint,
     training_run_dir,
     unpack_rng,
 )
 from eval_lib.train.device_batches import DeviceBatches
-from eval_lib.train.epoch import build_optimizer, build_scheduler, epoch_seed, lr_factor, train_one_epoch
-from eval_lib.train.evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, format_results_table
+from eval_lib.train.epoch import build_optimizer, build_scheduler, epoch_seed, train_one_epoch
+from eval_lib.train.evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate
 from eval_lib.train.metrics import append_epoch, epoch_record, truncate_metrics
 from eval_lib.train.network import (
     build_network,
@@ -69,11 +67,9 @@ from eval_lib.train.network import (
 from eval_lib.train.tensorboard_log import TrainingBoard
 from eval_lib.train.train_config import (
     EVAL_KEYS,
-    SCHEDULERS,
     TRAINING_KEYS,
     TrainConfig,
     eval_settings,
-    paper_training_preset,
 )
 from eval_lib.train.training_plot import draw_training
 from search_lib.core import distributed
@@ -409,10 +405,3 @@ def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: di
     logger.info("run in %s is finished but its test settings differ; re-testing the trained network", run.path)
     return None
 
-
-__all__ = [
-    "EVAL_KEYS", "SCHEDULERS", "TRAINING_KEYS", "TrainConfig", "TrainingData", "TrainingRun", "build_episode_sets",
-    "build_network", "build_optimizer", "build_scheduler", "default_save_dir", "epoch_seed", "evaluate_checkpoint",
-    "fewshot_evaluate", "format_results_table", "load_latest_checkpoint", "lr_factor", "paper_training_preset",
-    "read_checkpoint", "resolve_architecture", "save_checkpoint", "train_and_evaluate", "train_one_epoch",
-]

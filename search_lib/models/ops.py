@@ -196,7 +196,3 @@ OPS.register("max_pool_3x3")(lambda C_in, C_out, stride, affine=True: Pool("max"
 
 def build_op(name: str, C_in: int, C_out: int, stride: int, affine: bool = True) -> nn.Module:
     return OPS[name](C_in, C_out, stride, affine)
-
-
-def is_identity(op: nn.Module) -> bool:
-    return isinstance(op, nn.Identity)

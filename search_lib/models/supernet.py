@@ -8,7 +8,6 @@ the two separate accessors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -273,8 +272,3 @@ def init_weights(model: nn.Module, mode: str = "fan_out", seed: int | None = Non
                 m.weight.fill_(1.0)
                 m.bias.zero_()
     return model
-
-
-def kaiming_std(fan: int) -> float:
-    """The standard deviation kaiming_normal_ uses for ReLU (for tests)."""
-    return math.sqrt(2.0 / fan)

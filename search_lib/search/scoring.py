@@ -3,7 +3,7 @@
 `CandidateScorer` holds the kernel network (Opacus per-sample gradients) and the thin linear-region network
 of a search and scores alive-op masks for one repeat at a time (one initialisation, one batch). Two paths
 give the same scores: one architecture per pass (`kappa`, `regions`: the obviously correct reference) and
-several per pass (`kappas_many`, `regions_many`, `score_many`: the batch repeated once per architecture,
+several per pass (`kappas_many`, `regions_many`: the batch repeated once per architecture,
 each copy with its own op weights). Scoring is a pure function of (alphas, repeat seed, batch).
 
 How many architectures a pass takes is measured, not estimated (`search_lib.core.memory.PassSizer`): the
@@ -171,15 +171,6 @@ class CandidateScorer:
         with self._step("regions", 1):
             return self.regions_scorer.score(*alphas_from_alive(alive))
 
-    def score_many(self, alives: list[np.ndarray], contexts: list[str]) -> list[tuple[float, int]]:
-        """(κ, regions) of several architectures with one pass of each network (the fast path).
-
-        The batch is repeated once per architecture and every copy runs with its own op weights
-        (`Supernet.set_candidates`), so each architecture gets exactly the kernel and region count that
-        `kappa` and `regions` give it alone, up to floating-point rounding.
-        """
-        return list(zip(self.kappas_many(alives, contexts), self.regions_many(alives)))
-
     @staticmethod
     def _stacked_alphas(alives: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         normal, reduce = (torch.stack(a) for a in zip(*(alphas_from_alive(a) for a in alives)))
@@ -273,7 +264,7 @@ class CandidateScorer:
                 raise
             self._reattach()
             raise _PassOutOfMemory() from exc
-        self.passes.record(k, win.peak)
+        self.passes.record(k)
         if self.sizer is not None:
             self.sizer.record(k, win.peak, win.start)
         return result
@@ -312,14 +303,12 @@ class _PassOutOfMemory(Exception):
 
 @dataclass
 class PassCount:
-    """The kernel passes of a round: how many, the largest, the out-of-memory splits, the largest peak."""
+    """The kernel passes of a round: how many, the largest, the out-of-memory splits."""
 
     passes: int = 0
     largest: int = 0
     oom_splits: int = 0
-    peak: int = 0
 
-    def record(self, k: int, peak: int) -> None:
+    def record(self, k: int) -> None:
         self.passes += 1
         self.largest = max(self.largest, k)
-        self.peak = max(self.peak, peak)
