@@ -95,7 +95,9 @@ def bench_channels(C: int, args, device: torch.device) -> dict:
         scorer.measured()  # forget the warm-up's pass
         t_fast = _timed(lambda: search.score_archs(scorer, fast_archs, ["c"] * n_fast), device)
         per_pass = scorer.measured()["pass_size"]  # the largest pass the measured memory allowed
-        busy = _gpu_busy(lambda: (scorer.kappas_many(fast_archs[:per_pass], ["c"] * min(per_pass, n_fast)), scorer.regions_many(fast_archs[:per_pass])), device)
+        one_pass = fast_archs[:per_pass]
+        busy = _gpu_busy(lambda: (scorer.kappas_many(one_pass, ["c"] * len(one_pass)), scorer.regions_many(one_pass)),
+                         device)
         n_ref = min(len(cands), args.reference_candidates)
         t_ref = sum(_timed(lambda a=a: (scorer.kappa(a, "c"), scorer.regions(a)), device)
                     for a in cands[:n_ref]) if n_ref else float("nan")
