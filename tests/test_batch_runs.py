@@ -31,8 +31,9 @@ import prune_metantknas
 import search_lib.search.pruning as pruning
 import search_lib.search.scoring as scoring
 from eval_lib.train.checkpoints import read_checkpoint
-from search_lib.models.genotypes import PRESETS, edge_keys
+from search_lib.models.genotypes import PRESETS
 from search_lib.models.ops import space_ops
+from search_lib.models.space import edge_keys
 from search_lib.search.pruning import scores_text
 
 REPO = Path(__file__).resolve().parents[1]

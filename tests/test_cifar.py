@@ -20,6 +20,7 @@ from search_lib.core.errors import DataError, UsageError
 from search_lib.data.synthetic import main as synthetic_main
 from search_lib.data.synthetic import python2_pickle, write_synthetic
 from search_lib.models.genotypes import GenotypeRecord
+from search_lib.models.space import DEFAULT_SPACE
 
 CLASSES = {"train": 6, "val": 5, "test": 5}
 
@@ -134,5 +135,5 @@ def test_metantk_search_on_meta_cifar_fs_reads_only_the_base_classes(cifar, tmp_
                                   "--ntk_channels", "4", "--ntk_layers", "2", "--image_size", "8", "--batch_size", "2",
                                   "--n_ways", "2", "--repeat", "1", "--prune_number", "6", "--regions_batches", "1",
                                   "--regions_batch_size", "50", "--device", "cpu", "--rand_seed", "0"]) == 0
-    GenotypeRecord.from_json((run / "genotype.json").read_text()).genotype.validate("darts_fewshot", 3)
+    GenotypeRecord.from_json((run / "genotype.json").read_text()).genotype.validate(DEFAULT_SPACE)
     assert json.loads((run / "config.json").read_text())["dataset"] == "MetaCIFAR-FS"

@@ -14,13 +14,15 @@ from search_lib.models.genotypes import (
     PRUNED_ALPHA,
     Genotype,
     alphas_from_genotype,
-    edge_groups,
-    edge_keys,
     genotype_from_alphas,
     random_genotype,
     resolve_genotype,
 )
 from search_lib.models.ops import space_ops
+from search_lib.models.space import SearchSpace, edge_groups, edge_keys
+
+DFS = SearchSpace("darts_fewshot", 3)
+DARTS4 = SearchSpace("darts", 4)
 
 # The published strings, copied verbatim (independent of the library's own copy).
 REFERENCE_STRINGS = {
@@ -76,7 +78,7 @@ def test_preset_parse_and_str_round_trip(name):
     assert str(g) == text
     assert PRESETS[name] == g
     assert str(PRESETS[name]) == text
-    g.validate("darts_fewshot", 3)
+    g.validate(DFS)
     assert Genotype.from_json(g.to_json()) == g
     assert json.loads(g.to_json())["normal"][0][0] == list(g.normal[0][0])
 
@@ -100,7 +102,7 @@ def test_darts_flat_form_and_range_concat():
 
 
 def test_json_round_trip_and_search_output_form(tmp_path):
-    g = random_genotype("darts", 4, seed=3)
+    g = random_genotype(DARTS4, seed=3)
     assert Genotype.from_json(g.to_json()) == g
     wrapped = json.dumps({"genotype": g.to_dict(), "string": str(g)})
     assert Genotype.from_json(wrapped) == g
@@ -156,7 +158,7 @@ def test_malformed_json_raises():
 
 def test_validate_accepts_good_genotype():
     g = make(OK_NODES)
-    assert g.validate("darts_fewshot", 3) is g
+    assert g.validate(DFS) is g
     assert g.validate(None) is g
 
 
@@ -167,7 +169,7 @@ def test_validate_accepts_good_genotype():
     (make(OK_NODES[:2] + [[("sep_conv_3x3", 5), ("sep_conv_3x3", 1)]]), {}, "out of range"),
     (make([[("sep_conv_3x3", -1), ("sep_conv_3x3", 1)]] + OK_NODES[1:]), {}, "out of range"),
     (make(OK_NODES), {"max_nodes": 4}, "nodes"),
-    (make(OK_NODES[:2], concat=(2, 3)), {"max_nodes": 3}, "nodes"),
+    (make(OK_NODES[:2], concat=(2, 3)), {}, "nodes"),
     (make([[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("conv_3x3", 1)]] + OK_NODES[1:]), {}, "3 inputs"),
     (make([[("sep_conv_3x3", 0)]] + OK_NODES[1:]), {}, "1 inputs"),
     (make(OK_NODES, concat=(2, 3, 7)), {}, "concat"),
@@ -175,26 +177,26 @@ def test_validate_accepts_good_genotype():
 ])
 def test_validate_rejects(geno, kwargs, match):
     with pytest.raises(GenotypeError, match=match):
-        geno.validate("darts_fewshot", **kwargs)
+        geno.validate(SearchSpace("darts_fewshot", kwargs.get("max_nodes", 3)))
 
 
 def test_op_from_other_space_rejected_only_when_space_given():
     g = make([[("sep_conv_5x5", 0), ("sep_conv_3x3", 1)]] + OK_NODES[1:])  # sep_conv_5x5: darts only
     with pytest.raises(GenotypeError, match="sep_conv_5x5"):
-        g.validate("darts_fewshot")
+        g.validate(DFS)
     g2 = make([[("sep_conv_3x3", 0), ("sep_conv_5x5", 1)], [("avg_pool_3x3", 0), ("dil_conv_5x5", 2)],
                [("skip_connect", 1), ("max_pool_3x3", 3)]])
-    g2.validate("darts")
+    g2.validate(SearchSpace("darts", 3))
     g2.validate(None)
     with pytest.raises(GenotypeError, match="avg_pool_3x3"):
-        g2.validate("darts_fewshot")
+        g2.validate(DFS)
     with pytest.raises(GenotypeError):
-        Genotype.parse(G1).validate("darts")  # conv_3x3 is not in the darts space
+        Genotype.parse(G1).validate(SearchSpace("darts", 3))  # conv_3x3 is not in the darts space
 
 
-def test_validate_unknown_space_is_usage_error():
+def test_an_unknown_space_is_usage_error():
     with pytest.raises(UsageError):
-        make(OK_NODES).validate("nonexistent")
+        SearchSpace.resolve("nonexistent", 3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,10 +206,10 @@ def test_validate_unknown_space_is_usage_error():
 def test_resolve_preset_string_and_path(tmp_path):
     assert resolve_genotype("tiered-8cell-2") == Genotype.parse(REFERENCE_STRINGS["tiered-8cell-2"])
     assert resolve_genotype("  " + G1 + "\n") == Genotype.parse(G1)
-    g = random_genotype("darts_fewshot", 3, seed=11)
+    g = random_genotype(DFS, seed=11)
     path = tmp_path / "genotype.json"
     path.write_text(json.dumps({"genotype": g.to_dict(), "string": str(g)}))
-    assert resolve_genotype(str(path), space="darts_fewshot", max_nodes=3) == g
+    assert resolve_genotype(str(path), space=DFS) == g
     txt = tmp_path / "genotype.txt"
     txt.write_text(str(g) + "\n")
     assert resolve_genotype(str(txt)) == g
@@ -223,9 +225,9 @@ def test_resolve_bad_specs(tmp_path):
     with pytest.raises(GenotypeError):
         resolve_genotype(str(bad))
     with pytest.raises(GenotypeError):  # valid preset, wrong node count for the network
-        resolve_genotype("mini-5cell-1", max_nodes=4)
+        resolve_genotype("mini-5cell-1", space=SearchSpace("darts_fewshot", 4))
     with pytest.raises(GenotypeError):  # valid preset, wrong space
-        resolve_genotype("mini-5cell-1", space="darts")
+        resolve_genotype("mini-5cell-1", space=SearchSpace("darts", 3))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,12 +236,12 @@ def test_resolve_bad_specs(tmp_path):
 
 @pytest.mark.parametrize("space,max_nodes", [("darts_fewshot", 3), ("darts", 4)])
 def test_random_genotype_seeded_and_valid(space, max_nodes):
-    a = random_genotype(space, max_nodes, seed=7)
-    assert a == random_genotype(space, max_nodes, seed=7)
-    others = {random_genotype(space, max_nodes, seed=s) for s in range(8, 14)}
+    a = random_genotype(SearchSpace(space, max_nodes), seed=7)
+    assert a == random_genotype(SearchSpace(space, max_nodes), seed=7)
+    others = {random_genotype(SearchSpace(space, max_nodes), seed=s) for s in range(8, 14)}
     assert len(others | {a}) > 1 and any(o != a for o in others)
     for g in [a, *others]:
-        g.validate(space, max_nodes)
+        g.validate(SearchSpace(space, max_nodes))
         for cell in (g.normal, g.reduce):
             assert len(cell) == max_nodes
             for node in cell:
@@ -264,24 +266,24 @@ def test_random_genotype_does_not_touch_global_rng():
 @pytest.mark.parametrize("name", sorted(REFERENCE_STRINGS))
 def test_alphas_round_trip_for_presets(name):
     g = PRESETS[name]
-    an, ar = alphas_from_genotype(g, "darts_fewshot")
+    an, ar = alphas_from_genotype(g, DFS)
     assert an.shape == ar.shape == (9, len(space_ops("darts_fewshot")))
     # exactly 2 alive entries per node, one per alive edge
     assert int((an > PRUNED_ALPHA / 2).sum()) == 6
-    assert genotype_from_alphas(an, ar, "darts_fewshot", 3) == g
+    assert genotype_from_alphas(an, ar, DFS) == g
 
 
 def test_alphas_round_trip_random_darts_4_nodes():
     for seed in range(5):
-        g = random_genotype("darts", 4, seed=seed)
-        an, ar = alphas_from_genotype(g, "darts")
+        g = random_genotype(DARTS4, seed=seed)
+        an, ar = alphas_from_genotype(g, DARTS4)
         assert an.shape == (14, 8)
-        assert genotype_from_alphas(an, ar, "darts", 4) == g
+        assert genotype_from_alphas(an, ar, DARTS4) == g
 
 
 def test_alphas_layout_matches_edge_keys():
     g = Genotype.parse(G1)
-    an, _ = alphas_from_genotype(g, "darts_fewshot")
+    an, _ = alphas_from_genotype(g, DFS)
     ops = space_ops("darts_fewshot")
     keys = edge_keys(3)
     alive = {(keys[r], ops[c]) for r, c in (an > PRUNED_ALPHA / 2).nonzero().tolist()}
@@ -290,17 +292,17 @@ def test_alphas_layout_matches_edge_keys():
 
 
 def test_unfinished_alphas_raise():
-    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], "darts_fewshot")
+    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], DFS)
     an2 = an.clone()
     an2[0, 3] = 0.0  # edge 2<-0 now has two ops
     with pytest.raises(GenotypeError, match="2<-0"):
-        genotype_from_alphas(an2, ar, "darts_fewshot", 3)
+        genotype_from_alphas(an2, ar, DFS)
     an3 = an.clone()
     an3[2, 1] = 0.0  # node 3 gets a third input edge (3<-0)
     with pytest.raises(GenotypeError, match="3 inputs"):
-        genotype_from_alphas(an3, ar, "darts_fewshot", 3)
+        genotype_from_alphas(an3, ar, DFS)
     with pytest.raises(GenotypeError):  # nothing pruned at all
-        genotype_from_alphas(torch.zeros(9, 8), torch.zeros(9, 8), "darts_fewshot", 3)
+        genotype_from_alphas(torch.zeros(9, 8), torch.zeros(9, 8), DFS)
 
 
 # ---------------------------------------------------------------------------------------------------

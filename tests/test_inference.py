@@ -13,6 +13,7 @@ from eval_lib.fewshot.inference import inference_network, shifted_for_stride2
 from eval_lib.rfs_models.augment_cnn import AugmentCNN
 from search_lib.core.errors import UsageError
 from search_lib.models.genotypes import PRESETS, random_genotype
+from search_lib.models.space import SearchSpace
 
 
 class _Features(nn.Module):
@@ -38,9 +39,12 @@ def _count(gm, pred) -> int:
     return sum(1 for n in gm.graph.nodes if pred(n))
 
 
+DARTS = SearchSpace("darts", 3)
+
+
 @pytest.mark.parametrize("size", [16, 15, 9])  # even; odd at the first reduction; odd at the second
 @pytest.mark.parametrize("genotype", [PRESETS["mini-5cell-1"], random_genotype(seed=3),
-                                      random_genotype("darts", seed=1), random_genotype("darts", seed=2)],
+                                      random_genotype(DARTS, seed=1), random_genotype(DARTS, seed=2)],
                          ids=["mini-5cell-1", "fewshot-random", "darts-random-1", "darts-random-2"])
 def test_rewritten_network_gives_the_eager_features(genotype, size):
     net = _network(genotype)

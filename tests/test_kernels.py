@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from search_lib.models.genotypes import PRESETS, alphas_from_genotype
+from search_lib.models.space import DEFAULT_SPACE
 from search_lib.models.supernet import Supernet, init_weights, replace_norm
 from search_lib.search.kernels import (
     KAPPA_SENTINEL,
@@ -89,7 +90,7 @@ def small_supernet(seed: int = 0, C: int = 4, pruned: bool = False, num_classes:
     net = replace_norm(Supernet(C=C, layers=5, num_classes=num_classes), "groupnorm16").double()
     init_weights(net, "fan_out", seed=seed)
     if pruned:
-        net.set_alphas(*alphas_from_genotype(PRESETS["tiered-5cell-1"], "darts_fewshot"))
+        net.set_alphas(*alphas_from_genotype(PRESETS["tiered-5cell-1"], DEFAULT_SPACE))
     return net
 
 

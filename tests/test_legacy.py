@@ -16,6 +16,7 @@ import pytest
 import eval_searched_arch
 import prune_metantknas
 from search_lib.models.genotypes import GenotypeRecord
+from search_lib.models.space import SearchSpace
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
 SEARCH_ARGV = ["--dataset", "MetaDigits", "--rand_seed", "1", "--ntk_channels", "4", "--image_size", "8",
@@ -48,7 +49,7 @@ def test_finished_legacy_search_is_reported_not_recomputed(legacy, capsys):
     out = capsys.readouterr().out
     record = GenotypeRecord.from_json((run / "genotype.json").read_text())
     assert "already finished" in out and str(record.genotype) in out
-    assert (record.search_space, record.max_nodes, record.rand_seed) == ("darts_fewshot", 3, 1)
+    assert (record.space, record.rand_seed) == (SearchSpace("darts_fewshot", 3), 1)
     assert _files(run) == before
 
 

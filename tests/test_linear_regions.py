@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from search_lib.models.genotypes import PRESETS, Genotype, alphas_from_genotype
+from search_lib.models.space import DEFAULT_SPACE
 from search_lib.search.linear_regions import (
     LinearRegionScorer,
     count_distinct_codes,
@@ -192,7 +193,7 @@ POOL_GENOTYPE = Genotype(normal=POOLS, normal_concat=[2, 3, 4], reduce=POOLS, re
 
 
 def test_scorer_network_is_thin(crops):
-    s = LinearRegionScorer(crops, "darts_fewshot", 3, torch.device("cpu"))
+    s = LinearRegionScorer(crops, DEFAULT_SPACE, torch.device("cpu"))
     assert isinstance(s.net.stem, nn.Identity) and len(s.net.cells) == 2
     assert [c.reduction for c in s.net.cells] == [False, True]
     assert s.net.training
@@ -201,9 +202,9 @@ def test_scorer_network_is_thin(crops):
 def test_scorer_seeded_and_pruning_changes_count(crops):
     an0 = torch.zeros(9, 8)
     ar0 = torch.zeros(9, 8)
-    an, ar = alphas_from_genotype(POOL_GENOTYPE, "darts_fewshot")
+    an, ar = alphas_from_genotype(POOL_GENOTYPE, DEFAULT_SPACE)
 
-    s = LinearRegionScorer(crops, "darts_fewshot", 3, torch.device("cpu"))
+    s = LinearRegionScorer(crops, DEFAULT_SPACE, torch.device("cpu"))
     s.reinit(0)
     full = s.score(an0, ar0)
     pruned = s.score(an, ar)
@@ -212,7 +213,7 @@ def test_scorer_seeded_and_pruning_changes_count(crops):
     assert abs(pruned - full) > 10
     assert s.score(an0, ar0) == full  # scoring is repeatable
 
-    other = LinearRegionScorer(crops, "darts_fewshot", 3, torch.device("cpu"))
+    other = LinearRegionScorer(crops, DEFAULT_SPACE, torch.device("cpu"))
     other.reinit(0)
     assert other.score(an0, ar0) == full  # same seed, same count
     assert other.score(an, ar) == pruned
@@ -225,9 +226,9 @@ def test_scorer_seeded_and_pruning_changes_count(crops):
 
 def test_scorer_codes_only_from_running_ops(crops):
     """A pruned op's ReLUs do not run, so they contribute no code bits."""
-    s = LinearRegionScorer(crops, "darts_fewshot", 3, torch.device("cpu"))
+    s = LinearRegionScorer(crops, DEFAULT_SPACE, torch.device("cpu"))
     s.reinit(0)
-    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], "darts_fewshot")
+    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], DEFAULT_SPACE)
     s.net.set_alphas(torch.zeros(9, 8), torch.zeros(9, 8))
     width_full = relu_codes(s.net, crops[0]).shape[1]
     s.net.set_alphas(an, ar)

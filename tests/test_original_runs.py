@@ -14,6 +14,7 @@ import eval_searched_arch
 import prune_launch
 import prune_metantknas
 from search_lib.models.genotypes import PRESETS, GenotypeRecord
+from search_lib.models.space import DEFAULT_SPACE
 
 # the search made tiny: 4 channels, 8 px, 2 tasks of 2 classes, one repeat, one op round, few crops
 TINY_SEARCH = ["--ntk_channels", "4", "--image_size", "8", "--n_ways", "2", "--repeat", "1", "--prune_number", "6",
@@ -65,7 +66,7 @@ def test_the_search_command_line_of_the_original_launcher_runs(synthetic_mini, t
     for flag in ("--super_type nasnet-super", "--arch_nas_dataset", "--track_running_stats 1", "--workers 0",
                  "--timestamp"):
         assert f"{flag}" in err and err.count("no effect here") == 5
-    GenotypeRecord.from_json((run / "genotype.json").read_text()).genotype.validate("darts_fewshot", 3)
+    GenotypeRecord.from_json((run / "genotype.json").read_text()).genotype.validate(DEFAULT_SPACE)
     config = json.loads((run / "config.json").read_text())
     assert config["original_flags"]["--workers"] == "0" and config["init"] == "kaiming_normal"
     assert config["rand_seed"] >= 0 and not (run / "train").exists()  # --train_after_search false

@@ -13,6 +13,7 @@ import prune_metantknas
 from eval_lib.commands import search_command as search_cli
 from search_lib.core.errors import UsageError
 from search_lib.models.genotypes import Genotype
+from search_lib.models.space import SearchSpace
 from search_lib.search.pruning import (
     Candidate,
     PruningSearch,
@@ -36,7 +37,7 @@ def _search(tmp_path: Path, name: str, *extra: str) -> tuple[Genotype, dict]:
 
 
 def _check_valid(geno: Genotype, space="darts_fewshot", nodes=3):
-    geno.validate(space, nodes)  # every op in the space, indices valid, two inputs per node
+    geno.validate(SearchSpace(space, nodes))  # every op in the space, indices valid, two inputs per node
     for cell in (geno.normal, geno.reduce):
         assert len(cell) == nodes
         for node in cell:

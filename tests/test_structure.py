@@ -26,7 +26,8 @@ from search_lib.core.command_line import field_default, flag_fields
 from search_lib.core.errors import RunFailure, UsageError, one_line
 from search_lib.core.run_dir import RunDir, SavedState
 from search_lib.core.utils import atomic_torch_save, atomic_write_json, atomic_write_text
-from search_lib.models.genotypes import PRESETS, GenotypeRecord, SearchSpace, resolve_genotype_record
+from search_lib.models.genotypes import PRESETS, GenotypeRecord, resolve_genotype_record
+from search_lib.models.space import SearchSpace
 from search_lib.search.pruning import search_run_dir
 from search_lib.search.search_config import SearchConfig
 
@@ -168,12 +169,12 @@ def test_hand_off_passes_the_genotype_object(monkeypatch, tmp_path):
     geno = PRESETS["mini-8cell-2"]
     from search_lib.search.search_run import SearchResult
 
-    result = SearchResult(geno, tmp_path, 5, 0, False, "darts_fewshot", 3)
+    result = SearchResult(geno, tmp_path, 5, 0, False, SearchSpace("darts_fewshot", 3))
     search_cfg = SearchConfig(dataset="MetaDigits", train={"epochs": 2, "batch_size": None})
     assert search_cli.train_after_search(result, search_cfg) == 0
     assert seen["genotype"] is geno
     cfg = seen["cfg"]
-    assert (cfg.dataset, cfg.epochs, cfg.batch_size, cfg.arch_space, cfg.arch_max_nodes) == \
+    assert (cfg.dataset, cfg.epochs, cfg.batch_size, cfg.arch_space.name, cfg.arch_space.max_nodes) == \
         ("Digits", 2, 64, "darts_fewshot", 3)
     assert cfg.save_dir == str(tmp_path / "train")
 
@@ -182,7 +183,7 @@ def test_hand_off_passes_the_genotype_object(monkeypatch, tmp_path):
 
 def test_genotype_record_round_trip(tmp_path):
     geno = PRESETS["tiered-5cell-2"]
-    record = GenotypeRecord(geno, "darts_fewshot", 3, 17)
+    record = GenotypeRecord(geno, SearchSpace("darts_fewshot", 3), 17)
     record.write(tmp_path / "genotype.json")
     text = (tmp_path / "genotype.json").read_text()
     data = json.loads(text)
@@ -307,5 +308,11 @@ def test_the_project_cites_only_its_own_documents():
 def test_config_dataclasses_are_plain_dicts():
     for cls in (SearchConfig, TrainConfig):
         d = cls().to_dict()
-        assert set(d) == {f.name for f in dataclasses.fields(cls)}
+        # the training's search space is written as its name and node count (arch_space, arch_max_nodes)
+        extra = {"arch_max_nodes"} if cls is TrainConfig else set()
+        assert set(d) == {f.name for f in dataclasses.fields(cls)} | extra
         json.dumps(d)
+        assert cls.from_dict(json.loads(json.dumps(d))) == cls()
+    cfg = TrainConfig(arch_space=SearchSpace("darts", 4))
+    assert cfg.to_dict()["arch_space"] == "darts" and cfg.to_dict()["arch_max_nodes"] == 4
+    assert TrainConfig.from_dict(cfg.to_dict()).arch_space == SearchSpace("darts", 4)

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from search_lib.core.errors import UsageError
-from search_lib.models.genotypes import PRESETS, PRUNED_ALPHA, alphas_from_genotype, edge_keys
+from search_lib.models.genotypes import PRESETS, PRUNED_ALPHA, alphas_from_genotype
 from search_lib.models.ops import FactorizedReduce, space_ops
+from search_lib.models.space import DEFAULT_SPACE, SearchSpace, edge_keys
 from search_lib.models.supernet import MixedOp, Supernet, cell_layout, init_weights, replace_norm, thin_supernet
 
 # ---------------------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def test_bad_layer_count_is_usage_error(layers):
 def test_forward_shapes(space, max_nodes, layers):
     torch.manual_seed(0)
     C, n_cls = 2, 7
-    net = Supernet(C=C, layers=layers, num_classes=n_cls, space=space, max_nodes=max_nodes)
+    net = Supernet(C=C, layers=layers, num_classes=n_cls, space=SearchSpace(space, max_nodes))
     assert [c.reduction for c in net.cells] == cell_layout(layers)
     feats, logits = net(torch.randn(2, 3, 8, 8))
     expected_dim = max_nodes * C * 2 ** 2  # two reductions, fsr 2, concat of max_nodes states
@@ -48,7 +49,7 @@ def test_forward_shapes(space, max_nodes, layers):
 
 @pytest.mark.parametrize("max_nodes,n_edges", [(3, 9), (4, 14)])
 def test_edges_and_arch_buffers(max_nodes, n_edges):
-    net = Supernet(C=2, layers=5, num_classes=3, max_nodes=max_nodes)
+    net = Supernet(C=2, layers=5, num_classes=3, space=SearchSpace("darts_fewshot", max_nodes))
     n_ops = len(space_ops("darts_fewshot"))
     for cell in net.cells:
         assert list(cell.edges.keys()) == edge_keys(max_nodes)
@@ -111,7 +112,7 @@ def test_supernet_ends_with_bn_relu_pool_linear():
 
 def test_no_conv_bias_and_no_inplace_relu_in_cells():
     for space in ("darts_fewshot", "darts"):
-        net = Supernet(C=2, layers=5, num_classes=3, space=space)
+        net = Supernet(C=2, layers=5, num_classes=3, space=SearchSpace(space, 3))
         for m in net.modules():
             if isinstance(m, nn.Conv2d):
                 assert m.bias is None
@@ -125,7 +126,7 @@ def test_no_conv_bias_and_no_inplace_relu_in_cells():
 
 def test_mixed_op_weighted_sum_and_skip():
     torch.manual_seed(0)
-    mixed = MixedOp("darts_fewshot", 2, 2, 1).double().eval()
+    mixed = MixedOp(space_ops("darts_fewshot"), 2, 2, 1).double().eval()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     w = [0.1, 0.2, 0.3, 0.005, 0.1, 0.1, 0.15, 0.05]
     ref = sum(wi * op(x) for wi, op in zip(w, mixed.ops) if wi > 0.01)
@@ -150,7 +151,7 @@ def _count_op_calls(net: Supernet) -> tuple[dict, list]:
 def test_pruned_ops_are_not_run():
     torch.manual_seed(0)
     net = Supernet(C=2, layers=5, num_classes=3)
-    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], "darts_fewshot")
+    an, ar = alphas_from_genotype(PRESETS["mini-5cell-1"], DEFAULT_SPACE)
     net.set_alphas(an, ar)
     calls, handles = _count_op_calls(net)
     net(torch.randn(2, 3, 8, 8))
@@ -249,7 +250,7 @@ def test_replace_norm_other_types():
     net = Supernet(C=4, layers=5, num_classes=3)
     n_bn = len(_norms(net))
     assert replace_norm(net, "batchnorm") is net and len(_norms(net)) == n_bn
-    gn32 = replace_norm(Supernet(C=32, layers=2, num_classes=3, max_nodes=3), "groupnorm")
+    gn32 = replace_norm(Supernet(C=32, layers=2, num_classes=3), "groupnorm")
     assert {m.num_groups for m in gn32.modules() if isinstance(m, nn.GroupNorm)} == {32}
 
 
@@ -325,7 +326,7 @@ def test_init_weights_bad_mode():
 
 
 def test_thin_supernet():
-    net = thin_supernet("darts_fewshot", 3)
+    net = thin_supernet(DEFAULT_SPACE)
     assert isinstance(net.stem, nn.Identity)
     assert [c.reduction for c in net.cells] == [False, True]
     convs = [m for m in net.cells[0].modules() if isinstance(m, nn.Conv2d)]
@@ -335,6 +336,6 @@ def test_thin_supernet():
     feats, logits = net(torch.randn(5, 1, 3, 3))
     assert feats.shape == (5, 3 * 2) and logits.shape == (5, 1)
     for space, nodes in (("darts", 4), ("darts_fewshot", 4)):
-        t = thin_supernet(space, nodes)
+        t = thin_supernet(SearchSpace(space, nodes))
         assert len(t.cells) == 2
         assert t(torch.randn(4, 1, 3, 3))[0].shape == (4, nodes * 2)

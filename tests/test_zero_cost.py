@@ -261,7 +261,7 @@ def test_proxies_do_not_depend_on_their_order_nor_change_the_network(make):
         net = TinyNet()
         x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     else:
-        net = AugmentCNN(random_genotype("darts_fewshot", 3, seed=4), C=4, layers=2, num_classes=3, in_channels=1)
+        net = AugmentCNN(random_genotype(seed=4), C=4, layers=2, num_classes=3, in_channels=1)
         x, y = torch.randn(6, 1, 12, 12), torch.randint(0, 3, (6,))
     assert tuple(ZC) == NAMES
     before = copy.deepcopy(net.state_dict())
@@ -287,7 +287,7 @@ def test_proxies_do_not_depend_on_their_order_nor_change_the_network(make):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_proxies_on_cuda_match_the_cpu_and_keep_the_cuda_random_state():
     torch.manual_seed(3)
-    net = AugmentCNN(random_genotype("darts_fewshot", 3, seed=4), C=4, layers=2, num_classes=3, in_channels=1)
+    net = AugmentCNN(random_genotype(seed=4), C=4, layers=2, num_classes=3, in_channels=1)
     x, y = torch.randn(6, 1, 12, 12), torch.randint(0, 3, (6,))
     cpu = {name: ZC[name](net, x, y) for name in NAMES}
     gpu_net, gx, gy = copy.deepcopy(net).cuda(), x.cuda(), y.cuda()

@@ -43,8 +43,8 @@ def check(cfg: SearchConfig) -> SearchConfig:
     so that a bad --aug_* value fails before the search, not after it."""
     cfg.validate()
     if cfg.train_after_search:
-        stand_in = random_genotype(cfg.space.name, cfg.space.max_nodes, 0)
-        train = aug_train_config(cfg.train, stand_in, space=cfg.space.name, max_nodes=cfg.space.max_nodes,
+        stand_in = random_genotype(cfg.space, 0)
+        train = aug_train_config(cfg.train, stand_in, space=cfg.space,
                                  data=cfg.data, data_path=cfg.data_path, device=cfg.device, save_dir="unused")
         train.replace(seed=max(train.seed, 0)).validate()  # a negative seed is drawn when the training starts
     return cfg
@@ -56,8 +56,8 @@ def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
     ``result`` is the search's `SearchResult`: its genotype and space are handed over as they are (no
     string round trip). The run folder is <search save_dir>/train; unset aug_* values take the defaults.
     """
-    cfg = aug_train_config(search_cfg.train, result.genotype, space=result.search_space,
-                           max_nodes=result.max_nodes, data=search_cfg.data, data_path=search_cfg.data_path,
+    cfg = aug_train_config(search_cfg.train, result.genotype, space=result.space, data=search_cfg.data,
+                           data_path=search_cfg.data_path,
                            device=search_cfg.device, save_dir=result.save_dir / "train")
     return eval_cli.run(cfg, result.genotype)
 

@@ -66,7 +66,7 @@ class AugmentCNN(nn.Module):
     def __init__(self, genotype: Genotype, C: int, layers: int, num_classes: int, stem_multiplier: int = 1,
                  fsr: int = 2, in_channels: int = 3, drop_path_prob: float = 0.0):
         super().__init__()
-        genotype.validate(space=None)
+        genotype.validate(None)
         self.genotype = genotype
         C_cur = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_cur, 3, 1, 1, bias=False), nn.BatchNorm2d(C_cur))

@@ -37,6 +37,7 @@ from search_lib.core.errors import DataError, UsageError
 from search_lib.core.utils import rng_state, set_rng_state
 from search_lib.data import SupervisedDataset, build_transform, load_split, sample_batch
 from search_lib.models.genotypes import PRUNED_ALPHA, Genotype, alphas_from_genotype
+from search_lib.models.space import SearchSpace
 from search_lib.search.kernels import KAPPA_SENTINEL
 from search_lib.search.ranking import repeat_seed
 from search_lib.search.scoring import CandidateScorer
@@ -127,7 +128,7 @@ def check_proxy_names(names: Iterable[str], valid: Iterable[str], flag: str) -> 
 # κ and linear regions on the search's supernet
 
 
-def alive_mask(genotype: Genotype, space: str) -> np.ndarray:
+def alive_mask(genotype: Genotype, space: SearchSpace) -> np.ndarray:
     """The genotype as the search's alive array, bool (2 cell types, edges, ops)."""
     normal, reduce = alphas_from_genotype(genotype, space)
     return torch.stack([normal, reduce]).numpy() > PRUNED_ALPHA / 2

@@ -93,8 +93,8 @@ class StudyConfig:
 
     def train_config(self, genotype: Genotype, save_dir) -> TrainConfig:
         p = self.proxy
-        return aug_train_config(self.train, genotype, space=p.space.name, max_nodes=p.space.max_nodes, data=p.data,
-                                data_path=p.data_path, device=p.device, save_dir=save_dir)
+        return aug_train_config(self.train, genotype, space=p.space, data=p.data, data_path=p.data_path,
+                                device=p.device, save_dir=save_dir)
 
     def shard_index(self) -> tuple[int, int]:
         """(i, n) of ``--shard i/n``; (0, 1) without it."""
@@ -125,7 +125,7 @@ class StudyConfig:
         check_proxy_names(self.zero_cost_proxies, ZERO_COST_PROXIES, "--zero_cost_proxies")
         self.check_log_rank_members()
         cfg = self.search_config().validate()
-        tcfg = self.train_config(random_genotype(cfg.space.name, cfg.space.max_nodes, 0), "unused").validate()
+        tcfg = self.train_config(random_genotype(cfg.space, 0), "unused").validate()
         if "test" not in tcfg.eval_splits:
             raise UsageError("the study correlates the proxies with the test split; give --aug_eval_splits test "
                              "(or test,val)")
@@ -161,21 +161,22 @@ def _slug(text: str) -> str:
 
 def architectures(cfg: StudyConfig) -> list[Arch]:
     """Random genotypes, then the published ones that fit, then the files, in that order (their indices)."""
-    space, nodes = cfg.proxy.space.name, cfg.proxy.space.max_nodes
+    space = cfg.proxy.space
     found: list[tuple[str, str, Genotype, str | None, int | None]] = []
     for k in range(cfg.n_archs):
         s = arch_seed(cfg.seed, k)
-        found.append(("random", f"random{k}", random_genotype(space, nodes, s), None, s))
+        found.append(("random", f"random{k}", random_genotype(space, s), None, s))
     if cfg.published:
         fits = []
         for name, geno in PRESETS.items():
             try:
-                fits.append(("published", name, geno.validate(space, nodes), name, None))
+                fits.append(("published", name, geno.validate(space), name, None))
             except GenotypeError:
                 continue
         if not fits:
-            raise UsageError(f"--published: no published genotype fits --search_space_name {space} --max_nodes "
-                             f"{nodes} (they are darts_fewshot genotypes with 3 nodes); drop --published")
+            raise UsageError(f"--published: no published genotype fits --search_space_name {space.name} "
+                             f"--max_nodes {space.max_nodes} (they are darts_fewshot genotypes with 3 nodes); "
+                             f"drop --published")
         found += fits
     for path in cfg.genotype_files:
         file = Path(path)
@@ -186,7 +187,7 @@ def architectures(cfg: StudyConfig) -> list[Arch]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"--genotype_files: cannot read {path} ({exc}); check the file") from None
         try:
-            record.validated(space, nodes)
+            record.validated(space)
         except GenotypeError as exc:
             raise GenotypeError(f"--genotype_files {path}: {exc}") from None
         label = file.parent.name if file.stem == "genotype" and file.parent.name else file.stem

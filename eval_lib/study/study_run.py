@@ -81,7 +81,7 @@ class StudyWork:
         if cached is not None and cached.get("genotype") == str(arch.genotype):
             return cached
         t0 = time.time()
-        proxies, sentinels = self.kernels.score(alive_mask(arch.genotype, self.cfg.proxy.space.name), arch.id)
+        proxies, sentinels = self.kernels.score(alive_mask(arch.genotype, self.cfg.proxy.space), arch.id)
         t1 = time.time()
         cost = dict(self.kernels.last_cost_s)
         base = baselines(arch.genotype, self.cfg.train_config(arch.genotype, "unused"), self.data, self.device,

@@ -14,6 +14,7 @@ import argparse
 from eval_lib.train.train_config import TrainConfig
 from search_lib.core.command_line import add_config_flags, field_default, flag_fields, format_value
 from search_lib.models.genotypes import Genotype
+from search_lib.models.space import SearchSpace
 
 AUG_PREFIX = "aug_"  # the flags of the training after a search: --aug_<eval flag>
 
@@ -40,14 +41,14 @@ def split_aug_values(values: dict) -> tuple[dict, dict]:
     return {k: v for k, v in values.items() if not k.startswith(AUG_PREFIX)}, aug
 
 
-def aug_train_config(aug: dict, genotype: Genotype, *, space: str, max_nodes: int, data, data_path: str | None,
+def aug_train_config(aug: dict, genotype: Genotype, *, space: SearchSpace, data, data_path: str | None,
                      device: str, save_dir) -> TrainConfig:
     """The `TrainConfig` of a genotype trained after a search or in a proxy study.
 
-    ``aug`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its space
-    and node count, the dataset (the supervised name of ``data``, a `DatasetSpec`), the data folder, the
+    ``aug`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its search
+    space, the dataset (the supervised name of ``data``, a `DatasetSpec`), the data folder, the
     device and the run folder are the caller's.
     """
     overrides = {k: v for k, v in aug.items() if v is not None}
-    return TrainConfig(genotype=str(genotype), arch_space=space, arch_max_nodes=max_nodes, dataset=data.plain_name,
+    return TrainConfig(genotype=str(genotype), arch_space=space, dataset=data.plain_name,
                        data_path=data_path, device=device, save_dir=str(save_dir), **overrides)

@@ -28,9 +28,9 @@ def resolve_architecture(cfg: TrainConfig, genotype: Genotype | None = None) -> 
     of one search space.
     """
     if genotype is not None:
-        return genotype.validate(cfg.arch_space, cfg.arch_max_nodes)
+        return genotype.validate(cfg.arch_space)
     if cfg.random_arch:
-        return random_genotype(space=cfg.arch_space, max_nodes=cfg.arch_max_nodes, seed=cfg.arch_seed)
+        return random_genotype(cfg.arch_space, seed=cfg.arch_seed)
     if not cfg.genotype:
         raise UsageError("no architecture given; pass --genotype or --random_arch")
     genotype = resolve_genotype_record(cfg.genotype).genotype

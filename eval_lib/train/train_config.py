@@ -4,6 +4,7 @@ eval_searched_arch.py and of the search's ``--aug_*`` flags) and the paper's tra
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from search_lib.core.errors import UsageError
 from search_lib.core.threads import available_cpus
 from search_lib.core.utils import DEVICE_CHOICES
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
+from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 
 SCHEDULERS = ("step", "cosine", "exp")
 SPLITS = ("test", "val")
@@ -83,8 +85,9 @@ class TrainConfig:
     random_arch: bool = field(default=False, metadata=flag(
         "train a seeded random genotype of the same space (baseline)", group=_ARCH))
     arch_seed: int = field(default=0, metadata=flag("seed of --random_arch", group=_ARCH))
-    arch_space: str = "darts_fewshot"  # the space of --random_arch (set by the search's hand-off)
-    arch_max_nodes: int = 3
+    # the space of --random_arch and of a search's genotype (set by the hand-off); config.json keeps its name and
+    # node count as arch_space and arch_max_nodes
+    arch_space: SearchSpace = DEFAULT_SPACE
     init_channels: int = field(default=48, metadata=_after_search("channels C of the first cells", group=_ARCH))
     layers: int = field(default=5, metadata=_after_search("number of cells", group=_ARCH))
     stem_multiplier: int = field(default=1, metadata=_after_search("stem channel factor", group=_ARCH))
@@ -203,12 +206,23 @@ class TrainConfig:
         self.eval_splits = [str(s) for s in self.eval_splits]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as plain JSON values; the search space as its name and node count."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "arch_space":
+                out["arch_space"], out["arch_max_nodes"] = value.name, value.max_nodes
+            else:
+                out[f.name] = copy.deepcopy(value)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("arch_space"), str):
+            values["arch_space"] = SearchSpace.resolve(values["arch_space"], data.get("arch_max_nodes", 3))
+        return cls(**values)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

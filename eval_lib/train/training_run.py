@@ -90,7 +90,7 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     """Train (or resume) the architecture of ``cfg`` and test it; returns the results dict.
 
     ``genotype``, when given, is the architecture itself (a search's hand-off; ``cfg.genotype`` then only
-    records it); it is checked against ``cfg.arch_space`` / ``cfg.arch_max_nodes``.
+    records it); it is checked against ``cfg.arch_space``.
 
     The result has ``status`` "finished" (just computed), "cached" (a finished run found in save_dir) or
     "stopped" (``stop_after_epoch`` reached; re-run to continue).

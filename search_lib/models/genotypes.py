@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from search_lib.core.errors import GenotypeError
+from search_lib.core.errors import GenotypeError, UsageError
 from search_lib.core.utils import atomic_write_json
-from search_lib.models.ops import SEARCH_SPACES, space_ops
-from search_lib.models.space import MAX_NODES_CHOICES, SearchSpace, edge_groups, edge_keys, parse_edge_key
+from search_lib.models.ops import SEARCH_SPACES
+from search_lib.models.space import DEFAULT_SPACE, SearchSpace, parse_edge_key
 
 # A pruned operation's architecture parameter; softmax turns it into a weight of ~0, below the
 # supernet's 0.01 threshold, so the op is skipped in forward.
@@ -127,15 +127,16 @@ class Genotype:
     def steps(self) -> int:
         return len(self.normal)
 
-    def validate(self, space: str | None = "darts_fewshot", max_nodes: int | None = None) -> Genotype:
-        """Check ops (in `space`, or in any space when None), inputs and node counts; return self."""
-        valid_ops = set(space_ops(space)) if space else set().union(*SEARCH_SPACES.values())
+    def validate(self, space: SearchSpace | None) -> Genotype:
+        """Check ops and node count against `space` (any space's ops and any node count when None), and the
+        inputs; return self."""
+        valid_ops = set(space.ops) if space else set().union(*SEARCH_SPACES.values())
         valid_ops.discard("none")
         for cell in ("normal", "reduce"):
             nodes = getattr(self, cell)
-            if max_nodes is not None and len(nodes) != max_nodes:
+            if space is not None and len(nodes) != space.max_nodes:
                 raise GenotypeError(f"genotype {cell} cell has {len(nodes)} nodes but the network needs "
-                                    f"{max_nodes} (--max_nodes)")
+                                    f"{space.max_nodes} (--max_nodes)")
             if not nodes:
                 raise GenotypeError(f"genotype {cell} cell has no nodes")
             for k, node in enumerate(nodes):
@@ -143,7 +144,7 @@ class Genotype:
                     raise GenotypeError(f"genotype {cell} node {k} has {len(node)} inputs; every node needs 2")
                 for op, idx in node:
                     if op not in valid_ops:
-                        where = f"space {space!r}" if space else "any search space"
+                        where = f"space {space.name!r}" if space else "any search space"
                         raise GenotypeError(f"genotype {cell} node {k}: unknown operation {op!r} for {where}; "
                                             f"valid: {', '.join(sorted(valid_ops))}")
                     if not 0 <= idx < k + 2:
@@ -240,8 +241,7 @@ class GenotypeRecord:
     """
 
     genotype: Genotype
-    search_space: str | None = None
-    max_nodes: int | None = None
+    space: SearchSpace | None = None
     rand_seed: int | None = None
 
     @staticmethod
@@ -249,8 +249,10 @@ class GenotypeRecord:
         return isinstance(data, dict) and isinstance(data.get("genotype"), dict)
 
     def to_dict(self) -> dict:
+        space = self.space
         return {"genotype": self.genotype.to_dict(), "string": str(self.genotype),
-                "search_space": self.search_space, "max_nodes": self.max_nodes, "rand_seed": self.rand_seed}
+                "search_space": space and space.name, "max_nodes": space and space.max_nodes,
+                "rand_seed": self.rand_seed}
 
     def write(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
@@ -259,17 +261,24 @@ class GenotypeRecord:
     def from_dict(cls, data: dict) -> GenotypeRecord:
         if not cls.is_record(data):
             return cls(Genotype.from_dict(data))
-        space, nodes, seed = data.get("search_space"), data.get("max_nodes"), data.get("rand_seed")
-        return cls(Genotype.from_dict(data["genotype"]), space if isinstance(space, str) else None,
-                   nodes if isinstance(nodes, int) else None, seed if isinstance(seed, int) else None)
+        genotype = Genotype.from_dict(data["genotype"])
+        name, nodes, seed = data.get("search_space"), data.get("max_nodes"), data.get("rand_seed")
+        space = None
+        if isinstance(name, str):  # a record without its node count is read against the genotype's own
+            try:
+                space = SearchSpace.resolve(name, nodes if isinstance(nodes, int) else genotype.steps)
+            except UsageError as exc:
+                raise GenotypeError(f"genotype record: {exc}") from None
+        return cls(genotype, space, seed if isinstance(seed, int) else None)
 
     @classmethod
     def from_json(cls, text: str) -> GenotypeRecord:
         return cls.from_dict(_json_object(text))
 
-    def validated(self, space: str | None = None, max_nodes: int | None = None) -> GenotypeRecord:
-        """Check the genotype against the given space / nodes, else against the ones the record names."""
-        self.genotype.validate(space or self.search_space, max_nodes if max_nodes is not None else self.max_nodes)
+    def validated(self, space: SearchSpace | None = None) -> GenotypeRecord:
+        """Check the genotype against the given space, else against the one the record names (any space for a
+        bare genotype)."""
+        self.genotype.validate(space or self.space)
         return self
 
 
@@ -291,18 +300,15 @@ _PRESET_STRINGS = {
     "tiered-8cell-3": "Genotype(normal=[[('conv_1x5_5x1', 0), ('conv_1x5_5x1', 1)], [('sep_conv_3x3', 0), ('conv_1x5_5x1', 2)], [('sep_conv_3x3', 2), ('sep_conv_3x3', 3)]], normal_concat=[2, 3, 4], reduce=[[('conv_3x3', 0), ('conv_3x3', 1)], [('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], [('sep_conv_3x3', 1), ('conv_1x5_5x1', 3)]], reduce_concat=[2, 3, 4])",
 }
 
-__all__ = ["PRUNED_ALPHA", "MAX_NODES_CHOICES", "PRESETS", "Genotype", "GenotypeRecord", "SearchSpace",
-           "alphas_from_genotype", "edge_groups", "edge_keys", "genotype_from_alphas", "parse_edge_key",
-           "random_genotype", "resolve_genotype", "resolve_genotype_record"]
 
 PRESETS: dict[str, Genotype] = {name: Genotype.parse(text) for name, text in _PRESET_STRINGS.items()}
 
 
-def resolve_genotype_record(spec: str, space: str | None = None, max_nodes: int | None = None) -> GenotypeRecord:
+def resolve_genotype_record(spec: str, space: SearchSpace | None = None) -> GenotypeRecord:
     """A preset name, a paper-style string, inline JSON or a path to a JSON file (genotype.json), as a record.
 
-    The genotype is validated against `space` / `max_nodes` when given, else against the space and node
-    count a search's genotype.json records (any space for a bare genotype).
+    The genotype is validated against `space` when given, else against the space a search's genotype.json
+    records (any space for a bare genotype).
     """
     spec = spec.strip()
     if spec in PRESETS:
@@ -322,18 +328,19 @@ def resolve_genotype_record(spec: str, space: str | None = None, max_nodes: int 
             raise GenotypeError(f"cannot read genotype file {path}: {exc}") from None
         record = (GenotypeRecord(Genotype.parse(text)) if text.lstrip().startswith("Genotype")
                   else GenotypeRecord.from_json(text))
-    return record.validated(space, max_nodes)
+    return record.validated(space)
 
 
-def resolve_genotype(spec: str, space: str | None = None, max_nodes: int | None = None) -> Genotype:
+def resolve_genotype(spec: str, space: SearchSpace | None = None) -> Genotype:
     """A genotype from a preset name, a paper-style string, or a path to a JSON file (genotype.json)."""
-    return resolve_genotype_record(spec, space, max_nodes).genotype
+    return resolve_genotype_record(spec, space).genotype
 
 
-def random_genotype(space: str = "darts_fewshot", max_nodes: int = 3, seed: int = 0) -> Genotype:
+def random_genotype(space: SearchSpace = DEFAULT_SPACE, seed: int = 0) -> Genotype:
     """A seeded random genotype of the space: per node, two distinct inputs, each with a random op."""
     rng = random.Random(seed)
-    ops = [op for op in space_ops(space) if op != "none"]
+    ops = [op for op in space.ops if op != "none"]
+    max_nodes = space.max_nodes
 
     def cell() -> list[list[tuple[str, int]]]:
         return [[(rng.choice(ops), j) for j in sorted(rng.sample(range(k + 2), 2))] for k in range(max_nodes)]
@@ -342,15 +349,13 @@ def random_genotype(space: str = "darts_fewshot", max_nodes: int = 3, seed: int 
     return Genotype(normal=cell(), normal_concat=concat, reduce=cell(), reduce_concat=concat)
 
 
-def genotype_from_alphas(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor, space: str,
-                         max_nodes: int) -> Genotype:
+def genotype_from_alphas(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor, space: SearchSpace) -> Genotype:
     """The genotype of a fully pruned supernet: each node keeps the edges with a remaining op.
 
     Raises GenotypeError if an edge still has several ops or a node does not have exactly two inputs,
     i.e. if the pruning has not finished.
     """
-    ops = space_ops(space)
-    keys = edge_keys(max_nodes)
+    ops, keys, max_nodes = space.ops, space.keys, space.max_nodes
 
     def cell(alphas: torch.Tensor, name: str) -> list[list[tuple[str, int]]]:
         alive = (alphas > PRUNED_ALPHA / 2).cpu()
@@ -366,13 +371,13 @@ def genotype_from_alphas(alphas_normal: torch.Tensor, alphas_reduce: torch.Tenso
 
     concat = list(range(2, max_nodes + 2))
     return Genotype(normal=cell(alphas_normal, "normal"), normal_concat=concat,
-                    reduce=cell(alphas_reduce, "reduce"), reduce_concat=concat).validate(space, max_nodes)
+                    reduce=cell(alphas_reduce, "reduce"), reduce_concat=concat).validate(space)
 
 
-def alphas_from_genotype(geno: Genotype, space: str) -> tuple[torch.Tensor, torch.Tensor]:
+def alphas_from_genotype(geno: Genotype, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `genotype_from_alphas`: 0 for the genotype's ops, PRUNED_ALPHA elsewhere."""
-    ops = space_ops(space)
-    keys = {k: r for r, k in enumerate(edge_keys(geno.steps))}
+    geno.validate(space)  # its ops and node count are the space's
+    ops, keys = space.ops, {k: r for r, k in enumerate(space.keys)}
 
     def cell(nodes: Iterable[Node]) -> torch.Tensor:
         alphas = torch.full((len(keys), len(ops)), PRUNED_ALPHA)

@@ -68,3 +68,7 @@ class SearchSpace:
     @cached_property
     def groups(self) -> list[tuple[int, int]]:
         return edge_groups(self.max_nodes)
+
+
+# The paper's space: the DARTS few-shot operations, three intermediate nodes per cell.
+DEFAULT_SPACE = SearchSpace("darts_fewshot", 3)

@@ -8,7 +8,7 @@ the two separate accessors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from search_lib.core.errors import UsageError
 from search_lib.models.genotypes import PRUNED_ALPHA
-from search_lib.models.ops import FactorizedReduce, ReLUConvBN, build_op, space_ops
-from search_lib.models.space import edge_keys
+from search_lib.models.ops import FactorizedReduce, ReLUConvBN, build_op
+from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 
 SKIP_WEIGHT = 0.01  # ops whose softmax weight is <= this are not run (this is how pruning removes them)
 NORM_TYPES = ("batchnorm", "groupnorm16", "groupnorm", "instancenorm", "nonorm")
@@ -37,9 +37,9 @@ class SampleWeights:
 class MixedOp(nn.Module):
     """All candidate ops of one edge; forward is the weighted sum of the ops still alive."""
 
-    def __init__(self, space: str, C_in: int, C_out: int, stride: int, affine: bool = True):
+    def __init__(self, ops: Sequence[str], C_in: int, C_out: int, stride: int, affine: bool = True):
         super().__init__()
-        self.ops = nn.ModuleList(build_op(name, C_in, C_out, stride, affine) for name in space_ops(space))
+        self.ops = nn.ModuleList(build_op(name, C_in, C_out, stride, affine) for name in ops)
 
     def forward(self, x: torch.Tensor, weights: list[float] | SampleWeights) -> torch.Tensor | None:
         if isinstance(weights, SampleWeights):  # several architectures, one per group of samples
@@ -56,19 +56,20 @@ class MixedOp(nn.Module):
 class SearchCell(nn.Module):
     """A normal or reduction cell with a MixedOp on every edge "i<-j"."""
 
-    def __init__(self, space: str, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
-                 reduction: bool, reduction_prev: bool, affine: bool = True):
+    def __init__(self, space: SearchSpace, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
+                 reduction_prev: bool, affine: bool = True):
         super().__init__()
-        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        # the output concatenates every intermediate state: multiplier = steps
+        self.reduction, self.steps, self.multiplier = reduction, space.max_nodes, space.max_nodes
         self.preprocess0 = (FactorizedReduce(C_prev_prev, C, affine) if reduction_prev
                             else ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine))
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine)
-        self.edge_keys = edge_keys(steps)
+        self.edge_keys = space.keys
         self.edges = nn.ModuleDict()
         for key in self.edge_keys:
             src = int(key.split("<-")[1])
             stride = 2 if reduction and src < 2 else 1
-            self.edges[key] = MixedOp(space, C, C, stride, affine)
+            self.edges[key] = MixedOp(space.ops, C, C, stride, affine)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -101,16 +102,16 @@ class Supernet(nn.Module):
     `use_stem=False` feeds the input straight into the first cell.
     """
 
-    def __init__(self, C: int, layers: int, num_classes: int, space: str = "darts_fewshot", max_nodes: int = 3,
+    def __init__(self, C: int, layers: int, num_classes: int, space: SearchSpace = DEFAULT_SPACE,
                  stem_multiplier: int = 1, fsr: int = 2, in_channels: int = 3, affine: bool = True,
                  use_stem: bool = True, depth: int | None = None):
         super().__init__()
         if layers < 2 or (layers - 2) % 3:
             raise UsageError(f"layers={layers} does not fit the N-normal/reduction/N/reduction/N layout; "
                              "use 5 or 8 (3N+2 cells)")
-        self.space, self.steps, self.num_classes = space, max_nodes, num_classes
-        self.n_ops = len(space_ops(space))
-        self.config = dict(C=C, layers=layers, num_classes=num_classes, space=space, max_nodes=max_nodes,
+        self.space, self.steps, self.num_classes = space, space.max_nodes, num_classes
+        self.n_ops = len(space.ops)
+        self.config = dict(C=C, layers=layers, num_classes=num_classes, space=space,
                            stem_multiplier=stem_multiplier, fsr=fsr, in_channels=in_channels, affine=affine,
                            use_stem=use_stem, depth=depth)
         if use_stem:
@@ -126,15 +127,14 @@ class Supernet(nn.Module):
         for reduction in reductions:
             if reduction:
                 C_curr *= fsr
-            cell = SearchCell(space, max_nodes, max_nodes, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
-                              affine)
+            cell = SearchCell(space, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, affine)
             self.cells.append(cell)
-            C_prev_prev, C_prev, reduction_prev = C_prev, max_nodes * C_curr, reduction
+            C_prev_prev, C_prev, reduction_prev = C_prev, cell.multiplier * C_curr, reduction
         self.feature_dim = C_prev
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev, affine=affine), nn.ReLU(inplace=False))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
-        n_edges = len(edge_keys(max_nodes))
+        n_edges = len(space.keys)
         self.register_buffer("alphas_normal", torch.zeros(n_edges, self.n_ops))
         self.register_buffer("alphas_reduce", torch.zeros(n_edges, self.n_ops))
 
@@ -198,10 +198,9 @@ class Supernet(nn.Module):
         return features, self.classifier(features)
 
 
-def thin_supernet(space: str = "darts_fewshot", max_nodes: int = 3, in_channels: int = 1) -> Supernet:
+def thin_supernet(space: SearchSpace = DEFAULT_SPACE, in_channels: int = 1) -> Supernet:
     """The linear-region network: C = 1, no stem, two cells (a normal then a reduction cell)."""
-    return Supernet(C=1, layers=5, num_classes=1, space=space, max_nodes=max_nodes, in_channels=in_channels,
-                    use_stem=False, depth=2)
+    return Supernet(C=1, layers=5, num_classes=1, space=space, in_channels=in_channels, use_stem=False, depth=2)
 
 
 # --------------------------------------------------------------------------------------------------

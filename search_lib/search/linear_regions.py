@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from search_lib.models.space import SearchSpace
 from search_lib.models.supernet import MixedOp, Supernet, init_weights, thin_supernet
 
 
@@ -85,10 +86,9 @@ def sample_crops(images: torch.Tensor, n_batches: int = 3, batch_size: int = 100
 class LinearRegionScorer:
     """Counts linear regions of the thin supernet (C=1, no stem, 2 cells) under given alphas."""
 
-    def __init__(self, crops: list[torch.Tensor], space: str, max_nodes: int, device: torch.device,
-                 train_mode: bool = True):
+    def __init__(self, crops: list[torch.Tensor], space: SearchSpace, device: torch.device, train_mode: bool = True):
         self.crops = [c.to(device) for c in crops]
-        self.net = thin_supernet(space, max_nodes, in_channels=crops[0].shape[1]).to(device)
+        self.net = thin_supernet(space, in_channels=crops[0].shape[1]).to(device)
         self.net.train(train_mode)
 
     def reinit(self, seed: int) -> None:

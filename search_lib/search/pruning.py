@@ -294,7 +294,7 @@ class PruningSearch:
                      r, record["phase"], len(cands), len(record["pruned"]), record["ops_left"], measured["seconds"],
                      record["sentinel_events"], ", all scores tied" if record["all_tied"] else "", _brief(measured))
         self.save_state(state)
-        return genotype_from_alphas(*alphas_from_alive(alive), cfg.space.name, cfg.space.max_nodes)
+        return genotype_from_alphas(*alphas_from_alive(alive), cfg.space)
 
 
 def _brief(measured: dict) -> str:

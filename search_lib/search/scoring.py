@@ -56,10 +56,6 @@ MAX_PER_PASS = 64  # architectures per pass at most (beyond this the per-pass ov
 REGIONS_PER_PASS = 16
 
 
-def search_transform(cfg: SearchConfig):
-    return build_transform(cfg.transform, train=True, image_size=cfg.image_size, dataset=cfg.data)
-
-
 class CandidateScorer:
     """Holds the kernel and linear-region networks; scores alphas for one repeat at a time.
 
@@ -71,9 +67,8 @@ class CandidateScorer:
                  budget: int | None = None):
         self.cfg, self.split, self.device = cfg, split, device
         self.budget = resolve_budget(cfg.memory_budget, device) if budget is None else int(budget)
-        self.transform = search_transform(cfg)
-        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space.name, cfg.space.max_nodes,
-                       cfg.ntk_stemm, cfg.ntk_fsr)
+        self.transform = cfg.input_transform()
+        net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space, cfg.ntk_stemm, cfg.ntk_fsr)
         replace_norm(net, cfg.norm_type)
         self.supernet = net
         self.model = MetaNTKModel(net, net.feature_dim, cfg.n_ways) if cfg.meta else net
@@ -89,7 +84,7 @@ class CandidateScorer:
         regions_tf = build_transform("TENAS", train=False, dataset=cfg.data)
         self.regions_pool = torch.stack([regions_tf(split.images[i]) for i in pool_idx])
         self.regions_scorer = LinearRegionScorer(sample_crops(self.regions_pool, 1, 1, cfg.regions_crop),
-                                                 cfg.space.name, cfg.space.max_nodes, device,
+                                                 cfg.space, device,
                                                  train_mode=cfg.bn_mode == "train")
         self._stack: ExitStack | None = None
         self._inputs: torch.Tensor | None = None

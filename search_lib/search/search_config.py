@@ -11,7 +11,7 @@ from search_lib.core.command_line import flag
 from search_lib.core.errors import UsageError
 from search_lib.core.memory import parse_size
 from search_lib.core.utils import DEVICE_CHOICES
-from search_lib.data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, resolve_dataset
+from search_lib.data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, build_transform, resolve_dataset
 from search_lib.models.ops import SEARCH_SPACES
 from search_lib.models.space import SearchSpace
 from search_lib.models.supernet import NORM_TYPES
@@ -109,6 +109,10 @@ class SearchConfig:
     @cached_property
     def space(self) -> SearchSpace:
         return SearchSpace.resolve(self.search_space_name, self.max_nodes)
+
+    def input_transform(self):
+        """The pipeline of the search's meta-batches (``--transform`` at ``--image_size``)."""
+        return build_transform(self.transform, train=True, image_size=self.image_size, dataset=self.data)
 
     @property
     def meta(self) -> bool:

@@ -26,9 +26,9 @@ from search_lib.core.threads import configure_threads
 from search_lib.core.utils import draw_seed, resolve_device
 from search_lib.data import SplitData, load_split, sample_batch, sample_meta_batch
 from search_lib.models.genotypes import Genotype, GenotypeRecord
+from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 from search_lib.models.supernet import Supernet, replace_norm
 from search_lib.search.pruning import PruningSearch, search_run_dir
-from search_lib.search.scoring import search_transform
 from search_lib.search.search_config import SearchConfig
 from search_lib.search.search_plot import draw_search
 
@@ -42,20 +42,19 @@ class SearchResult:
     seed: int
     resumed_from_round: int
     already_done: bool
-    search_space: str = "darts_fewshot"
-    max_nodes: int = 3
+    space: SearchSpace = DEFAULT_SPACE
 
     @property
     def record(self) -> GenotypeRecord:
-        return GenotypeRecord(self.genotype, self.search_space, self.max_nodes, self.seed)
+        return GenotypeRecord(self.genotype, self.space, self.seed)
 
 
 def _check_network(cfg: SearchConfig) -> None:
     """Build the supernet without memory (meta device) and swap its norms: channel counts that the chosen
     normalisation cannot divide fail here, before anything is written, not when the scorer is built."""
     with torch.device("meta"):
-        replace_norm(Supernet(cfg.ntk_channels, cfg.ntk_layers, 2, cfg.space.name, cfg.space.max_nodes,
-                              cfg.ntk_stemm, cfg.ntk_fsr), cfg.norm_type)
+        replace_norm(Supernet(cfg.ntk_channels, cfg.ntk_layers, 2, cfg.space, cfg.ntk_stemm, cfg.ntk_fsr),
+                     cfg.norm_type)
 
 
 def _check_inputs(cfg: SearchConfig) -> SplitData:
@@ -64,7 +63,7 @@ def _check_inputs(cfg: SearchConfig) -> SplitData:
     _check_network(cfg)
     split = load_split(cfg.data, cfg.data_path, "train")
     gen = np.random.default_rng(0)
-    tf = search_transform(cfg)
+    tf = cfg.input_transform()
     if cfg.meta:
         sample_meta_batch(split, 1, cfg.n_ways, cfg.n_shots, cfg.n_queries, tf, gen)
     else:
@@ -76,7 +75,7 @@ def _check_inputs(cfg: SearchConfig) -> SplitData:
 
 
 def _result(cfg: SearchConfig, geno: Genotype, save_dir: Path, start: int, done: bool) -> SearchResult:
-    return SearchResult(geno, save_dir, cfg.rand_seed, start, done, cfg.space.name, cfg.space.max_nodes)
+    return SearchResult(geno, save_dir, cfg.rand_seed, start, done, cfg.space)
 
 
 def run_search(cfg: SearchConfig) -> SearchResult:
