@@ -73,7 +73,7 @@ def test_shared_holders_keep_an_exclusive_taker_out(tmp_path):
 
 
 def test_an_early_look_creates_nothing_and_hold_refuses_a_held_folder(tmp_path):
-    from search_lib.search.pruning import search_run_dir
+    from search_lib.search.search_run import search_run_dir
 
     for folder in (tmp_path / "absent", tmp_path):  # a folder without a lock file: nothing to look at yet
         run = search_run_dir(folder)

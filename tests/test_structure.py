@@ -28,8 +28,8 @@ from search_lib.core.run_dir import RunDir, SavedState
 from search_lib.core.utils import atomic_torch_save, atomic_write_json, atomic_write_text
 from search_lib.models.genotypes import PRESETS, GenotypeRecord, resolve_genotype_record
 from search_lib.models.space import SearchSpace
-from search_lib.search.pruning import search_run_dir
 from search_lib.search.search_config import SearchConfig
+from search_lib.search.search_run import search_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")

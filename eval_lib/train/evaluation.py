@@ -25,8 +25,9 @@ from search_lib.core import distributed
 from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, GenotypeError, UsageError
 from search_lib.core.memory import MemoryMeter, peak_memory_record
-from search_lib.core.threads import ThreadTuner, configure_threads, threads_fixed
-from search_lib.core.utils import atomic_write_json, resolve_device
+from search_lib.core.session import RunSession, run_session
+from search_lib.core.threads import ThreadTuner, threads_fixed
+from search_lib.core.utils import atomic_write_json
 from search_lib.data import DatasetSpec, EpisodeDataset, EpisodeSubset, resolve_dataset
 from search_lib.models.genotypes import Genotype, GenotypeRecord, resolve_genotype
 
@@ -111,6 +112,16 @@ def format_results_table(results: dict) -> str:
     return "\n".join(head + lines)
 
 
+def results_record(mode: str, genotype: Genotype, cost: dict, cfg: TrainConfig, dataset: DatasetSpec, seed: int,
+                   fewshot: dict, memory: dict, wall_time_s: float, config: dict, **extra) -> dict:
+    """The one layout of a run's results: ``results.json`` of a training (``mode`` "train") and
+    ``eval_results.json`` of ``--eval_only`` ("eval_only"); ``extra`` holds the keys of that mode alone."""
+    return {"status": "finished", "mode": mode, "genotype": str(genotype), "genotype_json": genotype.to_json(),
+            "params": cost["params"], "macs": cost["macs"], "dataset": dataset.key, "seed": seed,
+            "classifier": cfg.classifier, "fewshot": fewshot, "memory": memory, "wall_time_s": wall_time_s,
+            "config": config, **extra}
+
+
 def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None) -> dict:
     """Few-shot test of a trained checkpoint (the evaluation-only mode).
 
@@ -123,9 +134,13 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     cfg.validate()
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
-    world, device = distributed.init(resolve_device(cfg.device))
-    threads = configure_threads(cfg.workers(device.type), cfg.threads)
-    logger.info("device %s, %d compute threads", device, threads)
+    with run_session(cfg.device, cfg.threads, workers=cfg.workers) as session:
+        return _evaluate_checkpoint(path, cfg, session)
+
+
+def _evaluate_checkpoint(path, cfg: TrainConfig, session: RunSession) -> dict:
+    world, device = session.world, session.device
+    logger.info("device %s, %d compute threads", device, session.threads)
     started = time.time()
     ckpt = read_checkpoint(path, trusted=cfg.trust_checkpoint)
     state = state_dict_of(ckpt)
@@ -145,24 +160,11 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     finally:
         meter.close()
 
-    results = {
-        "status": "finished",
-        "mode": "eval_only",
-        "checkpoint": str(path),
-        "epoch": ckpt.get("epoch"),
-        "genotype": str(genotype),
-        "genotype_json": genotype.to_json(),
-        "params": cost["params"],
-        "macs": cost["macs"],
-        "dataset": dataset.key,
-        "seed": old.get("seed", cfg.seed),
-        "classifier": cfg.classifier,
-        "fewshot": fewshot,
-        "memory": {"test": peak_memory_record(device, test_peak)},
-        "wall_time_s": time.time() - started,
-        "config": cfg.to_dict() | {"dataset": dataset.key, "data_path": data_path,
-                                   "transform": transform, "image_size": image_size},
-    }
+    config = cfg.to_dict() | {"dataset": dataset.key, "data_path": data_path, "transform": transform,
+                              "image_size": image_size}
+    results = results_record("eval_only", genotype, cost, cfg, dataset, old.get("seed", cfg.seed), fewshot,
+                             {"test": peak_memory_record(device, test_peak)}, time.time() - started, config,
+                             checkpoint=str(path), epoch=ckpt.get("epoch"))
     if cfg.save_dir and world.is_main:
         out = Path(cfg.save_dir) / "eval_results.json"
         atomic_write_json(out, results)

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +53,7 @@ from eval_lib.train.checkpoints import (
 )
 from eval_lib.train.device_batches import DeviceBatches
 from eval_lib.train.epoch import build_optimizer, build_scheduler, epoch_seed, train_one_epoch
-from eval_lib.train.evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate
+from eval_lib.train.evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, results_record
 from eval_lib.train.metrics import append_epoch, epoch_record, truncate_metrics
 from eval_lib.train.network import (
     build_network,
@@ -72,14 +71,14 @@ from eval_lib.train.train_config import (
     eval_settings,
 )
 from eval_lib.train.training_plot import draw_training
-from search_lib.core import distributed
 from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, RunFailure, UsageError
 from search_lib.core.figures import draw_quietly
 from search_lib.core.memory import MemoryMeter, peak_memory_record
 from search_lib.core.run_dir import RunDir
-from search_lib.core.threads import ThreadTuner, configure_threads, threads_fixed
-from search_lib.core.utils import atomic_write_json, config_diff, resolve_device, rng_state, set_rng_state, set_seed
+from search_lib.core.session import run_session
+from search_lib.core.threads import ThreadTuner, threads_fixed
+from search_lib.core.utils import atomic_write_json, config_diff, rng_state, set_rng_state, set_seed
 from search_lib.data import SupervisedDataset
 from search_lib.models.genotypes import Genotype
 
@@ -99,20 +98,15 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     if cfg.eval_only:
         return evaluate_checkpoint(cfg.checkpoint, cfg)
     genotype = resolve_architecture(cfg, genotype)
-    world, device = distributed.init(resolve_device(cfg.device))
-    configure_threads(cfg.workers(device.type), cfg.threads)
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
-    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process trains in: exit 2 at once
-    try:
+    # a folder another process trains in: exit 2 at once
+    with run_session(cfg.device, cfg.threads, workers=cfg.workers, run=run, overwrite=cfg.overwrite) as session:
         data = TrainingData.load(cfg)  # data errors surface before anything is written
-        world.barrier()  # every rank has checked its inputs before rank 0 changes the folder
-        run.claim(world, overwrite=cfg.overwrite, verb="create")  # the lock held from here to the end
-        world.barrier()  # ... and reads it only after that
-        with run.attach_log("metantknas.eval", level=logging.INFO) if world.is_main else nullcontext():
-            with TrainingBoard(run.path, cfg.tensorboard and world.is_main, cfg.tensorboard_dir) as board:
-                return TrainingRun(cfg, genotype, device, run, data, world, board).execute()  # rank 0 writes
-    finally:
-        run.release()
+        # the lock held from here to the end
+        session.claim(overwrite=cfg.overwrite, verb="create", log="metantknas.eval", level=logging.INFO)
+        main = session.world.is_main
+        with TrainingBoard(run.path, cfg.tensorboard and main, cfg.tensorboard_dir) as board:
+            return TrainingRun(cfg, genotype, session.device, run, data, session.world, board).execute()
 
 
 @dataclass
@@ -320,29 +314,15 @@ class TrainingRun:
 
     def _results(self, fewshot: dict, eval_time_s: float) -> dict:
         cfg = self.cfg
-        return {
-            "status": "finished",
-            "mode": "train",
-            "genotype": str(self.genotype),
-            "genotype_json": self.genotype.to_json(),
-            "params": self.cost["params"],
-            "macs": self.cost["macs"],
-            "input_shape": list(self.data.input_shape),
-            "dataset": cfg.data.key,
-            "seed": cfg.seed,
-            "classifier": cfg.classifier,
-            "fewshot": fewshot,
-            "train": {"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s,
-                      "threads": self.thread_steps},  # float rounding, hence the weights, depends on them
-            "eval_time_s": eval_time_s,
-            "wall_time_s": self.train_time_s + eval_time_s,
-            "session_time_s": time.time() - self.started,
-            "processes": self.world.size,
-            "memory": {"train": peak_memory_record(self.device, self.train_peak),
-                       "test": peak_memory_record(self.device, self.test_peak)},
-            "save_dir": str(self.run.path),
-            "config": self.conf,
-        }
+        memory = {"train": peak_memory_record(self.device, self.train_peak),
+                  "test": peak_memory_record(self.device, self.test_peak)}
+        return results_record(
+            "train", self.genotype, self.cost, cfg, cfg.data, cfg.seed, fewshot, memory,
+            self.train_time_s + eval_time_s, self.conf, input_shape=list(self.data.input_shape),
+            train={"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s,
+                   "threads": self.thread_steps},  # float rounding, hence the weights, depends on them
+            eval_time_s=eval_time_s, session_time_s=time.time() - self.started, processes=self.world.size,
+            save_dir=str(self.run.path))
 
 
 class _EpochBatches:

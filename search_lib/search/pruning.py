@@ -16,7 +16,8 @@ size, peak memory, budget, thread counts, seconds) under one key, ``measured`` (
 numbers differ from run to run, everything else is the same for the same seed and command on the CPU.
 Compare histories with `scores_text`, which leaves that key out.
 
-The run folder around a search (config, resume, outputs) is `search_lib.search.search_run`.
+The run folder around a search (config, resume, outputs) is `search_lib.search.search_run`'s; it hands its
+`RunDir` in.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from search_lib.core.distributed import World
 from search_lib.core.memory import format_size, resolve_budget
-from search_lib.core.run_dir import RunDir, SavedState
+from search_lib.core.run_dir import RunDir
 from search_lib.core.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 from search_lib.data import load_split
 from search_lib.models.genotypes import Genotype, genotype_from_alphas
@@ -44,7 +45,6 @@ from search_lib.search.search_config import SearchConfig
 log = logging.getLogger("metantknas.search")
 
 CELLS = ("normal", "reduce")
-STATE_FILE, STATE_PREV = "state.json", "state.prev.json"
 STATE_VERSION = 1
 MEASURED_KEY = "measured"  # the part of a history record that is measured on this run, not computed
 
@@ -87,7 +87,7 @@ class PruningSearch:
         self.cfg = cfg
         self.ops = cfg.space.ops
         self.keys = cfg.space.keys
-        self.run_dir = run_dir if run_dir is not None else search_run_dir(cfg.save_dir)
+        self.run_dir = run_dir  # None: rounds scored without a folder (no state is saved or read)
         self.world = world if world is not None else World()
         self.device = device if device is not None else resolve_device(cfg.device)
 
@@ -101,7 +101,7 @@ class PruningSearch:
     def save_state(self, state: dict) -> None:
         """state.json (atomically, the previous one kept as state.prev.json), then history.jsonl from it;
         rank 0 alone writes under torchrun."""
-        if not self.world.is_main:
+        if not self.world.is_main or self.run_dir is None:
             return
         self.run_dir.save_state(lambda path: atomic_write_json(path, state))
         atomic_write_text(self.run_dir / "history.jsonl",
@@ -113,7 +113,7 @@ class PruningSearch:
         An unreadable file (truncated, not JSON, wrong shape) is reported, moved aside as ``*.corrupt``
         (so it is never rotated over the good previous one) and the previous one is tried.
         """
-        state = self.run_dir.load_state(self._read_state) if self.world.is_main else None
+        state = self.run_dir.load_state(self._read_state) if self.world.is_main and self.run_dir else None
         return self.world.gather(state)[0]  # rank 0 reads (and moves bad files aside); every rank resumes from it
 
     def _read_state(self, path) -> dict:
@@ -303,15 +303,3 @@ def _brief(measured: dict) -> str:
     split = f", {measured['oom_splits']} out-of-memory splits" if measured["oom_splits"] else ""
     return (f"up to {measured['pass_size']} per pass, peak {format_size(measured['peak_bytes'])} (budget "
             f"{format_size(measured['budget_bytes'])}){split}, threads {threads}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The search's run folder
-
-SEARCH_LOG = "search.log"
-
-
-def search_run_dir(path) -> RunDir:
-    """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
-    return RunDir(path, SavedState(STATE_FILE, STATE_PREV, "search state", restart="starting again from round 0"),
-                  outputs=("history.jsonl", "genotype.json", "search.png"), log_name=SEARCH_LOG, logger=log)

@@ -17,22 +17,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search_lib.core import distributed
-from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, GenotypeError, UsageError, one_line
 from search_lib.core.figures import draw_quietly
-from search_lib.core.run_dir import RunDir
-from search_lib.core.threads import configure_threads
-from search_lib.core.utils import draw_seed, resolve_device
+from search_lib.core.run_dir import RunDir, SavedState
+from search_lib.core.session import RunSession, run_session
+from search_lib.core.utils import draw_seed
 from search_lib.data import SplitData, load_split, sample_batch, sample_meta_batch
 from search_lib.models.genotypes import Genotype, GenotypeRecord
 from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 from search_lib.models.supernet import Supernet, replace_norm
-from search_lib.search.pruning import PruningSearch, search_run_dir
+from search_lib.search.pruning import PruningSearch
 from search_lib.search.search_config import SearchConfig
 from search_lib.search.search_plot import draw_search
 
 log = logging.getLogger("metantknas.search")
+
+SEARCH_LOG = "search.log"
+
+
+def search_run_dir(path) -> RunDir:
+    """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
+    return RunDir(path, SavedState("state.json", "state.prev.json", "search state",
+                                   restart="starting again from round 0"),
+                  outputs=("history.jsonl", "genotype.json", "search.png"), log_name=SEARCH_LOG, logger=log)
 
 
 @dataclass
@@ -86,18 +93,14 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     lock is held from the first look (when the folder has a lock file) or the first write to the end.
     """
     cfg.validate()
-    world, device = distributed.init(resolve_device(cfg.device))
-    configure_threads(0, cfg.threads)  # --threads fixes the count; else the passes tune it (CPU)
-    run = search_run_dir(cfg.save_dir)
-    run.hold(world, early=True, overwrite=cfg.overwrite)  # a folder another process runs in: exit 2 at once
-    try:
-        return _run_search(cfg, run, world, device)
-    finally:
-        run.release()
+    # --threads fixes the count; else the passes tune it (CPU); a folder another process runs in: exit 2 at once
+    with run_session(cfg.device, cfg.threads, run=search_run_dir(cfg.save_dir), overwrite=cfg.overwrite) as session:
+        return _run_search(cfg, session)
 
 
-def _run_search(cfg: SearchConfig, run: RunDir, world: World, device: torch.device) -> SearchResult:
+def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
     """`run_search` while this process holds (or is about to hold) the folder's lock."""
+    run, world = session.run, session.world
     main = world.is_main
     save_dir = run.path
     old_cfg = None if cfg.overwrite else run.read_config()
@@ -127,29 +130,23 @@ def _run_search(cfg: SearchConfig, run: RunDir, world: World, device: torch.devi
     drawn = cfg.rand_seed == -1
     if drawn:  # drawn once, by rank 0, for every rank
         cfg.rand_seed = world.gather(draw_seed())[0]
-    world.barrier()  # every rank has read the folder before rank 0 changes it
-    run.claim(world, overwrite=cfg.overwrite)  # the lock held from here to the end (rank 0 for the group)
+    session.claim(overwrite=cfg.overwrite, log="metantknas", console=True)  # the lock held from here to the end
     if main:
         run.write_config(cfg.to_dict())
-    log_file = run.attach_log("metantknas", console=True) if main else None
-    try:
-        search = PruningSearch(cfg, run, world, device)
-        state = search.load_state() if old_cfg is not None else None
-        start = state["round"] if state else 0
-        log.info("search: %s, %s (%s), seed %d%s, device %s%s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
-                 cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
-                 " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device,
-                 f" x {world.size} processes" if world.active else "", save_dir,
-                 f", resuming at round {start}" if state else "")
-        geno = search.run(state)
-        result = _result(cfg, geno, save_dir, start, False)
-        if main:
-            result.record.write(save_dir / "genotype.json")
-            run.mark_done()
-            draw_quietly(draw_search, save_dir, log)  # search.png; a failure is a warning, not a failed search
-        log.info("genotype: %s", geno)
-        log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log, search.png)", save_dir)
-        return result
-    finally:
-        if log_file is not None:
-            log_file.close()
+    search = PruningSearch(cfg, run, world, session.device)
+    state = search.load_state() if old_cfg is not None else None
+    start = state["round"] if state else 0
+    log.info("search: %s, %s (%s), seed %d%s, device %s%s, save_dir %s%s", cfg.dataset, cfg.ntk_type,
+             cfg.algorithm if cfg.meta else "images", cfg.rand_seed,
+             " (drawn for --rand_seed -1, recorded in config.json)" if drawn else "", search.device,
+             f" x {world.size} processes" if world.active else "", save_dir,
+             f", resuming at round {start}" if state else "")
+    geno = search.run(state)
+    result = _result(cfg, geno, save_dir, start, False)
+    if main:
+        result.record.write(save_dir / "genotype.json")
+        run.mark_done()
+        draw_quietly(draw_search, save_dir, log)  # search.png; a failure is a warning, not a failed search
+    log.info("genotype: %s", geno)
+    log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log, search.png)", save_dir)
+    return result
