@@ -13,9 +13,9 @@ search's exit code. The command line lives in `eval_lib.commands.launch_command`
 
 import sys
 
-from eval_lib.commands.launch_command import build_parser, main, search_argv
+from eval_lib.commands.launch_command import build_parser, launch_config, main
 
-__all__ = ["build_parser", "main", "search_argv"]
+__all__ = ["build_parser", "launch_config", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

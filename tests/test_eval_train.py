@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from eval_lib.commands.presets import paper_training_preset
 from eval_lib.train.checkpoints import read_checkpoint
 from eval_lib.train.epoch import build_optimizer, lr_factor
 from eval_lib.train.evaluation import evaluate_checkpoint, format_results_table
-from eval_lib.train.train_config import TrainConfig, paper_training_preset
+from eval_lib.train.train_config import TrainConfig
 from eval_lib.train.training_run import train_and_evaluate
 from search_lib.core.errors import DataError, UsageError
 from search_lib.core.utils import read_jsonl

@@ -175,11 +175,11 @@ def test_launcher_builds_the_paper_command(monkeypatch, capsys):
 def test_launcher_runs_the_search_in_process(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_main(argv):
-        seen["argv"] = argv
+    def fake_run(cfg):
+        seen["cfg"] = cfg
         return 3
 
-    monkeypatch.setattr(search_cli, "main", fake_main)  # the search's command line, as prune_metantknas.py runs it
+    monkeypatch.setattr(search_cli, "run", fake_run)  # the search (then the training), as prune_metantknas.py runs it
     code = prune_launch.main(["--dataset", "tiered", "--cells", "5", "--data_path", str(tmp_path)])
     assert code == 3  # the search's exit code is returned
-    assert "--algorithm=MAML" in seen["argv"] and "--aug_epochs=60" in seen["argv"]
+    assert seen["cfg"].algorithm == "MAML" and seen["cfg"].train["epochs"] == 60

@@ -152,10 +152,14 @@ def test_search_flags_are_the_search_config_fields_plus_aug_flags():
 
 
 def test_launcher_flags_fill_the_training_preset():
-    argv = prune_launch.search_argv(prune_launch.build_parser().parse_args(
-        ["--dataset", "mini", "--cells", "5", "--data_path", "/d"]), [])
-    args = prune_metantknas.build_parser().parse_args(argv)
-    assert args.aug_epochs == 100 and args.aug_lr_decay_epochs == [60, 80] and args.aug_n_shots == [1, 5]
+    cfg, chosen = prune_launch.launch_config(prune_launch.build_parser().parse_args(
+        ["--dataset", "mini", "--cells", "5", "--data_path", "/d", "--rand_seed", "2", "--gpu", "1"]))
+    assert cfg.train["epochs"] == 100 and cfg.train["lr_decay_epochs"] == [60, 80] and cfg.train["n_shots"] == [1, 5]
+    assert {"algorithm", "ntk_channels", "data_path", "save_dir"} <= chosen
+    # the printed command line is rendered from the config and gives the same config back
+    argv = search_cli.command_line(cfg, chosen)
+    assert "--algorithm=MAML" in argv and "--save_dir=runs/search/MetaMiniImageNet-5cell-seed2" in argv
+    assert search_cli.config_from_args(prune_metantknas.build_parser().parse_args(argv)) == cfg
 
 
 def test_hand_off_passes_the_genotype_object(monkeypatch, tmp_path):

@@ -127,6 +127,22 @@ def test_jobs_file_parsing(tmp_path):
     assert sweep.bool_flag(["--train_after_search=true", "--no-train_after_search"], "train_after_search") is False
 
 
+def test_the_project_scripts_folders_are_read_by_their_own_parsers():
+    """Every spelling of a flag counts (RFS's --model_path), the launcher's default folder of a fixed seed too; a
+    drawn seed has no folder before the run starts."""
+    def folder(*argv):
+        return sweep.job_folder(sweep.resolve(list(argv)))
+
+    assert folder("eval_searched_arch.py", "--genotype", "mini-5cell-1", "--model_path", "runs/m") == \
+        (Path("runs/m"), False)
+    assert folder("prune_launch.py", "--dataset", "mini", "--cells", "5", "--seed", "3") == \
+        (Path("runs/search/MetaMiniImageNet-5cell-seed3"), False)
+    assert folder("prune_launch.py", "--dataset", "mini", "--ntk_layers", "8", "--seed", "-1",
+                  "--train_after_search", "true") == (None, True)
+    assert folder("python", "prune_metantknas.py", "--save_dir=r/s", "--train_after_search") == (Path("r/s"), True)
+    assert folder("prune_metantknas.py", "--save_dir", "r/s", "--no_such_flag") == (None, False)  # runs, reports
+
+
 def test_presets_times_seeds_dry_run(tmp_path, capsys):
     root = tmp_path / "runs"
     argv = ["--presets", "mini-5cell,tiered-8cell", "--seeds", "0,1", "--save_root", str(root), "--gpus", "none",

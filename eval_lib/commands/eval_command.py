@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    original_flags.apply_spellings(args, original_flags.EVAL)  # --data_root, --tb_path, --resume PATH, notes
+def config_from_args(args: argparse.Namespace, notes: bool = True) -> TrainConfig:
+    # --data_root, --tb_path, --resume PATH; one note per flag without effect (notes=False: a caller that only
+    # reads the settings)
+    original_flags.apply_spellings(args, original_flags.EVAL, notes)
     return TrainConfig.from_dict(vars(args))
 
 

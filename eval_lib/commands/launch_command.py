@@ -17,10 +17,15 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from eval_lib.commands import original_flags
-from eval_lib.commands import search_command as search_cli
-from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, eval_flag_default
-from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, paper_training_preset
+from eval_lib.commands import original_flags, search_command
+from eval_lib.commands.presets import (
+    SEARCH_PRESET_KEYS,
+    TRAINING_PRESET_KEYS,
+    paper_search_preset,
+    paper_training_preset,
+)
+from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, eval_flag_default, split_aug_values
+from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS
 from search_lib.core.command_line import (
     RECORDED_DEST,
     add_config_flags,
@@ -29,21 +34,17 @@ from search_lib.core.command_line import (
     format_value,
     make_parser,
     note,
-    recorded_flags,
     run_cli,
 )
 from search_lib.core.distributed import launched
 from search_lib.core.errors import UsageError
 from search_lib.core.utils import draw_seed
 from search_lib.data import resolve_dataset
-from search_lib.search.search_config import PAPER_COMMON, PAPER_PRESETS, SearchConfig, paper_preset
+from search_lib.search.search_config import SearchConfig
 
 ENV_VARS = {"mini": "METANTKNAS_MINI_DATA", "tiered": "METANTKNAS_TIERED_DATA"}
 GENERIC_ENV = "METANTKNAS_DATA"
 OWN = ("dataset", "cells", "data_path", "save_dir", "print_only")  # the launcher's flags; the rest is forwarded
-_PRESET_KEYS = set(PAPER_COMMON) | {k for preset in PAPER_PRESETS.values() for k in preset} | {"ntk_layers"}
-_TRAIN_PRESET_KEYS = ("epochs", "learning_rate", "lr_decay_epochs", "drop_path_prob", "batch_size", "init_channels",
-                      "layers")  # the training settings that differ between the paper's runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _search_help(f, text: str) -> str:
     """The search flag's help with the launcher's default: the preset's value, else the search's default."""
-    if f.name in _PRESET_KEYS:
+    if f.name in SEARCH_PRESET_KEYS:
         return text.split("; default")[0] + "; default: the preset's"
     return text if field_default(f) is None else f"{text}; default: {format_value(field_default(f))}"
 
 
 def _train_default(f) -> str:
-    if f.name in _TRAIN_PRESET_KEYS:
+    if f.name in TRAINING_PRESET_KEYS:
         return f" (eval_searched_arch.py --{f.name}; default: the paper's training of the preset)"
     return eval_flag_default(f)
 
@@ -115,17 +116,18 @@ def _given(args: argparse.Namespace) -> dict:
             if k not in OWN and k != RECORDED_DEST and v is not None}
 
 
-def search_argv(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str]:
-    """The prune_metantknas.py command line of a preset; the user's own settings win (one line names those
-    that differ from the preset); ``extra`` arguments are appended as they are."""
-    original_flags.apply_spellings(args, original_flags.LAUNCH, notes=False)  # the search notes them
+def launch_config(args: argparse.Namespace) -> tuple[SearchConfig, set[str]]:
+    """The search (and training) settings of a preset, the user's own settings winning (one line names those that
+    differ from the preset); and the names of the search settings the launcher chose (the printed command line
+    shows them even where they equal a default)."""
+    original_flags.apply_spellings(args, original_flags.LAUNCH)  # one note per original flag without effect
     given = _given(args)
     cells = _cells(args)
     key, dataset = _search_dataset(args.dataset, given.get("ntk_type", "MetaNTK_anl"))
     data_path = args.data_path or os.environ.get(ENV_VARS[key]) or os.environ.get(GENERIC_ENV)
     if not data_path:
         raise UsageError(f"no data folder for {args.dataset}: pass --data_path or set {ENV_VARS[key]}")
-    preset = dict(paper_preset(key, cells), dataset=dataset)
+    preset = dict(paper_search_preset(key, cells), dataset=dataset)
     channels = given.get("ntk_channels", preset["ntk_channels"])  # the training uses the search's network
     training = dict(paper_training_preset(key, cells), init_channels=channels, layers=cells)
     preset.update({AUG_PREFIX + k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
@@ -133,14 +135,16 @@ def search_argv(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str
     if differ:
         note("keeping your " + ", ".join(f"--{k} {format_value(given[k])} (preset: {format_value(preset[k])})"
                                          for k in differ) + " over the preset")
-    settings = {**preset, **given}
+    settings = {**preset, **given, "data_path": data_path}
     settings["save_dir"] = args.save_dir or _default_save_dir(settings, dataset, cells)
-    argv = [f"--{k}={format_value(v)}" for k, v in settings.items()] + [f"--data_path={data_path}"]
-    return argv + recorded_flags(args) + list(extra)
+    fields, train = split_aug_values(settings)
+    train = {k: train.get(k) for k in TRAIN_AFTER_SEARCH_FLAGS}  # as the search's parser gives them (None: unset)
+    recorded = getattr(args, RECORDED_DEST, None) or {}
+    return SearchConfig(**fields, train=train, original_flags=dict(recorded)), set(fields)
 
 
 def _default_save_dir(settings: dict, dataset: str, cells: int) -> str:
-    """runs/search/<dataset>-<cells>cell-seed<seed>, drawing the seed here for a negative one (so that the folder
+    """The default run folder (`default_run_folder`), drawing the seed here for a negative one (so that the folder
     names it); the drawn seed goes into ``settings``."""
     seed = settings.get("rand_seed", -1)
     if seed < 0:
@@ -148,18 +152,35 @@ def _default_save_dir(settings: dict, dataset: str, cells: int) -> str:
             raise UsageError("under torchrun give --seed N (or --save_dir): every process must use the same run folder")
         seed = settings["rand_seed"] = draw_seed()
         note(f"--seed -1: drew seed {seed}; it names the run folder and is recorded in its config.json")
+    return default_run_folder(dataset, cells, seed)
+
+
+def default_run_folder(dataset: str, cells: int, seed: int) -> str:
     return f"runs/search/{dataset}-{cells}cell-seed{seed}"
+
+
+def run_folder(args: argparse.Namespace) -> str | None:
+    """The run folder a parsed launcher command line uses, without running or printing anything: --save_dir, else
+    the default folder of its seed; None when the seed is drawn at the start (the folder is known only then)."""
+    original_flags.apply_spellings(args, original_flags.LAUNCH, notes=False)
+    if args.save_dir:
+        return args.save_dir
+    seed = args.rand_seed if args.rand_seed is not None else -1
+    if seed < 0:
+        return None
+    _, dataset = _search_dataset(args.dataset, args.ntk_type or "MetaNTK_anl")
+    return default_run_folder(dataset, _cells(args), seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
-        cmd = search_argv(args)
-        print("prune_metantknas.py " + shlex.join(cmd), flush=True)
+        cfg, chosen = launch_config(args)
+        print("prune_metantknas.py " + shlex.join(search_command.command_line(cfg, chosen)), flush=True)
         if args.print_only:
-            search_cli.check(search_cli.config_from_args(search_cli.build_parser().parse_args(cmd)))
+            search_command.check(cfg)
             return 0
-        return search_cli.main(cmd)
+        return search_command.run(cfg)
 
     return run_cli(body)
 

@@ -9,12 +9,19 @@ It lives here, above both packages, because it composes them: `search_lib` knows
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from eval_lib.commands import eval_command as eval_cli
 from eval_lib.commands import original_flags
-from eval_lib.train.after_search import add_aug_flags, aug_train_config, split_aug_values
-from search_lib.core.command_line import add_config_flags, flag_fields, make_parser, run_cli
+from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, aug_train_config, split_aug_values
+from search_lib.core.command_line import (
+    add_config_flags,
+    field_default,
+    flag_fields,
+    format_value,
+    make_parser,
+    run_cli,
+)
 from search_lib.models.genotypes import random_genotype
 from search_lib.search.search_config import SearchConfig
 from search_lib.search.search_run import SearchResult, run_search
@@ -32,10 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    original_flags.apply_spellings(args, original_flags.SEARCH)  # one note per original flag without effect
+def config_from_args(args: argparse.Namespace, notes: bool = True) -> SearchConfig:
+    # one note per original flag without effect (notes=False: a caller that only reads the settings)
+    original_flags.apply_spellings(args, original_flags.SEARCH, notes)
     fields, train = split_aug_values(vars(args))
     return SearchConfig(**fields, train=train)
+
+
+def command_line(cfg: SearchConfig, always: Iterable[str] = ()) -> list[str]:
+    """The prune_metantknas.py arguments that give ``cfg`` (the settings of `config_from_args`): every flag whose
+    value differs from its default or is named in ``always``, the --aug_* values set, and the original code's
+    recorded flags. Parsing them back gives ``cfg`` again."""
+    always = set(always)
+    argv = [f"--{f.name}={format_value(getattr(cfg, f.name))}" for f in flag_fields(SearchConfig)
+            if f.name in always or getattr(cfg, f.name) != field_default(f)]
+    argv += [f"--{AUG_PREFIX}{k}={format_value(v)}" for k, v in cfg.train.items() if v is not None]
+    return argv + [f"{flag}={value}" for flag, value in cfg.original_flags.items()]
 
 
 def check(cfg: SearchConfig) -> SearchConfig:

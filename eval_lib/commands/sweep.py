@@ -28,16 +28,16 @@ from typing import IO
 
 import torch
 
+from eval_lib.commands import eval_command, launch_command, search_command
+from eval_lib.commands.presets import PRESET_NAMES
 from search_lib.core.command_line import make_parser, run_cli, str2bool
 from search_lib.core.errors import RunFailure, UsageError, one_line
 from search_lib.core.run_dir import DONE_FILE, FolderLock, describe_holder
 from search_lib.core.threads import available_cpus
 from search_lib.core.utils import atomic_write_json
-from search_lib.search.search_config import PAPER_PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")
-PRESETS = {f"{d}-{c}cell": (d, c) for d, c in PAPER_PRESETS}  # mini-5cell, mini-8cell, tiered-5cell, ...
 _PYTHON = re.compile(r"python[0-9.]*")
 POLL_S = 0.1  # how often running jobs are checked; a job costs minutes, so this is no bottleneck
 GRACE_S = 15.0  # time interrupted jobs get to exit on their own before they are killed
@@ -108,7 +108,7 @@ def read_jobs_file(path: str) -> list[list[str]]:
 
 
 def preset_commands(presets: Sequence[str], seeds: Sequence[int], save_root: str) -> list[list[str]]:
-    return [["prune_launch.py", "--dataset", PRESETS[name][0], "--cells", str(PRESETS[name][1]),
+    return [["prune_launch.py", "--dataset", PRESET_NAMES[name][0], "--cells", str(PRESET_NAMES[name][1]),
              "--rand_seed", str(seed), "--save_dir", str(Path(save_root) / f"{name}-seed{seed}")]
             for name in presets for seed in seeds]
 
@@ -152,19 +152,52 @@ def bool_flag(argv: Sequence[str], name: str) -> bool:
     return on
 
 
+def _search_folders(args: list[str]) -> tuple[str | None, bool]:
+    cfg = search_command.config_from_args(search_command.build_parser().parse_args(args), notes=False)
+    return cfg.save_dir, cfg.train_after_search
+
+
+def _launch_folders(args: list[str]) -> tuple[str | None, bool]:
+    parsed = launch_command.build_parser().parse_args(args)
+    return launch_command.run_folder(parsed), bool(parsed.train_after_search)
+
+
+def _eval_folders(args: list[str]) -> tuple[str | None, bool]:
+    return eval_command.config_from_args(eval_command.build_parser().parse_args(args), notes=False).save_dir, False
+
+
+_FOLDERS = {"prune_metantknas.py": _search_folders, "prune_launch.py": _launch_folders,
+            "eval_searched_arch.py": _eval_folders}
+
+
+def job_folder(argv: Sequence[str]) -> tuple[Path | None, bool]:
+    """(run folder, trains after its search) of a resolved job. The project's scripts are read by their own
+    parsers, so every spelling of a flag counts (RFS's --model_path, the launcher's default folder of a fixed seed);
+    a line the parser refuses has no folder (the job runs and its log says why). Any other program: the
+    --save_dir and --train_after_search it is given."""
+    reader = _FOLDERS.get(Path(argv[1]).name) if len(argv) > 1 and argv[0] == sys.executable else None
+    if reader is None:
+        save = flag_value(argv, "save_dir")
+        return (Path(save) if save else None), bool_flag(argv, "train_after_search")
+    try:
+        save, train_after = reader(list(argv[2:]))
+    except UsageError:
+        return None, False
+    return (Path(save) if save else None), train_after
+
+
 def make_jobs(cfg: SweepConfig) -> list[Job]:
     jobs, used = [], set()
     for i, argv in enumerate(cfg.commands):
         argv = resolve(argv)
-        save = flag_value(argv, "save_dir")
-        save_dir = Path(save) if save else None
+        save_dir, train_after = job_folder(argv)
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", save_dir.name).strip("._") if save_dir else ""
         name, n = base or f"job{i}", 1
         while name in used:  # two jobs with the same folder name (or the same folder) keep apart logs
             n += 1
             name = f"{base or f'job{i}'}-{n}"
         used.add(name)
-        jobs.append(Job(name, argv, save_dir, bool_flag(argv, "train_after_search")))
+        jobs.append(Job(name, argv, save_dir, train_after))
     return jobs
 
 
@@ -322,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(or --jobs N on the CPU), skipping finished runs. Flags after -- go to every job.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--jobs_file", help="a file of command lines, one job per line (# comments, sh quoting)")
-    src.add_argument("--presets", help=f"paper presets, comma-separated ({', '.join(PRESETS)}) or all")
+    src.add_argument("--presets", help=f"paper presets, comma-separated ({', '.join(PRESET_NAMES)}) or all")
     p.add_argument("--seeds", default="0", help="seeds for --presets, comma-separated")
     p.add_argument("--save_root", default="runs/sweep", help="--presets runs go to <save_root>/<preset>-seed<S>")
     p.add_argument("--log_dir", default=None, help="one <job>.log per job; default <save_root>/sweep_logs")
@@ -343,12 +376,12 @@ def parse_config(argv: Sequence[str]) -> SweepConfig:
     if args.jobs_file is not None:
         commands = read_jobs_file(args.jobs_file)
     else:
-        names = list(PRESETS) if args.presets.strip() == "all" else \
+        names = list(PRESET_NAMES) if args.presets.strip() == "all" else \
             list(dict.fromkeys(n.strip() for n in args.presets.split(",") if n.strip()))
-        unknown = [n for n in names if n not in PRESETS]
+        unknown = [n for n in names if n not in PRESET_NAMES]
         if unknown or not names:
             raise UsageError(f"unknown preset {', '.join(unknown) or repr(args.presets)} in --presets; valid: "
-                             f"{', '.join(PRESETS)} or all")
+                             f"{', '.join(PRESET_NAMES)} or all")
         commands = preset_commands(names, _ints(args.seeds, "--seeds"), args.save_root)
     gpus = _gpus(args.gpus.strip())
     jobs = args.jobs if args.jobs is not None else (len(gpus) if gpus else 1)

@@ -1,5 +1,5 @@
 """The training and few-shot test configuration (a typed dataclass, the one source of the flags of
-eval_searched_arch.py and of the search's ``--aug_*`` flags) and the paper's training presets."""
+eval_searched_arch.py and of the search's ``--aug_*`` flags; the paper's presets are `eval_lib.commands.presets`)."""
 
 from __future__ import annotations
 
@@ -346,25 +346,3 @@ def eval_settings(config: dict) -> dict:
 
 # Flags of eval_searched_arch.py that the search forwards as --aug_<name> with --train_after_search.
 TRAIN_AFTER_SEARCH_FLAGS = tuple(f.name for f in flag_fields(TrainConfig, after_search=True))
-
-
-def paper_training_preset(dataset: str | DatasetSpec, layers: int) -> dict[str, Any]:
-    """The paper's training and test settings (docs/method.md §5) as TrainConfig fields.
-
-    miniImageNet: 100 epochs, lr 0.02 decayed x0.1 at 60 and 80, drop-path 0.2, batch 64 (<= 5 cells) / 40;
-    tieredImageNet: 60 epochs, lr 0.01 decayed at 30, 40, 50, drop-path 0.1, batch 64 (<= 5 cells) / 56.
-    """
-    ds = resolve_dataset(dataset).key
-    layers = int(layers)
-    if ds == "mini":
-        train = dict(epochs=100, learning_rate=0.02, lr_decay_epochs=[60, 80], drop_path_prob=0.2,
-                     batch_size=64 if layers <= 5 else 40)
-    elif ds == "tiered":
-        train = dict(epochs=60, learning_rate=0.01, lr_decay_epochs=[30, 40, 50], drop_path_prob=0.1,
-                     batch_size=64 if layers <= 5 else 56)
-    else:
-        raise UsageError(f"no paper training preset for {dataset!r}; the paper trained on MiniImageNet and "
-                         f"TieredImageNet only, give the training flags explicitly")
-    return dict(train, lr_decay_rate=0.1, scheduler="step", optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                init_channels=48, layers=layers, stem_multiplier=1, fsr=2, transform="A", n_ways=5,
-                n_shots=[1, 5], n_queries=50, n_test_runs=1000, n_aug_support_samples=5, classifier="LR")

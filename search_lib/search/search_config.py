@@ -1,5 +1,5 @@
-"""The search configuration (a typed dataclass, the one source of the search's flags), its validation,
-and the paper's presets (docs/method.md §5)."""
+"""The search configuration (a typed dataclass, the one source of the search's flags) and its validation (the
+paper's presets are `eval_lib.commands.presets`)."""
 
 from __future__ import annotations
 
@@ -184,29 +184,3 @@ class SearchConfig:
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UsageError(f"{flag} {value!r} is not valid; choose one of {', '.join(valid)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The paper's four search runs (docs/method.md §5).
-
-PAPER_PRESETS: dict[tuple[str, int], dict] = {
-    ("mini", 5): dict(algorithm="MAML", inner_lr_time=1000.0, reg_coef=1e-3),
-    ("mini", 8): dict(algorithm="ANIL", inner_lr_time=1.0, reg_coef=1e-5),
-    ("tiered", 5): dict(algorithm="MAML", inner_lr_time=1000.0, reg_coef=1e-3),
-    ("tiered", 8): dict(algorithm="ANIL", inner_lr_time=1000.0, reg_coef=1e-3),
-}
-
-PAPER_COMMON = dict(search_space_name="darts_fewshot", max_nodes=3, batch_size=3, ntk_channels=48,
-                    ntk_type="MetaNTK_anl", n_ways=5, n_shots=1, n_queries=1, repeat=3, precision=3,
-                    prune_number=1)
-
-DATASET_META_NAMES = {"mini": "MetaMiniImageNet", "tiered": "MetaTieredImageNet", "digits": "MetaDigits"}
-
-
-def paper_preset(dataset: str, cells: int) -> dict:
-    """Search settings of a paper run: dataset in mini / tiered (or any accepted dataset name), cells 5 or 8."""
-    key = resolve_dataset(dataset).key
-    if (key, cells) not in PAPER_PRESETS:
-        valid = ", ".join(f"{d}-{c}cell" for d, c in PAPER_PRESETS)
-        raise UsageError(f"no paper preset for {dataset} with {cells} cells; valid: {valid}")
-    return dict(PAPER_COMMON, **PAPER_PRESETS[(key, cells)], dataset=DATASET_META_NAMES[key], ntk_layers=cells)
