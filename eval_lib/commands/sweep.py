@@ -14,6 +14,8 @@ flags, 130 on Ctrl-C or SIGTERM (running jobs are interrupted; running the sweep
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -179,9 +181,10 @@ def job_folder(argv: Sequence[str]) -> tuple[Path | None, bool]:
     if reader is None:
         save = flag_value(argv, "save_dir")
         return (Path(save) if save else None), bool_flag(argv, "train_after_search")
-    try:
-        save, train_after = reader(list(argv[2:]))
-    except UsageError:
+    try:  # quietly: the job's own run says what is wrong with its line, in its log
+        with contextlib.redirect_stderr(io.StringIO()):
+            save, train_after = reader(list(argv[2:]))
+    except (UsageError, SystemExit):  # SystemExit: argparse refused the line
         return None, False
     return (Path(save) if save else None), train_after
 
