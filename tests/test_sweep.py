@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval_lib.commands import sweep
+from eval_lib.commands import sweep, sweep_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,25 +113,25 @@ def test_jobs_file_parsing(tmp_path):
                          "prune_launch.py --dataset mini --cells 5 --save_dir 'runs/with space'  # trailing\n"
                          "python -c 'print(\"a # b\")' --save_dir=runs/x\n"
                          "/bin/echo \"two words\" --train_after_search --save_dir runs/x\n")
-    commands = sweep.read_jobs_file(str(jobs_file))
+    commands = sweep_jobs.read_jobs_file(str(jobs_file))
     assert commands == [["prune_launch.py", "--dataset", "mini", "--cells", "5", "--save_dir", "runs/with space"],
                         ["python", "-c", 'print("a # b")', "--save_dir=runs/x"],
                         ["/bin/echo", "two words", "--train_after_search", "--save_dir", "runs/x"]]
-    jobs = sweep.make_jobs(sweep.SweepConfig(commands))
+    jobs = sweep_jobs.make_jobs(commands)
     assert jobs[0].argv[:2] == [sys.executable, str(REPO / "prune_launch.py")]  # from any folder
     assert jobs[1].argv[0] == sys.executable and jobs[2].argv[0] == "/bin/echo"
     assert [j.name for j in jobs] == ["with_space", "x", "x-2"]  # from the save_dir, made unique and file-safe
     assert [str(j.save_dir) for j in jobs] == ["runs/with space", "runs/x", "runs/x"]
     assert [j.train_after for j in jobs] == [False, False, True]
-    assert sweep.bool_flag(["--train_after_search", "false"], "train_after_search") is False
-    assert sweep.bool_flag(["--train_after_search=true", "--no-train_after_search"], "train_after_search") is False
+    assert sweep_jobs.bool_flag(["--train_after_search", "false"], "train_after_search") is False
+    assert sweep_jobs.bool_flag(["--train_after_search=true", "--no-train_after_search"], "train_after_search") is False
 
 
 def test_the_project_scripts_folders_are_read_by_their_own_parsers():
     """Every spelling of a flag counts (RFS's --model_path), the launcher's default folder of a fixed seed too; a
     drawn seed has no folder before the run starts."""
     def folder(*argv):
-        return sweep.job_folder(sweep.resolve(list(argv)))
+        return sweep_jobs.job_folder(sweep_jobs.resolve(list(argv)))
 
     assert folder("eval_searched_arch.py", "--genotype", "mini-5cell-1", "--model_path", "runs/m") == \
         (Path("runs/m"), False)

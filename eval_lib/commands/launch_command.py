@@ -24,7 +24,12 @@ from eval_lib.commands.presets import (
     paper_search_preset,
     paper_training_preset,
 )
-from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, eval_flag_default, split_aug_values
+from eval_lib.train.after_search import (
+    TRAINING_FLAG_PREFIX,
+    add_training_flags,
+    eval_flag_default,
+    split_training_values,
+)
 from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS
 from search_lib.core.command_line import (
     RECORDED_DEST,
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     forwarded = [f for f in flag_fields(SearchConfig) if f.name not in OWN]
     add_config_flags(p, forwarded, groups={f.metadata["cli"]["group"]: groups[None] for f in forwarded},
                      unset_default=True, help_text=_search_help)
-    add_aug_flags(p, groups[None], help_suffix=_train_default)
+    add_training_flags(p, groups[None], help_suffix=_train_default)
     original_flags.add_spellings(p, original_flags.LAUNCH)
     return p
 
@@ -130,14 +135,14 @@ def launch_config(args: argparse.Namespace) -> tuple[SearchConfig, set[str]]:
     preset = dict(paper_search_preset(key, cells), dataset=dataset)
     channels = given.get("ntk_channels", preset["ntk_channels"])  # the training uses the search's network
     training = dict(paper_training_preset(key, cells), init_channels=channels, layers=cells)
-    preset.update({AUG_PREFIX + k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
+    preset.update({TRAINING_FLAG_PREFIX + k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
     differ = [k for k, v in given.items() if k in preset and v != preset[k]]
     if differ:
         note("keeping your " + ", ".join(f"--{k} {format_value(given[k])} (preset: {format_value(preset[k])})"
                                          for k in differ) + " over the preset")
     settings = {**preset, **given, "data_path": data_path}
     settings["save_dir"] = args.save_dir or _default_save_dir(settings, dataset, cells)
-    fields, train = split_aug_values(settings)
+    fields, train = split_training_values(settings)
     train = {k: train.get(k) for k in TRAIN_AFTER_SEARCH_FLAGS}  # as the search's parser gives them (None: unset)
     recorded = getattr(args, RECORDED_DEST, None) or {}
     return SearchConfig(**fields, train=train, original_flags=dict(recorded)), set(fields)

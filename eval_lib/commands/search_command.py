@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from eval_lib.commands import eval_command as eval_cli
 from eval_lib.commands import original_flags
-from eval_lib.train.after_search import AUG_PREFIX, add_aug_flags, aug_train_config, split_aug_values
+from eval_lib.train.after_search import TRAINING_FLAG_PREFIX, add_training_flags, split_training_values, training_config
 from search_lib.core.command_line import (
     add_config_flags,
     field_default,
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("prune_metantknas.py", DESCRIPTION)
     groups: dict = {}
     add_config_flags(p, flag_fields(SearchConfig), groups=groups)
-    add_aug_flags(p, groups[TRAIN_GROUP])
+    add_training_flags(p, groups[TRAIN_GROUP])
     original_flags.add_spellings(p, original_flags.SEARCH)
     return p
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, notes: bool = True) -> SearchConfig:
     # one note per original flag without effect (notes=False: a caller that only reads the settings)
     original_flags.apply_spellings(args, original_flags.SEARCH, notes)
-    fields, train = split_aug_values(vars(args))
+    fields, train = split_training_values(vars(args))
     return SearchConfig(**fields, train=train)
 
 
@@ -53,7 +53,7 @@ def command_line(cfg: SearchConfig, always: Iterable[str] = ()) -> list[str]:
     always = set(always)
     argv = [f"--{f.name}={format_value(getattr(cfg, f.name))}" for f in flag_fields(SearchConfig)
             if f.name in always or getattr(cfg, f.name) != field_default(f)]
-    argv += [f"--{AUG_PREFIX}{k}={format_value(v)}" for k, v in cfg.train.items() if v is not None]
+    argv += [f"--{TRAINING_FLAG_PREFIX}{k}={format_value(v)}" for k, v in cfg.train.items() if v is not None]
     return argv + [f"{flag}={value}" for flag, value in cfg.original_flags.items()]
 
 
@@ -63,7 +63,7 @@ def check(cfg: SearchConfig) -> SearchConfig:
     cfg.validate()
     if cfg.train_after_search:
         stand_in = random_genotype(cfg.space, 0)
-        train = aug_train_config(cfg.train, stand_in, space=cfg.space,
+        train = training_config(cfg.train, stand_in, space=cfg.space,
                                  data=cfg.data, data_path=cfg.data_path, device=cfg.device, save_dir="unused")
         train.replace(seed=max(train.seed, 0)).validate()  # a negative seed is drawn when the training starts
     return cfg
@@ -75,7 +75,7 @@ def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
     ``result`` is the search's `SearchResult`: its genotype and space are handed over as they are (no
     string round trip). The run folder is <search save_dir>/train; unset aug_* values take the defaults.
     """
-    cfg = aug_train_config(search_cfg.train, result.genotype, space=result.space, data=search_cfg.data,
+    cfg = training_config(search_cfg.train, result.genotype, space=result.space, data=search_cfg.data,
                            data_path=search_cfg.data_path,
                            device=search_cfg.device, save_dir=result.save_dir / "train")
     return eval_cli.run(cfg, result.genotype)

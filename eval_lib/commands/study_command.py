@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from eval_lib.commands.original_flags import add_earlier_names
 from eval_lib.study.study_config import PROXY_FLAGS, StudyConfig
 from eval_lib.study.study_run import run_study
-from eval_lib.train.after_search import add_aug_flags
+from eval_lib.train.after_search import add_training_flags
 from search_lib.core.command_line import add_config_flags, flag_fields, make_parser, run_cli
 from search_lib.search.search_config import SearchConfig
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {"search": p.add_argument_group("proxy repeats, initialisation and device")}
     add_config_flags(p, flag_fields(StudyConfig), groups=groups)
     add_config_flags(p, [f for f in flag_fields(SearchConfig) if f.name in PROXY_FLAGS], groups=groups)
-    add_aug_flags(p, p.add_argument_group("training and few-shot test (eval_searched_arch.py's flags)"))
+    add_training_flags(p, p.add_argument_group("training and few-shot test (eval_searched_arch.py's flags)"))
     add_earlier_names(p)  # --lr_batches, --lr_batch_size, --lr_crop
     return p
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from eval_lib.study.proxies import DEFAULT_LOG_RANK_MEMBERS, MEASURED, ZERO_COST_PROXIES, check_proxy_names
-from eval_lib.train.after_search import AUG_PREFIX, aug_train_config, split_aug_values
+from eval_lib.train.after_search import TRAINING_FLAG_PREFIX, split_training_values, training_config
 from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
 from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.errors import GenotypeError, UsageError
@@ -72,16 +72,16 @@ class StudyConfig:
     def flags(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in flag_fields(StudyConfig)}
         out.update({name: getattr(self.proxy, name) for name in PROXY_FLAGS})
-        out.update({AUG_PREFIX + k: self.train.get(k) for k in TRAIN_AFTER_SEARCH_FLAGS})
+        out.update({TRAINING_FLAG_PREFIX + k: self.train.get(k) for k in TRAIN_AFTER_SEARCH_FLAGS})
         return out
 
     @classmethod
     def from_flags(cls, values: dict) -> StudyConfig:
-        rest, aug = split_aug_values(values)
+        rest, training = split_training_values(values)
         own = {f.name for f in flag_fields(cls)}
         return cls(**{k: v for k, v in rest.items() if k in own},
                    proxy=SearchConfig(**{k: v for k, v in rest.items() if k in PROXY_FLAGS}),
-                   train={k: v for k, v in aug.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
+                   train={k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})
 
     def result_dict(self) -> dict:
         return result_keys(self.flags())
@@ -93,7 +93,7 @@ class StudyConfig:
 
     def train_config(self, genotype: Genotype, save_dir) -> TrainConfig:
         p = self.proxy
-        return aug_train_config(self.train, genotype, space=p.space, data=p.data, data_path=p.data_path,
+        return training_config(self.train, genotype, space=p.space, data=p.data, data_path=p.data_path,
                                 device=p.device, save_dir=save_dir)
 
     def shard_index(self) -> tuple[int, int]:

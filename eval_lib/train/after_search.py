@@ -16,16 +16,18 @@ from search_lib.core.command_line import add_config_flags, field_default, flag_f
 from search_lib.models.genotypes import Genotype
 from search_lib.models.space import SearchSpace
 
-AUG_PREFIX = "aug_"  # the flags of the training after a search: --aug_<eval flag>
+# The flags of the training after a search: --aug_<eval flag> (the original code's spelling; in the code "aug" means
+# image augmentation only).
+TRAINING_FLAG_PREFIX = "aug_"
 
 
-def add_aug_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None,
-                  help_suffix=None) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None,
+                       help_suffix=None) -> None:
     """--aug_<flag> for each training / test flag the search forwards (same type, choices and help; the help
     ends with the eval flag's name and default, or with ``help_suffix(field)``)."""
     fields = flag_fields(TrainConfig, after_search=True)
     groups = {f.metadata["cli"]["group"]: group for f in fields} if group is not None else None
-    add_config_flags(parser, fields, prefix=AUG_PREFIX, groups=groups, unset_default=True,
+    add_config_flags(parser, fields, prefix=TRAINING_FLAG_PREFIX, groups=groups, unset_default=True,
                      help_suffix=help_suffix or eval_flag_default)
 
 
@@ -35,20 +37,20 @@ def eval_flag_default(f) -> str:
     return f" (eval_searched_arch.py --{f.name}{'' if default is None else f'; default {format_value(default)}'})"
 
 
-def split_aug_values(values: dict) -> tuple[dict, dict]:
+def split_training_values(values: dict) -> tuple[dict, dict]:
     """Parsed flags split into (the other flags, the --aug_* values keyed by the training flag's name)."""
-    aug = {k[len(AUG_PREFIX):]: v for k, v in values.items() if k.startswith(AUG_PREFIX)}
-    return {k: v for k, v in values.items() if not k.startswith(AUG_PREFIX)}, aug
+    training = {k[len(TRAINING_FLAG_PREFIX):]: v for k, v in values.items() if k.startswith(TRAINING_FLAG_PREFIX)}
+    return {k: v for k, v in values.items() if not k.startswith(TRAINING_FLAG_PREFIX)}, training
 
 
-def aug_train_config(aug: dict, genotype: Genotype, *, space: SearchSpace, data, data_path: str | None,
+def training_config(values: dict, genotype: Genotype, *, space: SearchSpace, data, data_path: str | None,
                      device: str, save_dir) -> TrainConfig:
     """The `TrainConfig` of a genotype trained after a search or in a proxy study.
 
-    ``aug`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its search
+    ``values`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its search
     space, the dataset (the supervised name of ``data``, a `DatasetSpec`), the data folder, the
     device and the run folder are the caller's.
     """
-    overrides = {k: v for k, v in aug.items() if v is not None}
+    overrides = {k: v for k, v in values.items() if v is not None}
     return TrainConfig(genotype=str(genotype), arch_space=space, dataset=data.plain_name,
                        data_path=data_path, device=device, save_dir=str(save_dir), **overrides)
