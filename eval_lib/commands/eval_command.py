@@ -88,3 +88,7 @@ def run(cfg: TrainConfig, genotype: Genotype | None = None) -> int:
         print(f"results: {results['save_dir']}/results.json")
     sys.stdout.flush()
     return 0
+
+
+if __name__ == "__main__":  # the entry points are the top-level script and the console script
+    sys.exit(main())

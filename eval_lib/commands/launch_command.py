@@ -190,5 +190,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(body)
 
 
-if __name__ == "__main__":  # pragma: no cover - the entry point is prune_launch.py
+if __name__ == "__main__":  # the entry points are the top-level script and the console script
     sys.exit(main())

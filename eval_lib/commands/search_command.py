@@ -9,6 +9,7 @@ It lives here, above both packages, because it composes them: `search_lib` knows
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable, Sequence
 
 from eval_lib.commands import eval_command as eval_cli
@@ -95,3 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config_from_args(args))
 
     return run_cli(body)
+
+
+if __name__ == "__main__":  # the entry points are the top-level script and the console script
+    sys.exit(main())

@@ -23,7 +23,10 @@ from search_lib.core.errors import UsageError, one_line
 from search_lib.core.run_dir import DONE_FILE, FolderLock
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = ("prune_metantknas.py", "prune_launch.py", "eval_searched_arch.py")
+# The project's scripts and the modules of their command lines.
+SCRIPTS = {"prune_metantknas.py": "eval_lib.commands.search_command",
+           "prune_launch.py": "eval_lib.commands.launch_command",
+           "eval_searched_arch.py": "eval_lib.commands.eval_command"}
 _PYTHON = re.compile(r"python[0-9.]*")
 
 
@@ -86,15 +89,22 @@ def preset_commands(presets: Sequence[str], seeds: Sequence[int], save_root: str
             for name in presets for seed in seeds]
 
 
+def _script(name: str) -> list[str]:
+    """How this interpreter runs one of the project's scripts: the file of this checkout, or (the toolkit installed
+    with pip, no checkout around it) the module behind it."""
+    path = REPO / name
+    return [str(path)] if path.is_file() else ["-m", SCRIPTS[name]]
+
+
 def resolve(argv: Sequence[str]) -> list[str]:
-    """The project's scripts run with this interpreter from this checkout, whatever the current folder;
-    ``python`` is this interpreter (its virtualenv); any other program runs as given (no shell)."""
+    """The project's scripts run with this interpreter from this checkout (or installation), whatever the current
+    folder; ``python`` is this interpreter (its virtualenv); any other program runs as given (no shell)."""
     argv = list(argv)
     if argv[0] in SCRIPTS:
-        return [sys.executable, str(REPO / argv[0]), *argv[1:]]
+        return [sys.executable, *_script(argv[0]), *argv[1:]]
     if _PYTHON.fullmatch(argv[0]):
         if len(argv) > 1 and argv[1] in SCRIPTS and not Path(argv[1]).exists():
-            argv[1] = str(REPO / argv[1])
+            return [sys.executable, *_script(argv[1]), *argv[2:]]
         return [sys.executable, *argv[1:]]
     return argv
 
@@ -148,13 +158,19 @@ def job_folder(argv: Sequence[str]) -> tuple[Path | None, bool]:
     parsers, so every spelling of a flag counts (RFS's --model_path, the launcher's default folder of a fixed seed);
     a line the parser refuses has no folder (the job runs and its log says why). Any other program: the
     --save_dir and --train_after_search it is given."""
-    reader = _FOLDERS.get(Path(argv[1]).name) if len(argv) > 1 and argv[0] == sys.executable else None
+    script, args = None, []
+    if len(argv) > 2 and argv[0] == sys.executable and argv[1] == "-m":
+        script = next((name for name, module in SCRIPTS.items() if module == argv[2]), None)
+        args = list(argv[3:])
+    elif len(argv) > 1 and argv[0] == sys.executable:
+        script, args = Path(argv[1]).name, list(argv[2:])
+    reader = _FOLDERS.get(script)
     if reader is None:
         save = flag_value(argv, "save_dir")
         return (Path(save) if save else None), bool_flag(argv, "train_after_search")
     try:  # quietly: the job's own run says what is wrong with its line, in its log
         with contextlib.redirect_stderr(io.StringIO()):
-            save, train_after = reader(list(argv[2:]))
+            save, train_after = reader(args)
     except (UsageError, SystemExit):  # SystemExit: argparse refused the line
         return None, False
     return (Path(save) if save else None), train_after
