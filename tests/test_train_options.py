@@ -33,15 +33,6 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu(synthetic_mini, tmp_pa
     assert "bf16 autocast, channels_last" in (tmp_path / "train.log").read_text()
 
 
-def test_amp_defaults_bf16_on_cuda_only():
-    cfg = TrainConfig()
-    assert cfg.amp_dtype("cuda") is torch.bfloat16 and cfg.amp_dtype("cpu") is None
-    assert cfg.replace(amp="none").amp_dtype("cuda") is None
-    assert cfg.replace(amp="bf16").amp_dtype("cpu") is torch.bfloat16
-    with pytest.raises(UsageError, match="--amp"):
-        cfg.replace(amp="fp8", genotype="mini-5cell-1").validate()
-
-
 def test_new_flags_parse_and_are_forwarded_after_search():
     args = eval_searched_arch.build_parser().parse_args(
         ["--C", "0.5", "--nonorm", "--proto_rule", "rfs", "--fewshot_backend", "sklearn", "--amp", "none",

@@ -220,10 +220,12 @@ def _fast_path_ok(episode_dataset) -> bool:
     return draws_no_random_numbers(episode_dataset.query_transform, episode_dataset.split.images[plan.query_idx[0]])
 
 
-def _episode_features_fast(episode_dataset, feats: _Features, num_workers: int, pin: bool,
+def _episode_features_fast(episode_dataset, feats: _Features, num_workers: int,
                            episode_batch: int) -> Iterator[tuple]:
     """(support features, support labels, query features, query labels) per group of up to episode_batch
-    episodes, stacked: (e, n, D), (e, n), (e, m, D), (e, m). Queries: each image's features computed once."""
+    episodes, stacked: (e, n, D), (e, n), (e, m, D), (e, m). Queries: each image's features computed once.
+    The episodes' images are concatenated into ordinary (pageable) memory, from which a copy to a GPU is
+    synchronous whatever ``non_blocking`` says: pinning them first would only add a copy."""
     n = len(episode_dataset)
     plans = [episode_dataset.episode_plan(i) for i in range(n)]
     uniq, inverse = np.unique(np.concatenate([p.query_idx for p in plans]), return_inverse=True)
@@ -234,7 +236,7 @@ def _episode_features_fast(episode_dataset, feats: _Features, num_workers: int, 
     qfeat = torch.cat([feats(torch.stack([tf(images[i]) for i in uniq[s:s + 1024]]))
                        for s in range(0, uniq.size, 1024)])
     loader = torch.utils.data.DataLoader(_EpisodeSupports(episode_dataset, plans), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, pin_memory=pin)
+                                         num_workers=num_workers)
     group: list[torch.Tensor] = []
     start = 0
     for sx_img in loader:
@@ -251,7 +253,8 @@ def _episode_features_fast(episode_dataset, feats: _Features, num_workers: int, 
 
 
 def _episode_features_generic(episode_dataset, feats: _Features, num_workers: int, pin: bool) -> Iterator[tuple]:
-    """The same groups (of one episode) from any dataset of (support_xs, support_ys, query_xs, query_ys)."""
+    """The same groups (of one episode) from any dataset of (support_xs, support_ys, query_xs, query_ys); on
+    CUDA the loader pins each episode, whose images then go to the GPU without a host copy in between."""
     loader = torch.utils.data.DataLoader(episode_dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=pin)
     for support_xs, support_ys, query_xs, query_ys in loader:
@@ -369,7 +372,7 @@ def _test_episodes(model: nn.Module, episode_dataset, settings: FewShotSettings,
     feats = _Features(model, device, settings.use_logits, batch_size, settings.inference, tuner)
     pin = device.type == "cuda"
     if _fast_path_ok(episode_dataset):
-        groups = _episode_features_fast(episode_dataset, feats, settings.num_workers, pin, int(settings.episode_batch))
+        groups = _episode_features_fast(episode_dataset, feats, settings.num_workers, int(settings.episode_batch))
     else:
         groups = _episode_features_generic(episode_dataset, feats, settings.num_workers, pin)
     accs: list[float] = []

@@ -81,13 +81,14 @@ MEASURED = tuple(p for p in PROXIES if p not in COMBINATIONS)  # the proxies an 
 
 
 @contextmanager
-def preserved_random_state():
-    """Leaves the global random state of torch (CPU and every CUDA device), numpy and `random` as it was."""
-    state = rng_state()
+def preserved_random_state(device: torch.device | None = None):
+    """Leaves the global random state of torch (the CPU's and ``device``'s generators), numpy and `random` as
+    it was."""
+    state = rng_state(device)
     try:
         yield
     finally:
-        set_rng_state(state)
+        set_rng_state(state, device)
 
 
 def isolated(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]):
@@ -97,7 +98,7 @@ def isolated(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]):
 
     @functools.wraps(fn)
     def proxy(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        with preserved_random_state(), torch.enable_grad():
+        with preserved_random_state(inputs.device), torch.enable_grad():
             return float(fn(copy.deepcopy(net), inputs.detach(), targets.detach()))
 
     return proxy

@@ -51,7 +51,7 @@ from eval_lib.train.checkpoints import read_json
 from eval_lib.train.training_run import TrainingData, train_and_evaluate
 from search_lib.core.errors import FolderInUse, UsageError
 from search_lib.core.run_dir import FolderLock, RunDir, describe_holder
-from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
+from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device, use_device
 
 log = logging.getLogger("metantknas.study")
 
@@ -70,6 +70,7 @@ class StudyWork:
     def __init__(self, cfg: StudyConfig, first: Arch):
         self.cfg = cfg
         self.device = resolve_device(cfg.proxy.device)
+        use_device(self.device)  # its trainings make it current too (run_session), but the proxies come first
         probe = cfg.train_config(first.genotype, "unused")
         TrainingData.load(probe)  # the training data and its test episodes are usable: fails before any write
         self.data = BaselineData.load(probe, cfg.seed)

@@ -1,13 +1,53 @@
 """Training batches made on the device (``--gpu_augment``): the partition's uint8 images held there, the
-training transform applied per sample in batch by `search_lib.data.tensor_augment`."""
+training transform applied per sample in batch by `search_lib.data.tensor_augment`.
+
+By default (CUDA, transform A) the images go to the GPU only where they take at most `GPU_AUGMENT_SHARE` of
+the memory free to the process (`gpu_augment_fits`): tieredImageNet's 448,695 training images at 84x84 are
+about 9.5 GB, more than a 16 GB card can add to a training; miniImageNet's 38,400 are 0.8 GB. Every process
+of a torchrun training holds its own copy on its own GPU, so they all decide together.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
-from search_lib.core.errors import DataError
+from eval_lib.train.train_config import TrainConfig
+from search_lib.core.distributed import World
+from search_lib.core.errors import DataError, RunFailure, UsageError
+from search_lib.core.memory import cuda_free, format_size, is_out_of_memory
 from search_lib.data.tensor_augment import DeviceAugment
+
+logger = logging.getLogger("metantknas.eval")
+
+GPU_AUGMENT_SHARE = 0.25  # of the GPU memory free to the process: the rest is the training's
+
+
+def gpu_augment_fits(nbytes: int, device: torch.device) -> bool:
+    """True when ``nbytes`` of images take at most `GPU_AUGMENT_SHARE` of the memory free to the process on
+    ``device`` (`search_lib.core.memory.cuda_free`: the process's own cached blocks count as free)."""
+    return nbytes <= GPU_AUGMENT_SHARE * cuda_free(device)
+
+
+def use_gpu_augment(cfg: TrainConfig, images, device: torch.device, world: World) -> bool:
+    """Whether the training's batches are made on the device: ``--gpu_augment`` when given (transform A only);
+    by default on CUDA with transform A where every process's GPU has room for the images
+    (`gpu_augment_fits`), else off with one log line."""
+    if not cfg.use_gpu_augment(device.type):
+        return False
+    if cfg.normalised()["transform"] != "A":
+        raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
+    if cfg.gpu_augment is not None or device.type != "cuda":
+        return True
+    nbytes = int(np.asarray(images).nbytes)
+    fits = all(world.gather(gpu_augment_fits(nbytes, device)))  # one decision: the batches of every rank agree
+    if not fits:
+        logger.info("--gpu_augment off: the %s of training images would take more than %d%% of the free GPU "
+                    "memory (%s); the loader augments them (--gpu_augment true forces it)", format_size(nbytes),
+                    round(100 * GPU_AUGMENT_SHARE), format_size(cuda_free(device)))
+    return fits
 
 
 class DeviceBatches:
@@ -22,8 +62,18 @@ class DeviceBatches:
             raise DataError(f"--gpu_augment needs uint8 images (N, H, W, 3), got {images.dtype} {images.shape}; "
                             f"use --gpu_augment false")
         self.device = torch.device(device)
-        self.images = torch.tensor(images, device=self.device)  # a copy: the partition stays read-only
+        try:
+            self.images = torch.tensor(images, device=self.device)  # a copy: the partition stays read-only
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise RunFailure(f"the {format_size(images.nbytes)} of training images do not fit on {self.device} "
+                             f"for --gpu_augment; use --gpu_augment false") from exc
         self.targets = torch.tensor(np.asarray(targets, dtype=np.int64), device=self.device)
+        self.nbytes = int(self.images.nbytes + self.targets.nbytes)
+        if self.device.type == "cuda":
+            logger.info("--gpu_augment: the training images (%s) are held on %s", format_size(self.nbytes),
+                        self.device)
         self.batch_size = int(batch_size)  # the global batch: under torchrun each rank takes every size-th image
         self.rank, self.world_size = int(rank), int(world_size)
         self.augment = DeviceAugment(transform)

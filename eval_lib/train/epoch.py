@@ -71,27 +71,46 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None):
+    """The gradient scaler of an fp16 training (None for bf16 and float32, whose range needs none): fp16's
+    small range makes small gradients underflow to zero unless the loss is scaled up first."""
+    if amp_dtype != torch.float16:
+        return None
+    if hasattr(torch.amp, "GradScaler"):  # torch 2.3 and later, on every device
+        return torch.amp.GradScaler(device.type)
+    if device.type != "cuda":
+        raise UsageError("--amp fp16 on the CPU needs torch 2.3 or later; use --amp bf16 or none")
+    return torch.cuda.amp.GradScaler()
+
+
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer, criterion,
-               amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               amp_dtype: torch.dtype | None = None, scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch: the forward under autocast in ``amp_dtype`` (None: float32), the loss in
-    float32; returns (logits, loss)."""
+    float32; with a ``scaler`` (fp16, `grad_scaler`) the loss is scaled for the backward and the step skipped
+    when the scaled gradients overflowed. Returns (logits, loss)."""
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(images)
     loss = criterion(logits.float(), targets)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return logits, loss
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, desc: str = "train",
                     progress: bool = True, amp_dtype: torch.dtype | None = None,
                     channels_last: bool = False, world: World | None = None,
-                    tuner: ThreadTuner | None = None) -> tuple[float, float]:
+                    tuner: ThreadTuner | None = None, scaler=None) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy in percent).
 
     ``amp_dtype`` (e.g. torch.bfloat16): the forward pass under autocast in that dtype (the loss in
-    float32); None trains in float32. ``channels_last``: feed the images in that memory format.
+    float32); None trains in float32; ``scaler``: fp16's gradient scaler (`grad_scaler`). ``channels_last``: feed
+    the images in that memory format.
     ``world``: under torchrun the loss and accuracy are those of the images of every rank. ``tuner``: on
     the CPU, a `search_lib.core.threads.ThreadTuner` that times the steps and chooses the thread count.
     """
@@ -104,7 +123,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with tuner.step(targets.shape[0]) if tuner is not None else nullcontext():
-            logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype)
+            logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype, scaler)
         n = targets.shape[0]
         total_loss += float(loss.detach()) * n
         correct += int((logits.detach().argmax(1) == targets).sum())

@@ -18,7 +18,7 @@ from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.distributed import launched_size
 from search_lib.core.errors import UsageError
 from search_lib.core.threads import available_cpus
-from search_lib.core.utils import DEVICE_CHOICES
+from search_lib.core.utils import DEVICE_CHOICES, native_bf16
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 
@@ -34,7 +34,7 @@ TRAINING_KEYS = ("dataset", "init_channels", "layers", "stem_multiplier", "fsr",
 # Settings that define the few-shot test: cached results are reused only when these agree.
 EVAL_KEYS = ("n_ways", "n_shots", "n_queries", "n_test_runs", "n_aug_support_samples", "classifier",
              "episode_seed", "eval_splits", "use_logits", "C", "nonorm", "proto_rule")
-AMP_CHOICES = ("bf16", "none")
+AMP_CHOICES = ("bf16", "fp16", "none")
 
 
 # ---- flag value parsers ----
@@ -135,13 +135,15 @@ class TrainConfig:
         "torch / BLAS threads (default: the CPUs this process may use, less the loader workers; the "
         "environment variable METANTKNAS_THREADS also sets it)", type=int, group=_TRAIN))
     amp: str | None = field(default=None, metadata=_after_search(
-        "mixed precision of the training: bf16 or none (float32); default bf16 on CUDA, none on the CPU",
+        "mixed precision of the training: bf16, fp16 (with a gradient scaler) or none (float32); default on "
+        "CUDA bf16 where the GPU runs it natively (Ampere and later), else fp16; none on the CPU",
         type=str, choices=AMP_CHOICES, group=_TRAIN))
     channels_last: bool = field(default=False, metadata=_after_search(
         "train in the channels_last memory format", group=_TRAIN))
     gpu_augment: bool | None = field(default=None, metadata=_after_search(
         "transform A on the device, per sample in batch, from uint8 images held there (default: on with "
-        "CUDA and transform A, else off)", type=bool, group=_TRAIN))
+        "CUDA and transform A where the training images take at most a quarter of the free GPU memory, else "
+        "off)", type=bool, group=_TRAIN))
     # few-shot test (paper: 5-way, 1000 episodes, 50 queries, 5 augmented support copies, LR)
     n_ways: int = field(default=5, metadata=_after_search("classes per episode", group=_TEST))
     n_shots: list[int] = field(default_factory=lambda: [1, 5], metadata=_after_search(
@@ -238,13 +240,17 @@ class TrainConfig:
             return int(self.num_workers)
         return min(4, available_cpus()) if device_type == "cuda" else 0
 
-    def amp_dtype(self, device_type: str) -> torch.dtype | None:
-        """The autocast dtype of the training: bf16 by default on CUDA, none (float32) on the CPU."""
-        amp = self.amp or ("bf16" if device_type == "cuda" else "none")
-        return torch.bfloat16 if amp == "bf16" else None
+    def amp_dtype(self, device: torch.device | str) -> torch.dtype | None:
+        """The autocast dtype of the training (None: float32). Default: on CUDA bf16 where the GPU computes it
+        natively (compute capability 8.0 and later); on older GPUs (V100, T4) bf16 is emulated and slow, and
+        fp16 with a gradient scaler is what their tensor cores run; none (float32) on the CPU."""
+        device = torch.device(device)
+        amp = self.amp or ("none" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     def use_gpu_augment(self, device_type: str) -> bool:
-        """Transform A on the device: the flag, else on with CUDA and transform A."""
+        """Transform A on the device: the flag, else on with CUDA and transform A (and then only where the
+        images fit, `eval_lib.train.device_batches.gpu_augment_fits`)."""
         if self.gpu_augment is not None:
             return bool(self.gpu_augment)
         return device_type == "cuda" and self.transform_name == "A"

@@ -51,8 +51,8 @@ from eval_lib.train.checkpoints import (
     training_run_dir,
     unpack_rng,
 )
-from eval_lib.train.device_batches import DeviceBatches
-from eval_lib.train.epoch import build_optimizer, build_scheduler, epoch_seed, train_one_epoch
+from eval_lib.train.device_batches import DeviceBatches, use_gpu_augment
+from eval_lib.train.epoch import build_optimizer, build_scheduler, epoch_seed, grad_scaler, train_one_epoch
 from eval_lib.train.evaluation import build_episode_sets, evaluate_checkpoint, fewshot_evaluate, results_record
 from eval_lib.train.metrics import append_epoch, epoch_record, truncate_metrics
 from eval_lib.train.network import (
@@ -83,6 +83,7 @@ from search_lib.data import SupervisedDataset
 from search_lib.models.genotypes import Genotype
 
 logger = logging.getLogger("metantknas.eval")
+_PRECISION = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, gradient scaler"}
 
 
 def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> dict:
@@ -146,7 +147,9 @@ class TrainingRun:
         self.keys = TRAINING_KEYS + ("genotype_resolved",)  # the settings a checkpoint must share
         self.net_kwargs = network_kwargs(cfg, data.train_set.num_classes, data.input_shape[0])
         self.epoch, self.train_time_s, self.last = 0, 0.0, {}
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self.scaler = None
+        self.amp_dtype = cfg.amp_dtype(device)
+        self.device_images_bytes = 0  # the training images --gpu_augment holds on the device
         self.cost: dict = {}
         self.train_peak = self.test_peak = None  # memory windows (search_lib.core.memory.Window)
         self.thread_steps: dict[str, int] = {}  # this session's training steps per thread count
@@ -183,7 +186,7 @@ class TrainingRun:
         logger.info("run folder: %s  device: %s%s  precision: %s%s", self.run.path, self.device,
                     f" x {world.size} processes (DistributedDataParallel, {cfg.batch_size // world.size} images "
                     f"per process and step)" if world.active else "",
-                    "bf16 autocast" if cfg.amp_dtype(self.device.type) is not None else "float32",
+                    _PRECISION[self.amp_dtype],
                     ", channels_last" if cfg.channels_last else "")
 
     def _build(self, ckpt: dict | None) -> None:
@@ -199,6 +202,7 @@ class TrainingRun:
             model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = grad_scaler(self.device, self.amp_dtype)
         if world.active and world.rank > 0:  # rank 0 keeps the single-process stream; the others draw their own
             set_seed(rank_seed(cfg.seed, world.rank))
         if ckpt is None:
@@ -206,7 +210,9 @@ class TrainingRun:
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(unpack_rng(_own_rng(ckpt, world, cfg.seed)))
+        if self.scaler is not None and ckpt.get("scaler"):  # fp16: the loss scale reached, not the initial one
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(unpack_rng(_own_rng(ckpt, world, cfg.seed, self.device)), self.device)
         self.epoch, self.train_time_s = int(ckpt["epoch"]), float(ckpt.get("train_time_s", 0.0))
         self.last = dict(ckpt.get("last_metrics", {}))
         if self.epoch < cfg.epochs:
@@ -227,6 +233,7 @@ class TrainingRun:
         if world.is_main:
             truncate_metrics(self.run.path, self.epoch, self.last)
         batches = _EpochBatches(cfg, self.data, self.device, world)
+        self.device_images_bytes = batches.device_batches.nbytes if batches.device_batches is not None else 0
         trained = self.model
         if world.active:
             trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
@@ -260,8 +267,8 @@ class TrainingRun:
         lr = self.optimizer.param_groups[0]["lr"]
         loss, acc = train_one_epoch(trained, batches.epoch(epoch), self.optimizer, self.device,
                                     desc=f"epoch {epoch + 1}", progress=cfg.progress and self.world.is_main,
-                                    amp_dtype=cfg.amp_dtype(self.device.type), channels_last=cfg.channels_last,
-                                    world=self.world, tuner=tuner)
+                                    amp_dtype=self.amp_dtype, channels_last=cfg.channels_last,
+                                    world=self.world, tuner=tuner, scaler=self.scaler)
         if not math.isfinite(loss):
             raise RunFailure(f"training diverged (loss {loss} in epoch {epoch + 1}); lower --learning_rate")
         self.scheduler.step()
@@ -277,7 +284,7 @@ class TrainingRun:
     def _save(self) -> None:
         """The checkpoint of the epochs done (self-describing: genotype, network, shapes) and the epoch's
         metrics record; every rank's random-number stream is kept, for an exact resume."""
-        rng = pack_rng(rng_state())
+        rng = pack_rng(rng_state(self.device))
         rng_ranks = self.world.gather(rng) if self.world.active else None
         if not self.world.is_main:
             return
@@ -289,6 +296,7 @@ class TrainingRun:
             "scheduler": self.scheduler.state_dict(), "config": self.conf, "rng": rng,
             "train_time_s": self.train_time_s, "last_metrics": self.last,
             **({"rng_ranks": rng_ranks} if rng_ranks else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         })
         append_epoch(self.run.path, self.last)
         self.board.epoch(self.last)  # --tensorboard (does nothing without it)
@@ -314,7 +322,9 @@ class TrainingRun:
 
     def _results(self, fewshot: dict, eval_time_s: float) -> dict:
         cfg = self.cfg
-        memory = {"train": peak_memory_record(self.device, self.train_peak),
+        # --gpu_augment's images are part of the training's peak; how much of it they are is said apart
+        memory = {"train": peak_memory_record(self.device, self.train_peak)
+                  | ({"gpu_augment_bytes": self.device_images_bytes} if self.device_images_bytes else {}),
                   "test": peak_memory_record(self.device, self.test_peak)}
         return results_record(
             "train", self.genotype, self.cost, cfg, cfg.data, cfg.seed, fewshot, memory,
@@ -334,9 +344,7 @@ class _EpochBatches:
         train_set = data.train_set
         self.generator = torch.Generator()
         self.device_batches = self.sampler = None
-        if cfg.use_gpu_augment(device.type):
-            if cfg.normalised()["transform"] != "A":
-                raise UsageError("--gpu_augment implements transform A only; use --gpu_augment false or --transform A")
+        if use_gpu_augment(cfg, train_set.split.images, device, world):
             self.device_batches = DeviceBatches(train_set.split.images, train_set.targets, device, cfg.batch_size,
                                                 train_set.transform, world.rank, world.size)
         if world.active:  # each rank a seeded shard of the same permutation (padded to equal lengths)
@@ -360,7 +368,7 @@ def rank_seed(seed: int, rank: int) -> int:
     return epoch_seed(seed, -1 - int(rank))
 
 
-def _own_rng(ckpt: dict, world: World, seed: int):
+def _own_rng(ckpt: dict, world: World, seed: int, device: torch.device):
     """This rank's saved random-number state; a run resumed with another number of processes reseeds."""
     states = ckpt.get("rng_ranks")
     if not world.active and not states:
@@ -370,7 +378,7 @@ def _own_rng(ckpt: dict, world: World, seed: int):
     logger.warning("the checkpoint was written by %d process(es), this run has %d: reseeding the random numbers "
                    "(the data order stays the same)", len(states) if states else 1, world.size)
     set_seed(rank_seed(seed + int(ckpt["epoch"]), world.rank))
-    return pack_rng(rng_state())
+    return pack_rng(rng_state(device))
 
 
 def _finished_results(run: RunDir, ckpt: dict | None, cfg: TrainConfig, conf: dict, keys) -> dict | None:

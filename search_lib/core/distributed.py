@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from search_lib.core.errors import UsageError
+from search_lib.core.utils import use_device
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,12 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun set up (once per process); returns the world and this rank's device.
 
     On CUDA each rank takes ``cuda:LOCAL_RANK``; on the CPU the backend is gloo. Outside torchrun this is a
-    world of one and ``device`` is returned as it is.
+    world of one and ``device`` is returned as it is. Either way the CUDA device is made the current one
+    (`search_lib.core.utils.use_device`).
     """
     global _WORLD
     if not launched():
+        use_device(device)
         return _WORLD, device
     if not dist.is_initialized():
         if device.type == "cuda":

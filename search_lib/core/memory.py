@@ -15,9 +15,10 @@ What is measured
 The budget
     ``--memory_budget`` bounds the peak of that measure for the whole process: on the CPU its resident set
     (the interpreter, torch, the data and the networks included), on CUDA the bytes torch allocates on the
-    device. Default: on CUDA 80% of the device's free memory when the run starts; on the CPU the smaller
-    of 4 GiB and half of the available memory (``MemAvailable`` of /proc/meminfo, or what the process's
-    memory cgroup still allows when that is less).
+    device. Default: on CUDA 80% of the device's memory still free for the process when the run starts
+    (free memory and the process's own cached, unused blocks, `cuda_free`) plus what it has allocated already;
+    on the CPU the smaller of 4 GiB and half of the available memory (``MemAvailable`` of /proc/meminfo, or
+    what the process's memory cgroup still allows when that is less).
 """
 
 from __future__ import annotations
@@ -143,11 +144,19 @@ def available_memory() -> int | None:
     return min(values) if values else None
 
 
+def cuda_free(device: torch.device) -> int:
+    """Bytes this process can still allocate on a CUDA device: the device's free memory plus the blocks
+    torch's caching allocator holds for the process without using them. ``mem_get_info`` counts those
+    cached blocks as used, so a process that has worked on the device before (the proxy study's second and
+    third scorers, a training after its search) would otherwise see too little."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) + max(0, int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device)))
+
+
 def default_budget(device: torch.device) -> int:
     """The budget when ``--memory_budget`` is auto: see the module's docstring."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(CUDA_FREE_SHARE * free) + torch.cuda.memory_allocated(device)
+        return int(CUDA_FREE_SHARE * cuda_free(device)) + torch.cuda.memory_allocated(device)
     available = available_memory()
     if available is None:
         return CPU_DEFAULT_CAP

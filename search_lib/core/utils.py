@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import random
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,24 +57,68 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Snapshot of every random-number generator the toolkit uses (for resumable runs)."""
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device when it names one by index (``--device cuda:N``, ``--gpu N``).
+
+    Pinned host memory, cuBLAS handles and ``torch.cuda.current_device()`` follow the current device, not
+    the device of the tensors: without this a run on cuda:1 also opens a CUDA context (about 0.5 GB) on
+    GPU 0, someone else's GPU on a shared machine, and fails where GPU 0 is full or exclusive to a process.
+    """
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when the CUDA device computes bfloat16 natively (compute capability 8.0 and later).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says True where bf16 is only emulated (a V100 or a T4),
+    and slow; ``including_emulation=False`` asks for the hardware. PyTorch versions without that argument
+    are asked for the compute capability itself.
+    """
+    if device.type != "cuda":
+        return False
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        # it answers for the current device: the run's (`use_device`), or the one named here
+        with torch.cuda.device(device.index) if device.index is not None else nullcontext():
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Snapshot of every random-number generator the toolkit uses (for resumable runs): Python's, numpy's,
+    torch's CPU generator and, when ``device`` is a CUDA device, that device's generator alone (a run
+    resumed with fewer GPUs visible has no generator for the others; see `set_rng_state`)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore a `rng_state` snapshot; its CUDA generator goes to ``device`` (the device this run uses, which
+    may have another index than the saving run's, e.g. after ``CUDA_VISIBLE_DEVICES`` changed). A snapshot
+    of an earlier version holds every visible GPU's generator: the one at ``device``'s index is restored when
+    there is one, else the device keeps its seeded generator. Without a CUDA ``device`` the CUDA state is
+    not used (a run resumed on the CPU)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):  # get_rng_state_all() of every GPU the saving run could see
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(saved):
+            logging.getLogger("metantknas").warning(
+                "the saved random-number state has no generator for %s (it holds %d GPU(s)); that GPU's random "
+                "numbers start from the seed", device, len(saved))
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def config_diff(old: dict, new: dict, keys=None) -> list[str]:

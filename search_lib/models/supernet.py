@@ -143,8 +143,27 @@ class Supernet(nn.Module):
         return self.alphas_normal, self.alphas_reduce
 
     def set_alphas(self, normal: torch.Tensor, reduce: torch.Tensor) -> None:
+        """Copy the alphas into the buffers and keep their op weights as Python floats, computed from the
+        values given (on the host), so that `forward` never reads the buffers back from the device."""
         self.alphas_normal.copy_(normal)
         self.alphas_reduce.copy_(reduce)
+        dtype = self.alphas_normal.dtype  # the buffers' rounding, so the weights are those of the buffers
+        self._host_weights = (self._versions(), self.edge_weights(normal.detach().to("cpu", dtype)),
+                              self.edge_weights(reduce.detach().to("cpu", dtype)))
+
+    def _versions(self) -> tuple:
+        """The buffers themselves and their version counters (an in-place change, load_state_dict included,
+        raises a counter; ``.to(device)`` makes new buffers): the op weights kept by `set_alphas` are those of
+        the buffers exactly while this is unchanged."""
+        return self.alphas_normal, self.alphas_normal._version, self.alphas_reduce, self.alphas_reduce._version
+
+    def _edge_weights_now(self) -> tuple[list[list[float]], list[list[float]]]:
+        kept = getattr(self, "_host_weights", None)
+        if kept is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                    for a, b in zip(kept[0], self._versions())):
+            return kept[1], kept[2]
+        # alphas changed by other means than set_alphas: read them (a device-to-host copy on a GPU)
+        return self.edge_weights(self.alphas_normal), self.edge_weights(self.alphas_reduce)
 
     def weights(self) -> Iterator[nn.Parameter]:
         """The network weights (everything but the architecture parameters)."""
@@ -189,8 +208,7 @@ class Supernet(nn.Module):
         if getattr(self, "_candidates", None) is not None:
             w_normal, w_reduce = self._candidates
         else:
-            w_normal = self.edge_weights(self.alphas_normal)
-            w_reduce = self.edge_weights(self.alphas_reduce)
+            w_normal, w_reduce = self._edge_weights_now()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)

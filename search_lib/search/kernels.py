@@ -26,6 +26,36 @@ INFINITE_TIME = 1000.0  # inner_lr_time >= this is treated as infinite training 
 PARAMS_TYPES = ("w", "wb")
 
 
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full float32 on CUDA while inside: TF32 off for cuDNN's
+    convolutions and cuBLAS's products, the settings before restored on exit.
+
+    With the defaults of recent PyTorch, cuDNN convolutions of float32 tensors run in TF32 (a 10-bit
+    mantissa) on Ampere and later GPUs, the per-sample weight gradients of the kernels included. That moves
+    κ by 0.7-2.1% (emulated for a C=8, 5-cell MetaNTK supernet) where neighbouring candidates' Δκ differ in
+    the third decimal, so a GPU would rank candidates differently from the CPU and from run to run. The
+    flags change nothing on the CPU. PyTorch 2.9 and later have per-backend precision settings
+    (``fp32_precision``: reading the old ``allow_tf32`` flags fails once the new ones differ between
+    operations), older versions the ``allow_tf32`` flags only.
+    """
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        saved = (torch.backends.cuda.matmul.fp32_precision, cudnn_conv.fp32_precision)
+        torch.backends.cuda.matmul.fp32_precision = cudnn_conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.fp32_precision, cudnn_conv.fp32_precision = saved
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def kernel_parameters(model: nn.Module, params_types: str = "w") -> list[nn.Parameter]:
     """Weights (and with "wb" biases) of every Conv and Linear layer; norm-layer parameters excluded."""
     if params_types not in PARAMS_TYPES:
@@ -304,5 +334,5 @@ def condition_number(K: torch.Tensor, context: str = "") -> float:
     return kappa
 
 
-__all__ = ["empirical_ntk", "analytical_metantk", "condition_number", "metantk_kernels", "MetaNTKModel",
+__all__ = ["full_float32", "empirical_ntk", "analytical_metantk", "condition_number", "metantk_kernels", "MetaNTKModel",
            "kernel_parameters", "per_sample_gradients", "gram_by_group", "gram_blocks", "KAPPA_SENTINEL"]

@@ -16,8 +16,8 @@ threads when the run shares its cores with other busy processes. Neither changes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ from search_lib.search.kernels import (
     MetaNTKModel,
     analytical_metantk,
     condition_number,
+    full_float32,
     gram_blocks,
     gram_by_group,
     kernel_parameters,
@@ -103,12 +104,15 @@ class CandidateScorer:
         for tuner in self.tuners.values():
             tuner.close()
 
-    def _step(self, kind: str, work: int):
-        """One pass of ``kind`` through its thread tuner (which only counts it when nothing is tuned). Passes of
-        every size are timed, the first ones too: under load the choice must come before the large passes, and
-        it rests on the share of its cores a pass got, which its size does not change (with ``trust_fair`` the
-        times of two counts are compared only on a box of more than two cores)."""
-        return self.tuners[kind].step(work)
+    @contextmanager
+    def _step(self, kind: str, work: int) -> Iterator[None]:
+        """One pass of ``kind`` in full float32 (`full_float32`: no TF32 on a GPU, so that a GPU finds the CPU's
+        scores) through its thread tuner (which only counts it when nothing is tuned). Passes of every size are
+        timed, the first ones too: under load the choice must come before the large passes, and it rests on
+        the share of its cores a pass got, which its size does not change (with ``trust_fair`` the times of two
+        counts are compared only on a box of more than two cores)."""
+        with full_float32(), self.tuners[kind].step(work):
+            yield
 
     # ---- one repeat ----
     def begin_repeat(self, seed: int) -> None:
@@ -142,11 +146,12 @@ class CandidateScorer:
             return float("nan")
         self.supernet.set_alphas(*alphas_from_alive(alive))
         with self._step("kernel", 1):
-            grams = gram_by_group(self._gsm, self._inputs, self.groups)
+            grams = on_host(gram_by_group(self._gsm, self._inputs, self.groups))
         return self._kappa_of(grams["theta"], grams.get("head"), context)
 
     def _kappa_of(self, theta: torch.Tensor, head: torch.Tensor | None, context: str) -> float:
-        """κ of the NTK Θ, or of the analytical MetaNTK built from Θ (and the head kernel for ANIL)."""
+        """κ of the NTK Θ, or of the analytical MetaNTK built from Θ (and the head kernel for ANIL); the kernels
+        are on the host (`on_host`)."""
         cfg = self.cfg
         if cfg.meta:
             per_task = cfg.n_ways
@@ -189,7 +194,7 @@ class CandidateScorer:
         self.supernet.set_candidates(normal, reduce, n)
         try:
             with self._step("kernel", n_arch):
-                grams = gram_blocks(self._gsm, self._inputs.repeat(n_arch, 1, 1, 1), self.groups, n_arch)
+                grams = on_host(gram_blocks(self._gsm, self._inputs.repeat(n_arch, 1, 1, 1), self.groups, n_arch))
         finally:
             self.supernet.clear_candidates()
         head = grams.get("head")
@@ -290,6 +295,21 @@ class CandidateScorer:
             self._steps_seen[kind] = len(tuner.history)
         return {"pass_size": stats.largest, "passes": stats.passes, "oom_splits": stats.oom_splits,
                 "budget_bytes": self.budget, "threads": threads}
+
+
+def on_host(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The kernels of a pass on the host, in one device-to-host copy.
+
+    What follows is small float64 linear algebra per task and candidate (``pinv``, ``matrix_exp``, ``eigvalsh``
+    of 5x5 to 30x30 blocks, finiteness checks): on a GPU each would be a launch and a host synchronisation.
+    The CPU's kernels are returned as they are (the same tensors: the CPU's scores do not change).
+    """
+    if all(g.device.type == "cpu" for g in grams.values()):
+        return grams
+    names = list(grams)
+    flat = torch.cat([grams[k].reshape(-1) for k in names]).cpu()
+    parts = flat.split([grams[k].numel() for k in names])
+    return {k: part.view(grams[k].shape) for k, part in zip(names, parts)}
 
 
 class _PassOutOfMemory(Exception):
