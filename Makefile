@@ -12,7 +12,8 @@ STUDY_DIR ?= runs/proxy_study
 # busy; --dist loadfile keeps a file's module-scoped runs on one worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared clean-demo clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared gpu-check clean-demo \
+  clean-study
 
 setup: $(STAMP)
 
@@ -73,6 +74,13 @@ bench-transforms: $(STAMP)
 # two demo searches (and two training epochs) side by side against one alone: the thread tuners' fairness
 bench-shared: $(STAMP)
 	$(PY) -m benchmarks.bench_shared --what search,train
+
+# On a CUDA machine: the -m gpu tests, the paper's search preset timed, a short training and its few-shot test,
+# the demo search's genotype on the CPU and on the GPU; at most 9 minutes (docs/benchmarks.md). Not in `make test`.
+GPU_CHECK_DIR ?= runs/gpu_check
+
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --out $(GPU_CHECK_DIR)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

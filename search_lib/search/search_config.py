@@ -69,8 +69,9 @@ class SearchConfig:
         "most architectures scored per pass of the networks: 0 lets the measured memory choose (within "
         "--memory_budget), 1 scores one at a time (the reference path)", group=_SEARCH))
     memory_budget: str = field(default="auto", metadata=flag(
-        "peak memory the search may use, with a unit (e.g. 8GB, 512MB); auto: on CUDA 80%% of the GPU's free "
-        "memory at the start, on the CPU the smaller of 4 GiB and half of the available memory", group=_SEARCH))
+        "peak memory the search may use, with a unit (e.g. 8GB, 512MB); auto: on CUDA 80%% of the GPU memory free "
+        "to the process at the start, on the CPU the smaller of 4 GiB and half of the available memory",
+        group=_SEARCH))
     threads: int | None = field(default=None, metadata=flag(
         "torch / BLAS threads, fixed (default: one per CPU of the process's affinity, fewer while other busy "
         "processes share the cores; METANTKNAS_THREADS or OMP_NUM_THREADS also fix it)", type=int, group=_SEARCH))
