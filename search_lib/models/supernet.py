@@ -200,7 +200,9 @@ class Supernet(nn.Module):
     def _sample_weights(self, alphas: torch.Tensor, samples_each: int, ref: torch.Tensor) -> list[SampleWeights]:
         probs = self.edge_probs(alphas)  # (B, E, O)
         runs = (probs > 0).any(dim=0).tolist()
-        per_sample = probs.to(ref.device, ref.dtype).repeat_interleave(samples_each, dim=0)  # (B*n, E, O)
+        # non_blocking: a copy from ordinary host memory returns once its source is staged, without waiting
+        # for the device to finish its queue (as a blocking copy does)
+        per_sample = probs.to(ref.device, ref.dtype, non_blocking=True).repeat_interleave(samples_each, dim=0)
         return [SampleWeights([per_sample[:, e, o].reshape(-1, 1, 1, 1).contiguous() if run else None
                                for o, run in enumerate(row)]) for e, row in enumerate(runs)]
 
