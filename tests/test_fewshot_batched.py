@@ -172,7 +172,7 @@ def test_fast_features_are_the_per_episode_features(synthetic_mini):
     ds = _episodes(synthetic_mini, shots=2)
     net = _Net().eval()
     feats = _Features(net, torch.device("cpu"), False, 7)  # odd batch size: chunks cross episodes
-    groups = list(_episode_features_fast(ds, feats, num_workers=0, pin=False, episode_batch=2))
+    groups = list(_episode_features_fast(ds, feats, num_workers=0, episode_batch=2))
     assert [g[0].shape[0] for g in groups] == [2, 2, 1]
     sx = torch.cat([g[0] for g in groups])
     qx = torch.cat([g[2] for g in groups])
@@ -189,7 +189,7 @@ def test_parity_on_tiny_network_features(synthetic_mini, shots, seed):
     ds = EpisodeDataset("MiniImageNet", synthetic_mini, partition="test", n_ways=5, n_shots=shots, n_queries=5,
                         n_aug_support_samples=5, n_test_runs=12, image_size=16, seed=seed)
     feats = _Features(_Net().eval(), torch.device("cpu"), False, 256)
-    groups = list(_episode_features_fast(ds, feats, num_workers=0, pin=False, episode_batch=100))
+    groups = list(_episode_features_fast(ds, feats, num_workers=0, episode_batch=100))
     sx, sy, qx, qy = (torch.cat([g[k] for g in groups]) for k in range(4))
     sx = torch.from_numpy(np.stack([l2_normalize(a) for a in sx.double().numpy()]))
     qx = torch.from_numpy(np.stack([l2_normalize(a) for a in qx.double().numpy()]))
