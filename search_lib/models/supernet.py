@@ -162,8 +162,11 @@ class Supernet(nn.Module):
         if kept is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
                                     for a, b in zip(kept[0], self._versions())):
             return kept[1], kept[2]
-        # alphas changed by other means than set_alphas: read them (a device-to-host copy on a GPU)
-        return self.edge_weights(self.alphas_normal), self.edge_weights(self.alphas_reduce)
+        # alphas changed by other means than set_alphas (or moved, copied): read them once (a device-to-host
+        # copy on a GPU) and keep what was read
+        self._host_weights = (self._versions(), self.edge_weights(self.alphas_normal),
+                              self.edge_weights(self.alphas_reduce))
+        return self._host_weights[1], self._host_weights[2]
 
     def weights(self) -> Iterator[nn.Parameter]:
         """The network weights (everything but the architecture parameters)."""

@@ -35,9 +35,9 @@ def full_float32() -> Iterator[None]:
     mantissa) on Ampere and later GPUs, the per-sample weight gradients of the kernels included. That moves
     κ by 0.7-2.1% (emulated for a C=8, 5-cell MetaNTK supernet) where neighbouring candidates' Δκ differ in
     the third decimal, so a GPU would rank candidates differently from the CPU and from run to run. The
-    flags change nothing on the CPU. PyTorch 2.9 and later have per-backend precision settings
-    (``fp32_precision``: reading the old ``allow_tf32`` flags fails once the new ones differ between
-    operations), older versions the ``allow_tf32`` flags only.
+    flags change nothing on the CPU. Recent PyTorch versions have per-operation precision settings
+    (``fp32_precision``; reading the older ``allow_tf32`` flags fails once those differ between operations),
+    older ones the ``allow_tf32`` flags only.
     """
     cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
     if cudnn_conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
