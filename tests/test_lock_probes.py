@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 from test_batch_runs import ENV, SEARCH_FAST, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
+from test_proxy_study import _argv as _study_argv
 
 import prune_metantknas
 import search_lib.core.folder_lock as folder_lock
 import search_lib.search.search_run as search_run
+from eval_lib.commands import study_command
 from search_lib.core.errors import FolderInUse
 from search_lib.core.file_systems import NETWORK_FILE_SYSTEMS, file_system_type
 from search_lib.core.folder_lock import LOCK_FILE, FolderLock
@@ -96,6 +98,14 @@ def test_a_search_finding_its_folder_finished_meanwhile_reports_it(synthetic_min
     out = capsys.readouterr().out
     assert f"search already finished in {run}" in out
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_summarize_holds_the_study_lock(synthetic_mini, tmp_path, capsys):
+    save_dir = tmp_path / "study"
+    save_dir.mkdir()
+    with FolderLock(save_dir).hold("x"):  # an --overwrite of the study, say
+        assert study_command.main(_study_argv(synthetic_mini, save_dir, "--summarize")) == 2
+    assert f"pid {ME}" in _error_line(capsys.readouterr().err)
 
 
 # ---- network file systems ------------------------------------------------------------------------------------

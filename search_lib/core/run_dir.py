@@ -150,9 +150,9 @@ class RunDir:
         temporary files of a killed run are removed, and with ``overwrite`` rank 0 then removes the earlier
         outputs (only once the lock keeps everyone else out).
 
-        True (nothing removed) when another process wrote the run's files between an early look that could
-        not lock the folder and now: what was read then is out of date, so read the folder again (under the
-        lock now) and claim again."""
+        True when another process wrote the run's files between an early look that could not lock the folder
+        and now (never with ``overwrite``): what was read then is out of date, so read the folder again (under
+        the lock now) and claim again."""
         world = world or World()
         if world.is_main:
             self.create(verb=verb)
@@ -161,15 +161,13 @@ class RunDir:
         self._unlocked_look = None
         if world.active:
             changed = world.gather(changed)[0]
-        if changed:
-            return True
         if world.is_main:
             removed = remove_temporaries(self.path, self.names())
             if removed:
                 self.logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), self.path)
             if overwrite:
                 self.clear()
-        return False
+        return changed
 
     def _look(self) -> tuple:
         """What identifies the run's recorded files now: (name, inode, mtime, size) of each present."""
