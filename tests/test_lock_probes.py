@@ -130,7 +130,8 @@ def network(monkeypatch):
 def _foreign_lease(folder: Path, host: str, pid: int, expires_in: float) -> None:
     """A lease as flufl.lock leaves it for a holder on ``host``: a claim file named after it, hard-linked as
     ``.lease``, its time the lease's expiry."""
-    claim = folder / f".lease|{host}|{pid}|12345"
+    sep = folder_lock.SEPARATOR
+    claim = folder / f".lease{sep}{host}{sep}{pid}{sep}12345"
     claim.write_text(str(claim))
     os.link(claim, folder / ".lease")
     when = time.time() + expires_in
@@ -161,7 +162,7 @@ def test_an_expired_lease_is_stale_and_taken_only_with_break_stale_lock(tmp_path
     assert FolderLock(run).holder()["stale"]
     assert prune_metantknas.main([*argv, "--break_stale_lock"]) == 0
     assert (run / "done").exists() and not (run / ".lease").exists()  # released at the end
-    assert not [p.name for p in run.iterdir() if "|" in p.name]  # no claim file left, the old one's neither
+    assert not [p.name for p in run.iterdir() if folder_lock.SEPARATOR in p.name]  # no claim file left, nor the old
 
 
 @pytest.mark.usefixtures("network")

@@ -155,6 +155,9 @@ def _lease_class():
     return Lease
 
 
+# The separator of the claim files' names (``.lease^<host>^<pid>^<random>``): flufl.lock's ``|`` is not allowed in a
+# file name on CIFS/SMB shares.
+SEPARATOR = "^"
 # A timeout already past: ``Lock.lock`` tries once and raises TimeOutError, and never reaches the library's own
 # breaking of an expired lease (which it does only after a failed try that has not timed out).
 ONE_TRY = timedelta(seconds=-1)
@@ -318,7 +321,7 @@ class FolderLock:
                                    "not a regular file")
         except FileNotFoundError:
             pass
-        lease = _lease_class()(str(self.lease_path), lifetime=timedelta(seconds=LEASE_S))
+        lease = _lease_class()(str(self.lease_path), lifetime=timedelta(seconds=LEASE_S), separator=SEPARATOR)
         deadline = time.monotonic() + PROBE_GRACE_S
         while True:
             try:
@@ -387,6 +390,6 @@ class FolderLock:
         """The record of another process holding the lock exclusively ({} when unnamed); None when it is free
         or only shared (or there is no lock file). A probe: it takes no lock (see the module's text)."""
         if self.network is not None and os.path.lexists(self.lease_path):
-            record = lease_holder(_lease_class()(str(self.lease_path)), self.path)
+            record = lease_holder(_lease_class()(str(self.lease_path), separator=SEPARATOR), self.path)
             return None if record is None or record.get("gone") else record  # a gone holder's run is over
         return _flock_holder(self.path)
