@@ -50,7 +50,7 @@ from eval_lib.study.study_stats import format_table, summarize
 from eval_lib.train.checkpoints import read_json
 from eval_lib.train.training_run import TrainingData, train_and_evaluate
 from search_lib.core.errors import FolderInUse, UsageError
-from search_lib.core.folder_lock import FolderLock, describe_holder
+from search_lib.core.folder_lock import FolderLock, describe_holder, in_use_message
 from search_lib.core.run_dir import RunDir
 from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
 
@@ -210,8 +210,10 @@ def _brief(record: dict) -> str:
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
     """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present
     (or ``partial``); one process at a time (the summary's lock, waited for)."""
-    lock = FolderLock(run.path, SUMMARY_LOCK)
-    lock.acquire(wait=True)
+    lock = FolderLock(run.path, SUMMARY_LOCK, break_stale=run.lock.break_stale)
+    holder = lock.acquire(wait=True)  # waits for a live holder; a stale lease (network file systems) is refused
+    if holder is not None:
+        raise FolderInUse(in_use_message(f"the summary of {run.path}", holder))
     try:
         return _write_outputs(run, cfg, archs, partial)
     finally:
