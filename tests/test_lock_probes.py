@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_batch_runs import ENV, SEARCH_FAST, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
+from test_batch_runs import ENV, SEARCH_FAST, _error_line
 from test_proxy_study import _argv as _study_argv
 
 import prune_metantknas
@@ -74,16 +74,39 @@ def test_a_probe_held_while_a_run_starts_does_not_make_it_refuse(tmp_path):
         stays.wait(timeout=30)
 
 
-@pytest.mark.usefixtures("two_ops")
-def test_a_search_finding_its_folder_finished_meanwhile_reports_it(synthetic_mini, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def finished_search(synthetic_mini, tmp_path_factory):
+    """(argv, folder) of a finished tiny search (linear regions only, two ops per edge) with a drawn seed."""
+    import numpy as np
+
+    import search_lib.search.pruning as pruning
+    from search_lib.models.ops import space_ops
+
+    ops = space_ops("darts_fewshot")
+
+    def initial_alive(self):
+        alive = np.zeros((2, len(self.keys), len(self.ops)), dtype=bool)
+        alive[:, :, [ops.index("skip_connect"), ops.index("sep_conv_3x3")]] = True
+        return alive
+
+    argv = [*SEARCH_FAST, "--rand_seed", "-1", "--data_path", str(synthetic_mini)]  # the last --rand_seed wins
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pruning.PruningSearch, "initial_alive", initial_alive)
+        assert prune_metantknas.main([*argv, "--save_dir", str(folder)]) == 0
+    return argv, folder
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_search_finding_its_folder_finished_meanwhile_reports_it(finished_search, tmp_path, monkeypatch, capsys):
     """Another process creates and finishes the search in the folder after this one's first look (there was no
     folder then) and before its lock: this one reports the finished search, and neither restarts it nor writes
     the seed it drew (--rand_seed -1) into its config.json."""
-    argv = [*SEARCH_FAST, "--rand_seed", "-1", "--data_path", str(synthetic_mini)]  # the last --rand_seed wins
-    other = tmp_path / "other"
-    assert prune_metantknas.main([*argv, "--save_dir", str(other)]) == 0
-    (other / LOCK_FILE).write_text("")  # released, as the other process left it
-    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    argv, other = finished_search
+    before = _snapshot(other)
     run = tmp_path / "run"
     real = search_run._check_inputs
 
@@ -95,9 +118,8 @@ def test_a_search_finding_its_folder_finished_meanwhile_reports_it(synthetic_min
     monkeypatch.setattr(search_run, "_check_inputs", meanwhile)
     capsys.readouterr()
     assert prune_metantknas.main([*argv, "--save_dir", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert f"search already finished in {run}" in out
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert f"search already finished in {run}" in capsys.readouterr().out
+    assert _snapshot(run) == before
 
 
 def test_summarize_holds_the_study_lock(synthetic_mini, tmp_path, capsys):
@@ -149,19 +171,20 @@ def test_a_live_lease_is_refused_even_with_break_stale_lock(tmp_path):
     assert FolderLock(tmp_path).holder()["pid"] == 4242
 
 
-@pytest.mark.usefixtures("network", "two_ops")
-def test_an_expired_lease_is_stale_and_taken_only_with_break_stale_lock(tmp_path, synthetic_mini, capsys):
+@pytest.mark.usefixtures("network")
+def test_an_expired_lease_is_stale_and_taken_only_with_break_stale_lock(finished_search, tmp_path, capsys):
+    argv, finished = finished_search
     run = tmp_path / "run"
-    run.mkdir()
-    _foreign_lease(run, "node7.cluster", 4242, expires_in=-120)
-    argv = [*SEARCH_FAST, "--data_path", str(synthetic_mini), "--save_dir", str(run)]
-    assert prune_metantknas.main(argv) == 2
+    shutil.copytree(finished, run)
+    _foreign_lease(run, "node7.cluster", 4242, expires_in=-120)  # its node crashed two minutes ago
+    before = _snapshot(run)
+    assert prune_metantknas.main([*argv, "--save_dir", str(run)]) == 2
     line = _error_line(capsys.readouterr().err)
     assert "pid 4242 on host node7.cluster" in line and "stale" in line and "--break_stale_lock" in line, line
-    assert (run / ".lease").exists() and not (run / "config.json").exists()
-    assert FolderLock(run).holder()["stale"]
-    assert prune_metantknas.main([*argv, "--break_stale_lock"]) == 0
-    assert (run / "done").exists() and not (run / ".lease").exists()  # released at the end
+    assert _snapshot(run) == before and FolderLock(run).holder()["stale"]
+    assert prune_metantknas.main([*argv, "--save_dir", str(run), "--break_stale_lock"]) == 0
+    assert f"search already finished in {run}" in capsys.readouterr().out
+    assert not (run / ".lease").exists() and (run / LOCK_FILE).read_text() == ""  # taken, then released
     assert not [p.name for p in run.iterdir() if folder_lock.SEPARATOR in p.name]  # no claim file left, nor the old
 
 
