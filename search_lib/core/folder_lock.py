@@ -140,12 +140,21 @@ def _flock_holder(path: Path) -> dict | None:
 
 # ---- leases (network file systems) -------------------------------------------------------------------------
 
+def flufl_lock():
+    """The flufl.lock package (imported only where a folder needs a lease); RunFailure when it is missing."""
+    try:
+        import flufl.lock
+    except ImportError:
+        raise RunFailure("this run folder is on a network file system, where it is locked with a lease of the "
+                         "flufl.lock package, which is not installed; pip install flufl.lock (see "
+                         "requirements.txt)") from None
+    return flufl.lock
+
+
 @functools.cache
 def _lease_class():
-    """flufl.lock's Lock with a take-over of a stale lease (imported only where a folder needs a lease)."""
-    from flufl.lock import Lock
-
-    class Lease(Lock):
+    """flufl.lock's Lock with a take-over of a stale lease."""
+    class Lease(flufl_lock().Lock):
         def take_over(self) -> None:
             """Break the expired or orphaned lease (the library's own breaking: its lock file and the claim file
             it names), then try once to take it."""
@@ -179,12 +188,10 @@ def _pid_alive(pid: int) -> bool:
 def lease_holder(lease, record_path: Path) -> dict | None:
     """The holder of a lease (a flufl.lock Lock): its record, ``gone`` when it held the lease from this host and
     no longer runs, ``stale`` (the expiry time) when its lease expired; None when nobody holds it."""
-    from flufl.lock import NotLockedError
-
     try:
         host, pid, _ = lease.details
         expires = lease.expiration
-    except (NotLockedError, OSError):
+    except (flufl_lock().NotLockedError, OSError):
         return None
     record = _read_record(record_path) or {}
     if record.get("pid") != pid or record.get("host") not in (host, host.split(".")[0]):
@@ -204,12 +211,10 @@ class _Renewer(threading.Thread):
         self.lease, self.folder, self.done = lease, folder, threading.Event()
 
     def run(self) -> None:
-        from flufl.lock import NotLockedError
-
         while not self.done.wait(LEASE_S / 4):
             try:
                 self.lease.refresh()
-            except NotLockedError:
+            except flufl_lock().NotLockedError:
                 log.error("the lease on %s was taken over by another process (--break_stale_lock?); this run stops "
                           "so that only one process writes the folder", self.folder)
                 _thread.interrupt_main()
@@ -312,7 +317,7 @@ class FolderLock:
 
     def _take_lease(self, wait: bool) -> dict | None:
         """Take the folder's lease (network file systems): None when taken, else the holder's record."""
-        from flufl.lock import TimeOutError
+        TimeOutError = flufl_lock().TimeOutError  # noqa: N806 (the library's name)
 
         try:
             st = os.lstat(self.lease_path)
