@@ -21,7 +21,8 @@ import prune_metantknas
 import search_lib.core.memory as memory
 import search_lib.search.scoring as scoring
 from search_lib.core.errors import UsageError
-from search_lib.core.memory import MemoryMeter, PassSizer, parse_size
+from search_lib.core.memory import MemoryMeter, parse_size
+from search_lib.core.pass_sizing import PassSizer
 from search_lib.search.pruning import MEASURED_KEY, scores_text
 
 GiB, MiB = 1 << 30, 1 << 20

@@ -201,7 +201,8 @@ def test_scheduler_and_init_take_the_originals_values(capsys):
         ["step", "cosine", "exp", "step", "exp"]
     assert eval_searched_arch.main(["--scheduler", "reducelronplateau"]) == 2
     assert "crashed after the first epoch" in capsys.readouterr().err
-    assert [_search_config(["--init", i]).init for i in ("kaiming_uniform", "kaiming_normal")] == ["kaiming_normal"] * 2
+    inits = ("kaiming_uniform", "kaiming_normal", "kaiming_norm")  # kaiming_norm: the one that re-initialised there
+    assert [_search_config(["--init", i]).init for i in inits] == ["kaiming_normal"] * 3
     assert eval_searched_arch.main(["--model", "resnet12"]) == 2
     assert "only augmentcnn" in capsys.readouterr().err
 
@@ -229,10 +230,60 @@ def test_launcher_cells_from_ntk_layers(monkeypatch, capsys):
         assert words in capsys.readouterr().err
     cfg = _launch_config(["--dataset", "MiniImageNet", "--ntk_type", "NTK", "--dartsbs", "30"], capsys)
     assert (cfg.dataset, cfg.ntk_type, cfg.batch_size) == ("MiniImageNet", "NTK", 30)
-    assert prune_launch.main(["--dataset", "mini", "--ntk_layers", "8", "--algorithm", "MAML", "--aug_lr", "0.1",
+    assert prune_launch.main(["--dataset", "mini", "--cells", "8", "--algorithm", "MAML", "--aug_lr", "0.1",
                               "--ntk_channels", "48", "--print_only"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "over the preset" in line]
     assert len(notes) == 1 and "--algorithm MAML (preset: ANIL)" in notes[0] and "ntk_channels" not in notes[0]
+
+
+def _launched(argv, capsys):
+    """The search config of a launcher command line (printed, parsed back)."""
+    assert prune_launch.main([*argv, "--data_path", "/d", "--save_dir", "/x", "--print_only"]) == 0, \
+        capsys.readouterr().err
+    return _search_config(_launched_command(capsys))
+
+
+@pytest.mark.parametrize("dataset", ["MetaMiniImageNet", "MetaTieredImageNet", "mini"])
+def test_the_originals_ntk_layers_keeps_its_launchers_search_and_trains_with_the_preset(dataset, capsys):
+    """The original launcher searched with its own defaults whatever --ntk_layers said (MAML, tau 1000, lambda 1e-3)
+    and took the paper's preset for the training after the search only; this project's --cells takes the paper's
+    whole preset."""
+    bare = _launched(["--dataset", dataset, "--ntk_layers", "8"], capsys)
+    assert (bare.algorithm, bare.inner_lr_time, bare.reg_coef, bare.ntk_layers) == ("MAML", 1000.0, 1e-3, 8)
+    trained = _launched(["--dataset", dataset, "--ntk_layers", "8", "--train_after_search", "true"], capsys)
+    assert (trained.algorithm, trained.inner_lr_time, trained.reg_coef) == ("MAML", 1000.0, 1e-3)
+    tiered = "tiered" in dataset.lower()
+    assert trained.train_after_search and trained.train["layers"] == 8 and trained.train["init_channels"] == 48
+    assert (trained.train["batch_size"], trained.train["epochs"]) == ((56, 60) if tiered else (40, 100))
+    preset = _launched(["--dataset", dataset, "--cells", "8"], capsys)
+    assert (preset.algorithm, preset.inner_lr_time, preset.reg_coef) == \
+        (("ANIL", 1000.0, 1e-3) if tiered else ("ANIL", 1.0, 1e-5))
+    given = _launched(["--dataset", dataset, "--ntk_layers", "8", "--algorithm", "ANIL"], capsys)
+    assert given.algorithm == "ANIL" and given.inner_lr_time == 1000.0  # the user's value wins
+
+
+def test_empty_paths_are_usage_errors_and_resume_empty_is_no_resume(tmp_path, monkeypatch, capsys):
+    """The original's default --resume '' (or a script's empty variable) means no resume; an empty --save_dir,
+    --data_path or --checkpoint is refused, never taken for the current folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _eval_config(["--genotype", "mini-5cell-2", "--resume", ""])
+    assert cfg.resume is False and cfg.save_dir is None
+    assert _eval_config(["--resume", " "]).resume is False
+    cases = [(eval_searched_arch, ["--genotype", "mini-5cell-2", "--dataset", "Digits", "--save_dir", ""],
+              "--save_dir"),
+             (eval_searched_arch, ["--genotype", "mini-5cell-2", "--dataset", "Digits", "--model_path", ""],
+              "--save_dir"),
+             (eval_searched_arch, ["--genotype", "mini-5cell-2", "--data_path", ""], "--data_path"),
+             (eval_searched_arch, ["--eval_only", "--checkpoint", ""], "--checkpoint"),
+             (prune_metantknas, ["--save_dir", ""], "--save_dir"),
+             (prune_metantknas, ["--data_path", "", "--save_dir", "s"], "--data_path"),
+             (prune_launch, ["--dataset", "mini", "--cells", "5", "--data_path", "/d", "--save_dir", ""], "--save_dir"),
+             (prune_launch, ["--dataset", "mini", "--cells", "5", "--data_path", ""], "--data_path")]
+    for module, argv, flag in cases:
+        assert module.main(argv) == 2, argv
+        line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")][-1]
+        assert f"{flag} is empty" in line and "for the current folder: ." in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written into the working folder
 
 
 def test_print_only_checks_the_whole_command(monkeypatch, capsys):

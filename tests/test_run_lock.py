@@ -35,7 +35,7 @@ from test_proxy_study import _argv as _study_argv
 
 from eval_lib.commands import study_command, sweep
 from search_lib.core.errors import FolderInUse
-from search_lib.core.run_dir import LOCK_FILE, FolderLock, describe_holder
+from search_lib.core.folder_lock import LOCK_FILE, FolderLock, describe_holder
 
 ME = os.getpid()
 

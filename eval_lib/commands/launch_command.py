@@ -3,7 +3,10 @@ preset, with the paper's training after it as --aug_* flags, run in-process (`ev
 
 It takes every flag of prune_metantknas.py (forwarded; the ones given win over the preset, with one line
 saying which differ) and the original launcher's flags (`eval_lib.commands.original_flags`: ``--gpu``, ``--space``,
-``--seed``, ``--dartsbs``, ``--ntk_layers`` choosing the preset, ...). The data folder comes from
+``--seed``, ``--dartsbs``, ``--ntk_layers``, ...). ``--cells 5|8`` (this project's) takes the paper's whole preset,
+search and training; the original's ``--ntk_layers 5|8`` means what it meant there: the search keeps the original
+launcher's settings (MAML, τ 1000, λ 1e-3, `original_launcher_preset`) unless given, and the paper's preset sets
+only the training after the search. The data folder comes from
 --data_path or the environment (METANTKNAS_MINI_DATA / METANTKNAS_TIERED_DATA, else METANTKNAS_DATA). The
 default run folder is runs/search/<dataset>-<cells>cell-seed<seed>, with the seed actually used: a drawn
 seed (``--seed -1``) starts a new run, a fixed one resumes. Returns the search's exit code.
@@ -21,6 +24,7 @@ from eval_lib.commands import original_flags, search_command
 from eval_lib.commands.presets import (
     SEARCH_PRESET_KEYS,
     TRAINING_PRESET_KEYS,
+    original_launcher_preset,
     paper_search_preset,
     paper_training_preset,
 )
@@ -43,7 +47,7 @@ from search_lib.core.command_line import (
 )
 from search_lib.core.distributed import launched
 from search_lib.core.errors import UsageError
-from search_lib.core.utils import draw_seed
+from search_lib.core.utils import draw_seed, refuse_empty_paths
 from search_lib.data import resolve_dataset
 from search_lib.search.search_config import SearchConfig
 
@@ -60,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mini or tiered (the name the kernel needs), or the original's MiniImageNet / TieredImageNet "
                         "(--ntk_type NTK) and MetaMiniImageNet / MetaTieredImageNet (MetaNTK)")
     p.add_argument("--cells", type=int, choices=(5, 8),
-                   help="cells of the searched network; default: --ntk_layers (one of them is needed)")
+                   help="cells of the searched network, with the paper's whole preset (search and training); "
+                        "default: the original's --ntk_layers, which gives the cells and the paper's training only, "
+                        "the search keeping the original launcher's MAML, tau 1000, lambda 1e-3 (one of the two is "
+                        "needed)")
     p.add_argument("--data_path", default=None, help=f"RFS data folder; default: ${ENV_VARS['mini']} / "
                                                      f"${ENV_VARS['tiered']}, else ${GENERIC_ENV}")
     p.add_argument("--save_dir", default=None, help="the run folder; default: runs/search/<dataset>-<cells>cell-seed"
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _search_help(f, text: str) -> str:
     """The search flag's help with the launcher's default: the preset's value, else the search's default."""
     if f.name in SEARCH_PRESET_KEYS:
-        return text.split("; default")[0] + "; default: the preset's"
+        return text.split("; default")[0] + "; default: the preset's (--cells), or the original launcher's"
     return text if field_default(f) is None else f"{text}; default: {format_value(field_default(f))}"
 
 
@@ -126,13 +133,16 @@ def launch_config(args: argparse.Namespace) -> tuple[SearchConfig, set[str]]:
     differ from the preset); and the names of the search settings the launcher chose (the printed command line
     shows them even where they equal a default)."""
     original_flags.apply_spellings(args, original_flags.LAUNCH)  # one note per original flag without effect
+    refuse_empty_paths(save_dir=args.save_dir, data_path=args.data_path)
     given = _given(args)
     cells = _cells(args)
     key, dataset = _search_dataset(args.dataset, given.get("ntk_type", "MetaNTK_anl"))
     data_path = args.data_path or os.environ.get(ENV_VARS[key]) or os.environ.get(GENERIC_ENV)
     if not data_path:
         raise UsageError(f"no data folder for {args.dataset}: pass --data_path or set {ENV_VARS[key]}")
-    preset = dict(paper_search_preset(key, cells), dataset=dataset)
+    # --cells: the paper's search; the original's --ntk_layers alone: its launcher's search (the preset trains)
+    search = paper_search_preset(key, cells) if args.cells is not None else original_launcher_preset(key, cells)
+    preset = dict(search, dataset=dataset)
     channels = given.get("ntk_channels", preset["ntk_channels"])  # the training uses the search's network
     training = dict(paper_training_preset(key, cells), init_channels=channels, layers=cells)
     preset.update({TRAINING_FLAG_PREFIX + k: v for k, v in training.items() if k in TRAIN_AFTER_SEARCH_FLAGS})

@@ -83,7 +83,10 @@ def _only(*words: str, why: str) -> Callable[[str, Callable], str]:
 
 
 def _bool_or_path(text: str, parse: Callable) -> Any:
-    """--resume true|false (ours) or --resume PATH (the original's: a checkpoint to continue)."""
+    """--resume true|false (ours) or --resume PATH (the original's: a checkpoint to continue); the original's
+    default ``--resume ''`` (a script's unset variable too) means no resume, never the current folder."""
+    if not str(text).strip():
+        return False
     try:
         return str2bool(text)
     except argparse.ArgumentTypeError:
@@ -193,11 +196,14 @@ _SEARCH_OWN = [
     Spelling(("--ntk_N",), SAME, "cells per stage; -1: (ntk_layers - 2) / 3", "--ntk_N", value=_negative_unset,
              differs="a value that disagrees with --ntk_layers is an error (the original printed a note)",
              example=("-1",), expect={"ntk_N": None}),
-    Spelling(("--init",), SAME, "weight initialisation (default kaiming_uniform; the launcher passed kaiming_normal)",
-             "--init", value=_mapped({"kaiming_uniform": "kaiming_normal"}), here="`--init kaiming_normal`",
-             differs="neither name matched the original's init function, so its weights were never "
-                     "re-initialised; here both draw Kaiming-normal weights for every repeat",
-             example=("kaiming_uniform",), expect={"init": "kaiming_normal"}),
+    Spelling(("--init",), SAME, "weight initialisation (default kaiming_uniform; the launcher passed kaiming_normal; "
+             "kaiming_norm re-initialised)", "--init",
+             value=_mapped({"kaiming_uniform": "kaiming_normal", "kaiming_norm": "kaiming_normal"}),
+             here="`--init kaiming_normal`",
+             differs="only kaiming_norm matched the original's init function (Kaiming-normal, fan_out for the "
+                     "kernel network, fan_in for the linear-region network, every repeat); the other two never "
+                     "re-initialised; here all three do what kaiming_norm did",
+             example=("kaiming_norm",), expect={"init": "kaiming_normal"}),
     _no_effect("super_type", "supernet type (nasnet-super)", "nasnet-super", "one supernet type here"),
     _no_effect("arch_nas_dataset", "NAS-Bench-201 file (not used for DARTS spaces)", "/x.pth",
                "no NAS-Bench-201 space here"),
@@ -230,9 +236,13 @@ _LAUNCH_OWN = [
              example=("7",), expect={"rand_seed": 7}),
     Spelling(("--dartsbs",), ALIAS, "tasks per meta-batch (images for NTK)", "--batch_size", example=("2",),
              expect={"batch_size": 2}),
-    Spelling(("--ntk_layers",), SAME, "cells of the searched (and trained) network", "--ntk_layers",
-             differs="5 or 8 also picks the paper preset, so --cells may be left out (they must agree)",
-             example=("8",), expect={"ntk_layers": 8, "algorithm": "ANIL", "train.layers": 8}),
+    Spelling(("--ntk_layers",), SAME, "cells of the searched (and trained) network; with --train_after_search true "
+             "the paper's training of them", "--ntk_layers",
+             differs="5 or 8, as there: the search keeps the launcher's own settings (MAML, τ 1000, λ 1e-3) unless "
+                     "given, and the paper's preset sets the training after it; this project's `--cells 5|8` takes "
+                     "the paper's whole preset (they must agree)",
+             example=("8",), expect={"ntk_layers": 8, "algorithm": "MAML", "inner_lr_time": 1000.0,
+                                     "reg_coef": 1e-3, "train.layers": 8, "train.batch_size": 40}),
     *_same("the search setting of that name", max_nodes=("4", 4), ntk_type=("MetaNTK_anl", "MetaNTK_anl"),
            ntk_channels=("16", 16), only_lrs=("true", True), algorithm=("ANIL", "ANIL"), inner_lr_time=("1.0", 1.0),
            reg_coef=("0.01", 0.01), train_after_search=("true", True)),
@@ -273,10 +283,12 @@ SPELLINGS: dict[str, list[Spelling]] = {
                                           "or exp"}),
                  here="`step`, `cosine`, `exp` (`--exp_gamma 0.97`)", differs="reducelronplateau is refused",
                  example=("steplr",), expect={"scheduler": "exp"}),
-        Spelling(("--resume",), SAME, "a checkpoint to continue training from", "--resume", value=_bool_or_path,
-                 apply=_resume, here="`--resume PATH`: continue that run folder (PATH: it or its checkpoint.pt)",
+        Spelling(("--resume",), SAME, "a checkpoint to continue training from ('' (default): none)", "--resume",
+                 value=_bool_or_path, apply=_resume,
+                 here="`--resume PATH`: continue that run folder (PATH: it or its checkpoint.pt); `''`: no resume",
                  differs="--resume true|false (continue the run found in --save_dir, default true) works too; "
-                         "the original's ckpt files are for --eval_only --checkpoint"),
+                         "the original's ckpt files are for --eval_only --checkpoint",
+                 example=("",), expect={"resume": False}),
         Spelling(("--model_path",), ALIAS, "where the checkpoints went", "--save_dir", here="`--save_dir`",
                  differs="the run folder: checkpoint.pt, results.json, train.log, ...", example=("runs/m",),
                  expect={"save_dir": "runs/m"}),

@@ -1,6 +1,7 @@
 """The paper's four runs (docs/method.md §5), in one place: the search settings of each (the dataset and number of
 cells pick one), the training of its genotype after the search, and their names (``mini-5cell``, ...) as the
-launcher and the sweep take them. The published genotypes are `search_lib.models.genotypes.PRESETS`."""
+launcher and the sweep take them; and the search settings the original launcher used whatever its
+``--ntk_layers`` (`original_launcher_preset`). The published genotypes are `search_lib.models.genotypes.PRESETS`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ PAPER_SEARCH: dict[tuple[str, int], dict] = {
 PAPER_COMMON = dict(search_space_name="darts_fewshot", max_nodes=3, batch_size=3, ntk_channels=48,
                     ntk_type="MetaNTK_anl", n_ways=5, n_shots=1, n_queries=1, repeat=3, precision=3,
                     prune_number=1)
+# The search settings the original launcher passed whatever its --ntk_layers (its own defaults: the 5-cell runs'
+# MAML, τ 1000, λ 1e-3); its paper presets set only the training after the search.
+ORIGINAL_LAUNCHER_SEARCH = dict(PAPER_COMMON, algorithm="MAML", inner_lr_time=1000.0, reg_coef=1e-3)
 # Every search setting a preset fills in.
 SEARCH_PRESET_KEYS = frozenset(PAPER_COMMON) | {k for p in PAPER_SEARCH.values() for k in p} | {"dataset",
                                                                                                  "ntk_layers"}
@@ -39,6 +43,13 @@ def paper_search_preset(dataset: str | DatasetSpec, cells: int) -> dict[str, Any
         valid = ", ".join(PRESET_NAMES)
         raise UsageError(f"no paper preset for {dataset} with {cells} cells; valid: {valid}")
     return dict(PAPER_COMMON, **PAPER_SEARCH[(key, cells)], dataset=META_NAMES[key], ntk_layers=cells)
+
+
+def original_launcher_preset(dataset: str | DatasetSpec, cells: int) -> dict[str, Any]:
+    """The search settings of the original launcher given only a dataset and ``--ntk_layers`` (SearchConfig
+    fields): its defaults, with that many cells."""
+    paper_search_preset(dataset, cells)  # the same datasets and cell counts (UsageError otherwise)
+    return dict(ORIGINAL_LAUNCHER_SEARCH, dataset=META_NAMES[resolve_dataset(dataset).key], ntk_layers=cells)
 
 
 def paper_training_preset(dataset: str | DatasetSpec, layers: int) -> dict[str, Any]:

@@ -77,8 +77,8 @@ def train_after_search(result: SearchResult, search_cfg: SearchConfig) -> int:
     string round trip). The run folder is <search save_dir>/train; unset aug_* values take the defaults.
     """
     cfg = training_config(search_cfg.train, result.genotype, space=result.space, data=search_cfg.data,
-                           data_path=search_cfg.data_path,
-                           device=search_cfg.device, save_dir=result.save_dir / "train")
+                           data_path=search_cfg.data_path, device=search_cfg.device, save_dir=result.save_dir / "train",
+                           break_stale_lock=search_cfg.break_stale_lock)
     return eval_cli.run(cfg, result.genotype)
 
 

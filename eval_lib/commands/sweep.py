@@ -30,7 +30,7 @@ from eval_lib.commands.presets import PRESET_NAMES
 from eval_lib.commands.sweep_jobs import Job, make_jobs, preset_commands, read_jobs_file
 from search_lib.core.command_line import make_parser, run_cli
 from search_lib.core.errors import RunFailure, UsageError, one_line
-from search_lib.core.run_dir import FolderLock, describe_holder
+from search_lib.core.folder_lock import FolderLock, describe_holder
 from search_lib.core.threads import available_cpus
 from search_lib.core.utils import atomic_write_json
 
@@ -47,6 +47,7 @@ class SweepConfig:
     gpus: list[int] | None = None  # torch device numbers, one job each; None: CPU
     jobs: int = 1  # jobs at once
     dry_run: bool = False
+    break_stale_lock: bool = False  # take over a --log_dir whose lease expired
 
 
 # ---- running ----------------------------------------------------------------------------------------------
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default="auto", help="auto (every visible GPU), none (the CPU), or numbers 0,1,...")
     p.add_argument("--jobs", type=int, default=None, help="jobs at once; default one per GPU, 1 on the CPU")
     p.add_argument("--dry_run", action="store_true", help="print the jobs (run or skip) and exit")
+    p.add_argument("--break_stale_lock", action="store_true",
+                   help="take over a --log_dir whose lease expired (network file systems); after -- it goes to the "
+                        "jobs")
     return p
 
 
@@ -237,7 +241,7 @@ def parse_config(argv: Sequence[str]) -> SweepConfig:
         limit = f"at most the {len(gpus)} GPU(s) of --gpus (one GPU per job)" if gpus else "at least 1"
         raise UsageError(f"--jobs {jobs}: give {limit}")
     return SweepConfig([c + extra for c in commands], args.save_root, args.log_dir, args.summary,
-                       gpus[:jobs] if gpus else None, jobs, args.dry_run)
+                       gpus[:jobs] if gpus else None, jobs, args.dry_run, args.break_stale_lock)
 
 
 def sweep(cfg: SweepConfig) -> int:
@@ -256,7 +260,8 @@ def sweep(cfg: SweepConfig) -> int:
     except OSError as exc:
         raise RunFailure(f"cannot create --log_dir {log_dir}: {exc.strerror}; choose a writable folder") from None
     # one sweep per log folder: a cron run firing while the last one still runs stops here (exit 2)
-    with FolderLock(log_dir).hold(f"the sweep's --log_dir {log_dir}", fix="give another --log_dir"):
+    with FolderLock(log_dir, break_stale=cfg.break_stale_lock).hold(f"the sweep's --log_dir {log_dir}",
+                                                                     fix="give another --log_dir"):
         return _sweep(cfg, jobs, log_dir)
 
 

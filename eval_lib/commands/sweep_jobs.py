@@ -20,7 +20,8 @@ from eval_lib.commands import eval_command, launch_command, search_command
 from eval_lib.commands.presets import PRESET_NAMES
 from search_lib.core.command_line import str2bool
 from search_lib.core.errors import UsageError, one_line
-from search_lib.core.run_dir import DONE_FILE, FolderLock
+from search_lib.core.folder_lock import FolderLock
+from search_lib.core.run_dir import DONE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 # The project's scripts and the modules of their command lines.

@@ -20,6 +20,7 @@ from eval_lib.train.after_search import TRAINING_FLAG_PREFIX, split_training_val
 from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
 from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.errors import GenotypeError, UsageError
+from search_lib.core.utils import refuse_empty_paths
 from search_lib.models.genotypes import PRESETS, Genotype, GenotypeRecord, random_genotype
 from search_lib.search.search_config import SearchConfig
 
@@ -28,8 +29,8 @@ LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_
             "candidates_per_pass", "rand_seed", "precision", "only_lrs")
 PROXY_FLAGS = tuple(f.name for f in flag_fields(SearchConfig) if f.name not in LEFT_OUT)
 # Flags that do not change the records: a study folder may be resumed with other values.
-NON_RESULT_KEYS = ("save_dir", "overwrite", "shard", "summarize", "device", "top_k", "bootstrap_resamples",
-                   "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch")
+NON_RESULT_KEYS = ("save_dir", "overwrite", "break_stale_lock", "shard", "summarize", "device", "top_k",
+                   "bootstrap_resamples", "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch")
 
 _ARCHS, _STUDY = "architectures", "study"
 
@@ -94,7 +95,7 @@ class StudyConfig:
     def train_config(self, genotype: Genotype, save_dir) -> TrainConfig:
         p = self.proxy
         return training_config(self.train, genotype, space=p.space, data=p.data, data_path=p.data_path,
-                                device=p.device, save_dir=save_dir)
+                                device=p.device, save_dir=save_dir, break_stale_lock=p.break_stale_lock)
 
     def shard_index(self) -> tuple[int, int]:
         """(i, n) of ``--shard i/n``; (0, 1) without it."""
@@ -118,6 +119,7 @@ class StudyConfig:
 
     def validate(self) -> StudyConfig:
         """Refuse bad settings before any work or any write."""
+        refuse_empty_paths(save_dir=self.save_dir)
         for name, least in (("n_archs", 0), ("top_k", 1), ("bootstrap_resamples", 1)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")

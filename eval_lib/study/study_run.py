@@ -50,7 +50,8 @@ from eval_lib.study.study_stats import format_table, summarize
 from eval_lib.train.checkpoints import read_json
 from eval_lib.train.training_run import TrainingData, train_and_evaluate
 from search_lib.core.errors import FolderInUse, UsageError
-from search_lib.core.run_dir import FolderLock, RunDir, describe_holder
+from search_lib.core.folder_lock import FolderLock, describe_holder, in_use_message
+from search_lib.core.run_dir import RunDir
 from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device, use_device
 
 log = logging.getLogger("metantknas.study")
@@ -122,6 +123,7 @@ def run_study(cfg: StudyConfig) -> int:
     """Study the architectures of this process's shard, then summarise once every record is present."""
     cfg.validate()
     run = study_run_dir(cfg.save_dir)
+    run.lock.break_stale = cfg.proxy.break_stale_lock
     if cfg.summarize:
         return summarize_folder(run, cfg)
     archs = architectures(cfg)
@@ -151,24 +153,37 @@ def run_study(cfg: StudyConfig) -> int:
 
 
 def _hold_study(run: RunDir, cfg: StudyConfig, early: bool = False) -> None:
-    """The study folder's lock: shared by the shards, alone for --overwrite (refused naming a busy shard)."""
+    """The study folder's lock: shared by the shards, alone for --overwrite (refused naming a busy shard). A
+    shard studying an architecture also refuses --overwrite where the shards' shared hold does not reach (a
+    network file system's lease is exclusive only)."""
+    busy: list[dict] = []
     try:
         run.hold(early=early, shared=not cfg.overwrite, overwrite=cfg.overwrite)
+        if cfg.overwrite and run.lock.held:
+            busy = _busy_architectures(run)
+            if busy:
+                raise FolderInUse("a shard studies an architecture")
     except FolderInUse as exc:
         if not cfg.overwrite:
             raise
-        busy = [h for h in (FolderLock(d).holder() for d in sorted((run / ARCHS_DIR).glob("*"))) if h is not None]
+        run.release()
+        busy = busy or _busy_architectures(run)
         who = f"shard {describe_holder(busy[0])}" if busy else "a shard between two architectures"
         raise FolderInUse(f"--save_dir {run.path} is in use by other processes of this proxy study ({who}); "
                           f"--overwrite is refused while they run (nothing was deleted); wait for them to finish "
                           f"(or stop them) and run the command again, or choose another --save_dir") from exc
 
 
+def _busy_architectures(run: RunDir) -> list[dict]:
+    """The holders of the architecture folders another process studies now (a probe: no lock is taken)."""
+    return [h for h in (FolderLock(d).holder() for d in sorted((run / ARCHS_DIR).glob("*"))) if h is not None]
+
+
 def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
     """Study ``arch`` holding its folder's lock; skip it when another process holds it or has finished it."""
     folder = run / ARCHS_DIR / arch.id
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(folder)
+    lock = FolderLock(folder, break_stale=run.lock.break_stale)
     holder = lock.acquire()
     if holder is not None:
         log.info("%s %s: another process studies it (%s); skipped", step, arch.id, describe_holder(holder))
@@ -196,8 +211,10 @@ def _brief(record: dict) -> str:
 def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool = False) -> int:
     """study.jsonl, summary.json, summary.txt, study.png (and done) from the records, once all are present
     (or ``partial``); one process at a time (the summary's lock, waited for)."""
-    lock = FolderLock(run.path, SUMMARY_LOCK)
-    lock.acquire(wait=True)
+    lock = FolderLock(run.path, SUMMARY_LOCK, break_stale=run.lock.break_stale)
+    holder = lock.acquire(wait=True)  # waits for a live holder; a stale lease (network file systems) is refused
+    if holder is not None:
+        raise FolderInUse(in_use_message(f"the summary of {run.path}", holder))
     try:
         return _write_outputs(run, cfg, archs, partial)
     finally:
@@ -230,12 +247,17 @@ def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bo
 
 def summarize_folder(run: RunDir, cfg: StudyConfig) -> int:
     """--summarize: the architectures of the recorded config; --top_k, --bootstrap_resamples and
-    --log_rank_members of this command."""
-    old = run.read_config()
-    if old is None:
-        raise UsageError(f"--save_dir {run.path} holds no proxy study (no config.json); run the study first")
-    recorded = StudyConfig.from_flags(old)
-    recorded.top_k, recorded.bootstrap_resamples = cfg.top_k, cfg.bootstrap_resamples
-    recorded.log_rank_members = cfg.log_rank_members
-    recorded.check_log_rank_members()
-    return write_outputs(run, recorded, architectures(recorded), partial=True)
+    --log_rank_members of this command. It holds the study's lock as a shard does (an --overwrite cannot
+    delete the records while it reads them)."""
+    run.hold(early=True, shared=True)
+    try:
+        old = run.read_config()
+        if old is None:
+            raise UsageError(f"--save_dir {run.path} holds no proxy study (no config.json); run the study first")
+        recorded = StudyConfig.from_flags(old)
+        recorded.top_k, recorded.bootstrap_resamples = cfg.top_k, cfg.bootstrap_resamples
+        recorded.log_rank_members = cfg.log_rank_members
+        recorded.check_log_rank_members()
+        return write_outputs(run, recorded, architectures(recorded), partial=True)
+    finally:
+        run.release()

@@ -44,13 +44,14 @@ def split_training_values(values: dict) -> tuple[dict, dict]:
 
 
 def training_config(values: dict, genotype: Genotype, *, space: SearchSpace, data, data_path: str | None,
-                     device: str, save_dir) -> TrainConfig:
+                     device: str, save_dir, break_stale_lock: bool = False) -> TrainConfig:
     """The `TrainConfig` of a genotype trained after a search or in a proxy study.
 
     ``values`` holds the --aug_* values (None: eval_searched_arch.py's default); the architecture, its search
     space, the dataset (the supervised name of ``data``, a `DatasetSpec`), the data folder, the
-    device and the run folder are the caller's.
+    device, the run folder and --break_stale_lock are the caller's.
     """
     overrides = {k: v for k, v in values.items() if v is not None}
     return TrainConfig(genotype=str(genotype), arch_space=space, dataset=data.plain_name,
-                       data_path=data_path, device=device, save_dir=str(save_dir), **overrides)
+                       data_path=data_path, device=device, save_dir=str(save_dir), break_stale_lock=break_stale_lock,
+                       **overrides)

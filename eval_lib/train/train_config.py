@@ -18,7 +18,7 @@ from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.distributed import launched_size
 from search_lib.core.errors import UsageError
 from search_lib.core.threads import available_cpus
-from search_lib.core.utils import DEVICE_CHOICES, native_bf16
+from search_lib.core.utils import DEVICE_CHOICES, native_bf16, refuse_empty_paths
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 
@@ -190,6 +190,8 @@ class TrainConfig:
         "the one of its checkpoint.pt", group=_RUN))
     overwrite: bool = field(default=False, metadata=flag("delete the run found in --save_dir and start over",
                                                          group=_RUN))
+    break_stale_lock: bool = field(default=False, metadata=flag(
+        "take over a run folder whose lease expired (network file systems: its holder died or hangs)", group=_RUN))
     progress: bool = field(default=True, metadata=flag("show progress bars", group=_RUN))
     tensorboard: bool = field(default=False, metadata=_after_search(
         "also log the per-epoch loss, accuracy, learning rate, drop-path and the few-shot means to "
@@ -278,6 +280,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check the values; raise UsageError naming the bad setting and the fix."""
+        refuse_empty_paths(save_dir=self.save_dir, data_path=self.data_path, checkpoint=self.checkpoint,
+                           tensorboard_dir=self.tensorboard_dir)
+
         def positive_int(name):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:

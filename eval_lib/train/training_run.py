@@ -101,7 +101,8 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     genotype = resolve_architecture(cfg, genotype)
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
     # a folder another process trains in: exit 2 at once
-    with run_session(cfg.device, cfg.threads, workers=cfg.workers, run=run, overwrite=cfg.overwrite) as session:
+    with run_session(cfg.device, cfg.threads, workers=cfg.workers, run=run, overwrite=cfg.overwrite,
+                     break_stale=cfg.break_stale_lock) as session:
         data = TrainingData.load(cfg)  # data errors surface before anything is written
         # the lock held from here to the end
         session.claim(overwrite=cfg.overwrite, verb="create", log="metantknas.eval", level=logging.INFO)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from search_lib.core.errors import EXIT_RUNTIME, EXIT_USAGE, RunFailure, ToolkitError, one_line
-from search_lib.core.memory import is_out_of_memory
+from search_lib.core.pass_sizing import is_out_of_memory, on_gpu
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -125,11 +125,10 @@ def run_cli(body: Callable[[], int | None]) -> int:
     except torch.cuda.OutOfMemoryError:
         _report(f"error: {_OOM_MESSAGE}")
         return EXIT_RUNTIME
-    except RuntimeError as exc:  # cuDNN / cuBLAS / the CPU allocator's failures are plain RuntimeErrors
+    except RuntimeError as exc:  # cuDNN / cuBLAS / cuSOLVER / the CPU allocator's failures are plain RuntimeErrors
         if not is_out_of_memory(exc):
             raise
-        on_gpu = any(word in str(exc).lower() for word in ("cuda", "cudnn", "cublas"))
-        _report(f"error: {_OOM_MESSAGE if on_gpu else _CPU_OOM_MESSAGE}")
+        _report(f"error: {_OOM_MESSAGE if on_gpu(exc) else _CPU_OOM_MESSAGE}")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         _report("error: interrupted; re-run the same command to resume")

@@ -33,6 +33,11 @@ class FolderInUse(UsageError):
     """A run folder whose lock another running process holds (`search_lib.core.run_dir.FolderLock`)."""
 
 
+class ForeignFile(UsageError):
+    """A file in a run folder that the toolkit would write but did not create: a symbolic link, not a regular file,
+    another user's, or one with other hard links (`search_lib.core.utils.open_own`)."""
+
+
 class DataError(ToolkitError):
     """Input data that is missing, malformed or too small for the requested episodes."""
 

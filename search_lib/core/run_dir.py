@@ -15,37 +15,44 @@ A saved state that cannot be read back (a kill mid-write on a full disk, a hand 
 Nothing here knows what a search or a training is: the callers pass the file names, a reader and the
 words of their messages.
 
-One process at a time: a run holds its folder's lock (`FolderLock`, ``.lock``) for its whole life, so
-a second process on the same folder (a cron job firing while the last one still runs, a sweep and a
-hand-started run) stops at once with exit 2 naming the holder, and ``--overwrite`` cannot delete a
-running run's files. The lock is ``flock(2)``: the operating system drops it when the process ends,
-however it ends, so a SIGKILL leaves nothing stale and the re-run simply takes it.
+One process at a time: a run holds its folder's lock (`search_lib.core.folder_lock.FolderLock`) for its
+whole life, so a second process on the same folder (a cron job firing while the last one still runs, a sweep
+and a hand-started run) stops at once with exit 2 naming the holder, and ``--overwrite`` cannot delete a
+running run's files. What a run read of its folder before it could lock it (a folder without a lock file yet)
+is checked again once it holds the lock (`RunDir.claim` says when it changed). The claim also removes the
+temporary files that atomic writes of a killed run left behind.
+
+The folder's files are the user's own: a file the run would write that is a symbolic link, not a regular
+file, or another user's is refused with one line naming it (exit 2), before anything is written
+(`search_lib.core.utils.check_own`).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
-import shlex
 import shutil
-import socket
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from search_lib.core.distributed import World
-from search_lib.core.errors import FolderInUse, RunFailure, ToolkitError, UsageError, one_line
-from search_lib.core.utils import atomic_write_json, atomic_write_text, config_diff
+from search_lib.core.errors import FolderInUse, ForeignFile, RunFailure, ToolkitError, UsageError, one_line
+from search_lib.core.folder_lock import FolderLock, in_use_message
+from search_lib.core.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_own,
+    config_diff,
+    open_own,
+    remove_temporaries,
+    temporaries,
+)
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -62,146 +69,6 @@ class SavedState:
         return self.name, self.prev, self.name + ".corrupt", self.prev + ".corrupt"
 
 
-# ---- the lock --------------------------------------------------------------------------------------------
-
-log = logging.getLogger("metantknas")
-
-
-def holder_record() -> dict:
-    """What a lock holder writes into the lock file: pid, host, start time, command."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": shlex.join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
-
-
-def describe_holder(record: dict | None) -> str:
-    """``pid 123 on host box, started 2026-12-02 00:01:02 UTC, command: prune_metantknas.py ...``."""
-    if not record or "pid" not in record:
-        return "a process that has not written its name yet"
-    host = f" on host {record['host']}" if record.get("host") else ""
-    return (f"pid {record['pid']}{host}, started {record.get('started', '?')}, command: "
-            f"{one_line(str(record.get('command', '?')), 160)}")
-
-
-def _read_record(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text() or "null")
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-class FolderLock:
-    """An ``flock`` on ``<folder>/.lock``, taken without waiting and held until `release` or the process's end.
-
-    An exclusive holder writes `holder_record` into the file (emptied again on release), so that a refused
-    process can name it. A shared hold (the shards of a proxy study) writes nothing; it only keeps an
-    exclusive taker (``--overwrite``) out. The file is never deleted: deleting a lock file while another
-    process has it open is how two processes end up holding "the" lock at once.
-    """
-
-    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE):
-        self.path = Path(folder) / name
-        self.shared = False
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self, shared: bool = False, wait: bool = False) -> dict | None:
-        """Take (or convert) the lock; None when this process holds it now, else the holder's record ({} when it
-        wrote none). ``wait``: block until it is free (for short sections only). A file system without locks
-        gives a warning and no lock."""
-        if self._fd is not None and self.shared == shared:
-            return None
-        fd = self._fd if self._fd is not None else self._open()
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-        except OSError as exc:
-            if self._fd is None:
-                os.close(fd)
-            if exc.errno in _BUSY:
-                return _read_record(self.path) or {}
-            if exc.errno in _UNSUPPORTED:
-                log.warning("cannot lock %s (%s): running without a lock; make sure no other process uses this "
-                            "folder", self.path, exc.strerror)
-                return None
-            raise RunFailure(f"cannot lock {self.path}: {exc.strerror}") from None
-        self._fd, self.shared = fd, shared
-        try:
-            os.ftruncate(fd, 0)  # a shared hold names nobody; an exclusive one names this process
-            if not shared:
-                os.pwrite(fd, (json.dumps(holder_record(), sort_keys=True) + "\n").encode(), 0)
-        except OSError:  # a lock file this user may only read: held all the same, just unnamed
-            pass
-        return None
-
-    def _open(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EROFS) and self.path.exists():
-                try:  # flock works on a descriptor open for reading too
-                    return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    pass
-            raise RunFailure(f"cannot create the lock file {self.path}: {exc.strerror}; choose a writable "
-                             f"folder") from None
-
-    def hold(self, what: str, fix: str = "choose another --save_dir") -> FolderLock:
-        """`acquire` exclusively, or FolderInUse (exit 2) naming the holder; ``with lock.hold(...):`` releases."""
-        record = self.acquire()
-        if record is not None:
-            raise FolderInUse(in_use_message(what, record, fix=fix))
-        return self
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.release()
-        return False
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            if not self.shared:
-                os.ftruncate(fd, 0)
-        except OSError:  # the folder became read-only or vanished: the lock goes with the descriptor anyway
-            pass
-        finally:
-            os.close(fd)  # closing the last descriptor of the file releases the flock
-
-    def holder(self) -> dict | None:
-        """The record of another process holding the lock exclusively ({} when unnamed); None when it is free
-        or only shared (or there is no lock file). A probe: a shared lock for a moment, never written."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            return (_read_record(self.path) or {}) if exc.errno in _BUSY else None
-        finally:
-            os.close(fd)
-        return None
-
-
-def in_use_message(what: str, record: dict | None, overwrite: bool = False, fix: str = "choose another "
-                   "--save_dir") -> str:
-    """The one line of a refusal: the folder, its holder, and what to do."""
-    refused = "; --overwrite is refused while it runs (nothing was deleted)" if overwrite else ""
-    return (f"{what} is in use by another process ({describe_holder(record)}){refused}; wait for it to finish "
-            f"(or stop it) and run the command again, or {fix}")
-
-
 class RunDir:
     """A run folder: config check, rotating atomic saves with fallback, outputs, ``done`` marker, log."""
 
@@ -215,6 +82,11 @@ class RunDir:
         self.log_name = log_name
         self.logger = logger
         self.lock = FolderLock(self.path)
+        self._unlocked_look: tuple | None = None  # what an early look saw without holding the lock
+
+    def names(self) -> tuple[str, ...]:
+        """Every file (and output folder) a run writes here."""
+        return (CONFIG_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()), *self.outputs)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -235,8 +107,7 @@ class RunDir:
     def clear(self) -> None:
         """Remove every file (and output folder) a run writes here (``--overwrite``); other files in the folder
         are left alone."""
-        for name in (CONFIG_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()),
-                     *self.outputs):
+        for name in self.names():
             target = self.path / name
             try:
                 if target.is_dir() and not target.is_symlink():
@@ -257,25 +128,65 @@ class RunDir:
         first look before any work; nothing is created). ``shared``: several cooperating processes (the
         shards of a proxy study) hold it at once, and keep an exclusive taker out."""
         world = world or World()
-        problem = None
-        if world.is_main and not (early and not self.lock.path.exists()):
-            record = self.lock.acquire(shared)
-            if record is not None:
-                problem = in_use_message(f"--save_dir {self.path}", record, overwrite)
+        problem = None  # (error type, its line)
+        if world.is_main:
+            try:
+                self.check_files()
+                if early and not self.lock.exists():
+                    self._unlocked_look = self._look()  # read without the lock: checked again by `claim`
+                else:
+                    record = self.lock.acquire(shared)
+                    if record is not None:
+                        problem = (FolderInUse, in_use_message(f"--save_dir {self.path}", record, overwrite))
+            except ForeignFile as exc:  # a file the run did not create: every rank stops with its line
+                problem = (ForeignFile, str(exc))
         if world.active:
             problem = world.gather(problem)[0]
         if problem:
-            raise FolderInUse(problem)
+            raise problem[0](problem[1])
 
-    def claim(self, world: World | None = None, *, overwrite: bool = False, verb: str = "write") -> None:
-        """A run's first write: rank 0 makes the folder, the lock is held from here to the end (`hold`), and with
-        ``overwrite`` rank 0 then removes the earlier outputs (only once the lock keeps everyone else out)."""
+    def claim(self, world: World | None = None, *, overwrite: bool = False, verb: str = "write") -> bool:
+        """A run's first write: rank 0 makes the folder, the lock is held from here to the end (`hold`), the
+        temporary files of a killed run are removed, and with ``overwrite`` rank 0 then removes the earlier
+        outputs (only once the lock keeps everyone else out).
+
+        True when another process wrote the run's files between an early look that could not lock the folder
+        and now (never with ``overwrite``): what was read then is out of date, so read the folder again (under
+        the lock now) and claim again."""
         world = world or World()
         if world.is_main:
             self.create(verb=verb)
         self.hold(world, overwrite=overwrite)
-        if world.is_main and overwrite:
-            self.clear()
+        changed = world.is_main and self._unlocked_look not in (None, self._look()) and not overwrite
+        self._unlocked_look = None
+        if world.active:
+            changed = world.gather(changed)[0]
+        if world.is_main:
+            removed = remove_temporaries(self.path, self.names())
+            if removed:
+                self.logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), self.path)
+            if overwrite:
+                self.clear()
+        return changed
+
+    def _look(self) -> tuple:
+        """What identifies the run's recorded files now: (name, inode, mtime, size) of each present."""
+        seen = []
+        for name in (CONFIG_FILE, DONE_FILE, *(self.state.files() if self.state else ())):
+            try:
+                st = os.lstat(self.path / name)
+            except OSError:
+                continue
+            seen.append((name, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(seen)
+
+    def check_files(self) -> None:
+        """ForeignFile (exit 2) naming the first of the run's files here (temporaries of its atomic writes included)
+        that is not this user's own regular file (or folder, for an output folder): a link or another user's file
+        is never written through or replaced."""
+        for name in self.names():
+            check_own(self.path / name, dirs_ok=name in self.outputs)
+        temporaries(self.path, self.names())
 
     def release(self) -> None:
         self.lock.release()
@@ -312,7 +223,9 @@ class RunDir:
         ``os.replace`` is atomic, so a kill at any moment leaves at least one complete copy.
         """
         cur = self.path / self.state.name
-        if cur.exists():
+        check_own(cur)
+        check_own(self.path / self.state.prev)
+        if os.path.lexists(cur):
             try:
                 os.replace(cur, self.path / self.state.prev)
             except OSError as exc:
@@ -376,8 +289,8 @@ class RunLog:
     def __init__(self, path: Path, logger_name: str, console: bool, level: int):
         self.logger = logging.getLogger(logger_name)
         self.saved = (self.logger.propagate, self.logger.level)
-        try:
-            handler = logging.FileHandler(path)
+        try:  # appended to only when it is this user's own file (never through a link)
+            handler = _LogFileHandler(os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a"))
         except OSError as exc:
             raise RunFailure(f"cannot write the log {path}: {exc.strerror}; choose a writable --save_dir") from None
         handler.setLevel(level)
@@ -407,3 +320,16 @@ class RunLog:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """A log file's handler on a stream opened by `open_own`; closing the handler closes the file."""
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            self.release()
+            super().close()

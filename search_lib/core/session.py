@@ -4,7 +4,9 @@
 that writes a folder, takes the folder's lock at the first look (when the folder has one already: a second
 process is refused before any work) and releases it at the end. `RunSession.claim` is the run's first write:
 every rank has checked its inputs, rank 0 creates (or, with --overwrite, clears) the folder under the lock, and
-the run's log is attached until the session ends. One owner, so that the three runs cannot set up differently.
+the run's log is attached until the session ends; a run that read the folder before it could lock it learns
+there whether another process wrote it meanwhile (``reread``). One owner, so that the three runs cannot set up
+differently.
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ class RunSession:
     log: RunLog | None = None
 
     def claim(self, *, overwrite: bool = False, verb: str = "write", log: str | None = None, console: bool = False,
-              level: int = logging.DEBUG) -> None:
+              level: int = logging.DEBUG, reread: bool = False) -> bool:
         """The run's first write (`RunDir.claim`), once every rank has checked its inputs; then the log named
-        ``log`` is copied to the folder's log file (rank 0) until the session ends."""
+        ``log`` is copied to the folder's log file (rank 0) until the session ends. ``reread``: a run that read
+        the folder before this; True (nothing claimed yet, the lock held) when another process wrote the folder
+        since a first look that could not lock it, so that the run reads it again and claims again."""
         self.world.barrier()  # every rank has read the folder and its inputs before rank 0 changes it
-        self.run.claim(self.world, overwrite=overwrite, verb=verb)
+        if self.run.claim(self.world, overwrite=overwrite, verb=verb) and reread:
+            return True
         self.world.barrier()  # ... and reads it again only after that
         if log is not None and self.world.is_main:
             self.log = self.run.attach_log(log, console=console, level=level)
+        return False
 
     def close(self) -> None:
         if self.log is not None:
@@ -53,15 +59,17 @@ class RunSession:
 
 @contextmanager
 def run_session(device: str, threads: int | None, *, workers: Callable[[str], int] | int = 0,
-                run: RunDir | None = None, overwrite: bool = False) -> Iterator[RunSession]:
+                run: RunDir | None = None, overwrite: bool = False,
+                break_stale: bool = False) -> Iterator[RunSession]:
     """Set up a run (see the module's text); ``workers``: the data-loader processes, or a function of the device
     type giving them (they get no compute threads). A folder another process holds: FolderInUse (exit 2) at
-    once."""
+    once; ``break_stale`` (--break_stale_lock) takes over a lease that expired (network file systems)."""
     world, dev = distributed.init(resolve_device(device))
     loaders = workers(dev.type) if callable(workers) else workers
     session = RunSession(world, dev, configure_threads(loaders, threads), run)
     try:
         if run is not None:
+            run.lock.break_stale = break_stale
             run.hold(world, early=True, overwrite=overwrite)
         yield session
     finally:

@@ -1,13 +1,18 @@
-"""Small shared helpers: device selection, seeding, atomic writes, JSONL appends."""
+"""Small shared helpers: device selection, seeding, atomic writes, JSONL appends, and the rule for files the
+toolkit writes: only this user's own regular files (`open_own`, `check_own`)."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
 import os
 import random
+import re
+import stat
 import tempfile
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search_lib.core.errors import RunFailure, UsageError
+from search_lib.core.errors import ForeignFile, RunFailure, UsageError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -40,6 +45,15 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
         return torch.device(name)
     raise UsageError(f"unknown device {name!r}; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def refuse_empty_paths(**paths: str | None) -> None:
+    """UsageError for a path flag given as an empty string (``--save_dir ""``, a script's unset variable): as a
+    path it would be the current folder, which nobody meant; None (not given) is fine."""
+    for name, value in paths.items():
+        if value is not None and not str(value).strip():
+            raise UsageError(f"--{name} is empty (an unset variable in a script?); give a path (for the current "
+                             f"folder: .)")
 
 
 def draw_seed() -> int:
@@ -135,6 +149,112 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+# ---- files written in place or replaced: this user's own regular files only -----------------------------------
+#
+# In a shared or group-writable folder anyone may leave a symbolic link (or a hard link, a FIFO, a file of their
+# own) under a name the toolkit writes: following it would let the next run empty or append to a file it was never
+# meant to touch (``ln -s ~/thesis.tex runs/x/.lock``). So a file is written in place only when it is opened
+# without following links and turns out to be a regular file of this user with no other name; a file replaced
+# atomically must be one too. Anything else is refused with one line naming it.
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_LINK_ERRORS = (errno.ELOOP, errno.EMLINK)  # O_NOFOLLOW on a link: ELOOP (Linux, macOS), EMLINK (FreeBSD)
+
+
+def _foreign(st: os.stat_result, in_place: bool = False, dirs_ok: bool = False) -> str | None:
+    """Why a file with status ``st`` is not one the toolkit may write (None: it may)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if not (stat.S_ISREG(st.st_mode) or (dirs_ok and stat.S_ISDIR(st.st_mode))):
+        return "not a regular file"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"owned by another user (uid {st.st_uid})"
+    if in_place and st.st_nlink > 1:  # appending to it would change its other names too
+        return f"a file with {st.st_nlink} hard links"
+    return None
+
+
+def foreign_file(path: str | os.PathLike, why: str) -> ForeignFile:
+    """The one-line refusal of a file the toolkit did not create (exit 2)."""
+    return ForeignFile(f"{path} is {why}, not a file this toolkit wrote; it writes only this user's own regular "
+                       f"files (nothing was written): remove it, or choose another folder")
+
+
+def check_own(path: str | os.PathLike, dirs_ok: bool = False) -> None:
+    """ForeignFile unless ``path`` is absent or this user's regular file (a folder too with ``dirs_ok``); never
+    follows a link. Checked before a file is replaced or rotated (a replace itself never writes through a link,
+    but a file the run did not create is not its to replace)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # absent (or unreadable: the write that follows reports it)
+    why = _foreign(st, dirs_ok=dirs_ok)
+    if why:
+        raise foreign_file(path, why)
+
+
+def open_own(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a file written in place (a lock, a log, an append-only record): without following a link
+    and without blocking on a FIFO, then checked to be this user's regular file with one name (a file created
+    now is). ForeignFile otherwise; other OSErrors go to the caller."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno in _LINK_ERRORS:
+            raise foreign_file(path, "a symbolic link") from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise foreign_file(path, "not a regular file") from None
+        raise
+    try:
+        why = _foreign(os.fstat(fd), in_place=True)
+    except OSError:
+        os.close(fd)
+        raise
+    if why:
+        os.close(fd)
+        raise foreign_file(path, why)
+    return fd
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+
+
+def temporaries(folder: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """The paths of the temporary files of atomic writes of ``names`` in ``folder`` (a killed run's, or a running
+    one's); ForeignFile for one that is not this user's regular file."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if not match or match.group(1) not in names:
+            continue
+        try:
+            why = _foreign(entry.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        if why:
+            raise foreign_file(entry.path, why)
+        found.append(entry.path)
+    return found
+
+
+def remove_temporaries(folder: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Delete the temporary files that atomic writes of ``names`` in ``folder`` left behind when their process was
+    killed (only by the folder's exclusive holder: nobody else writes there); ForeignFile for one that is not this
+    user's regular file. Returns the names removed."""
+    removed = []
+    for path in temporaries(folder, names):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(os.path.basename(path))
+    return removed
+
+
 def _atomic_write(path: Path, write_fn, mode: str) -> None:
     path = Path(path)
     try:
@@ -150,6 +270,7 @@ def _atomic_write(path: Path, write_fn, mode: str) -> None:
             write_fn(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        check_own(path)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -181,9 +302,9 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a line (results are append-only)."""
+    """Append one JSON record as a line (results are append-only), to this user's own file only (`open_own`)."""
     try:
-        with open(path, "a") as fh:
+        with os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

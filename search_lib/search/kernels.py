@@ -19,6 +19,8 @@ import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 
+from search_lib.core.pass_sizing import is_out_of_memory
+
 log = logging.getLogger("metantknas.kernels")
 
 KAPPA_SENTINEL = 100000.0  # condition number reported for a singular / non-finite kernel (as the original)
@@ -323,6 +325,8 @@ def condition_number(K: torch.Tensor, context: str = "") -> float:
     try:
         eig = torch.linalg.eigvalsh((K + K.T) / 2)
     except RuntimeError as exc:  # the eigen-solver failed to converge
+        if is_out_of_memory(exc):  # cuSOLVER without memory for its handle or workspace: not a score, halve the pass
+            raise
         log.warning("eigen-solver failed%s (%s); condition number set to %g", where, exc, KAPPA_SENTINEL)
         return KAPPA_SENTINEL
     lo, hi = eig[0].item(), eig[-1].item()

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from search_lib.core.distributed import World
 from search_lib.core.memory import format_size, resolve_budget
+from search_lib.core.pass_sizing import PASSES_FILE, PassRecord
 from search_lib.core.run_dir import RunDir
 from search_lib.core.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 from search_lib.data import load_split
@@ -257,7 +258,10 @@ class PruningSearch:
         split = load_split(cfg.data, cfg.data_path, "train")
         num_classes = len(split.class_ids)
         budget = resolve_budget(cfg.memory_budget, self.device)  # on CUDA: the free memory now, at the start
-        scorer = CandidateScorer(cfg, split, self.device, num_classes, budget)
+        # the pass size learned (and a pass a killed process died in) is kept in the folder; rank 0's sizes only
+        record = (PassRecord(self.run_dir / PASSES_FILE, self.device) if self.run_dir is not None and
+                  self.world.is_main else None)
+        scorer = CandidateScorer(cfg, split, self.device, num_classes, budget, record)
         try:
             return self._rounds(scorer, state)
         finally:

@@ -6,15 +6,18 @@ give the same scores: one architecture per pass (`kappa`, `regions`: the obvious
 several per pass (`kappas_many`, `regions_many`: the batch repeated once per architecture,
 each copy with its own op weights). Scoring is a pure function of (alphas, repeat seed, batch).
 
-How many architectures a pass takes is measured, not estimated (`search_lib.core.memory.PassSizer`): the
+How many architectures a pass takes is measured, not estimated (`search_lib.core.pass_sizing.PassSizer`): the
 first passes probe with one and two, their peak memory gives the cost of one more, and each later pass
-takes the most that fit the memory budget (``--memory_budget``); an out-of-memory error halves the pass
-and retries it. On the CPU each pass runs through a `search_lib.core.threads.ThreadTuner`, which drops
-threads when the run shares its cores with other busy processes. Neither changes a score.
+takes the most that fit the memory budget (``--memory_budget``); an out-of-memory error (any of its faces,
+`search_lib.core.pass_sizing.OUT_OF_MEMORY`) halves the pass and retries it. A search keeps what its passes
+learned in its folder (`search_lib.core.pass_sizing.PassRecord`), also the size of a pass the process died in.
+On the CPU each pass runs through a `search_lib.core.threads.ThreadTuner`, which drops threads when the run
+shares its cores with other busy processes. Neither changes a score.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 
 from search_lib.core.errors import RunFailure, one_line
-from search_lib.core.memory import MemoryMeter, PassSizer, format_size, is_out_of_memory, resolve_budget
+from search_lib.core.memory import MemoryMeter, format_size, resolve_budget
+from search_lib.core.pass_sizing import PassRecord, PassSizer, is_out_of_memory
 from search_lib.core.threads import ThreadTuner, threads_fixed
 from search_lib.data import SplitData, build_transform, sample_batch, sample_meta_batch
 from search_lib.models.supernet import Supernet, init_weights, replace_norm
@@ -61,12 +65,13 @@ class CandidateScorer:
     """Holds the kernel and linear-region networks; scores alphas for one repeat at a time.
 
     ``budget``: bytes the process may peak at (``--memory_budget``; None: from the config, its default when
-    auto). `close()` stops the memory sampler and restores the thread count.
+    auto). ``record``: where the pass size is kept between processes (the search's ``passes.json``; None: not
+    kept). `close()` stops the memory sampler and restores the thread count.
     """
 
     def __init__(self, cfg: SearchConfig, split: SplitData, device: torch.device, num_classes: int,
-                 budget: int | None = None):
-        self.cfg, self.split, self.device = cfg, split, device
+                 budget: int | None = None, record: PassRecord | None = None):
+        self.cfg, self.split, self.device, self.record = cfg, split, device, record
         self.budget = resolve_budget(cfg.memory_budget, device) if budget is None else int(budget)
         self.transform = cfg.input_transform()
         net = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space, cfg.ntk_stemm, cfg.ntk_fsr)
@@ -162,6 +167,8 @@ class CandidateScorer:
                 theta = analytical_metantk(theta, k, cfg.effective_batch_size, per_task * cfg.n_queries,
                                            per_task * cfg.n_shots, cfg.inner_lr_time, cfg.reg_coef)
             except RuntimeError as exc:  # torch.linalg failed to converge (a singular, ill-conditioned kernel)
+                if is_out_of_memory(exc):  # cuSOLVER without memory: the pass is halved, no sentinel
+                    raise
                 log.warning("MetaNTK failed (%s): %s; condition number set to %g", context, one_line(exc, 100),
                             KAPPA_SENTINEL)
                 return KAPPA_SENTINEL
@@ -230,24 +237,32 @@ class CandidateScorer:
                 try:
                     out += self._one_pass(lambda a=alive, c=ctx: [self.kappa(a, c)], 1)
                 except _PassOutOfMemory as exc:
-                    raise self._out_of_memory(exc.__cause__) from None
+                    raise self._out_of_memory(str(exc)) from None
                 if progress is not None:
                     progress(1)
             return out
         if self.sizer is None:
             self.sizer = PassSizer(self.budget, cap, base=self.meter.now())
+            if self.record is not None:  # what earlier processes on this folder learned, or died of
+                self.record.restore(self.sizer)
         while len(out) < len(alives):
             k = min(self.sizer.size(), len(alives) - len(out))
             chunk, ctx = alives[len(out):len(out) + k], contexts[len(out):len(out) + k]
+            if self.record is not None:
+                self.record.starting(k, self.sizer)
             try:
                 kappas = self._one_pass(lambda a=chunk, c=ctx: self.kappas_many(a, c), k)
             except _PassOutOfMemory as exc:
                 if k == 1:
-                    raise self._out_of_memory(exc.__cause__) from None
+                    raise self._out_of_memory(str(exc)) from None
                 self.passes.oom_splits += 1
                 log.warning("out of memory in a pass of %d architectures (%s); retrying with %d per pass",
-                            k, one_line(exc.__cause__, 80), self.sizer.failed(k))
+                            k, one_line(str(exc), 80), self.sizer.failed(k))
+                if self.record is not None:
+                    self.record.failed(self.sizer)
                 continue
+            if self.record is not None:
+                self.record.finished(k, self.sizer)
             out += kappas
             if progress is not None:
                 progress(k)
@@ -255,15 +270,21 @@ class CandidateScorer:
 
     def _one_pass(self, run: Callable[[], list[float]], k: int) -> list[float]:
         """Run one kernel pass of ``k`` architectures, measuring its peak; an out-of-memory error becomes
-        `_PassOutOfMemory` after Opacus is re-attached (a pass that failed half-way leaves its hooks' state)."""
+        `_PassOutOfMemory` (its message) once the failed pass's memory is freed and Opacus re-attached (a pass that
+        failed half-way leaves its hooks' state)."""
+        failed = None
         try:
             with self.meter.window() as win:
                 result = run()
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
+            failed = one_line(exc, 300)
+        if failed is not None:
+            # outside the except block: the error's traceback, which holds the failed pass's frames and tensors,
+            # is gone, so their memory can be freed (inside it, emptying the cache would keep them)
             self._reattach()
-            raise _PassOutOfMemory() from exc
+            raise _PassOutOfMemory(failed)
         self.passes.record(k)
         if self.sizer is not None:
             self.sizer.record(k, win.peak, win.start)
@@ -271,13 +292,14 @@ class CandidateScorer:
 
     def _reattach(self) -> None:
         if self._stack is not None:
-            self._stack.close()
+            self._stack.close()  # Opacus's hooks drop what they kept of the pass
+        gc.collect()  # reference cycles of the failed pass (autograd graphs, hooks) before the cache is emptied
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._stack = ExitStack()
         self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
 
-    def _out_of_memory(self, exc: BaseException) -> RunFailure:
+    def _out_of_memory(self, exc: BaseException | str) -> RunFailure:
         where = "GPU" if self.device.type == "cuda" else "CPU"
         return RunFailure(f"out of memory on the {where} scoring a single architecture (budget "
                           f"{format_size(self.budget)}; {one_line(exc, 80)}); lower --batch_size or --ntk_channels, "
@@ -313,7 +335,8 @@ def on_host(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class _PassOutOfMemory(Exception):
-    """A kernel pass ran out of memory (the original error is its cause)."""
+    """A kernel pass ran out of memory (the original error's message; the error itself, with the pass's frames in
+    its traceback, is not kept)."""
 
 
 @dataclass

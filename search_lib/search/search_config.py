@@ -10,7 +10,7 @@ from functools import cached_property
 from search_lib.core.command_line import flag
 from search_lib.core.errors import UsageError
 from search_lib.core.memory import parse_size
-from search_lib.core.utils import DEVICE_CHOICES
+from search_lib.core.utils import DEVICE_CHOICES, refuse_empty_paths
 from search_lib.data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, build_transform, resolve_dataset
 from search_lib.models.ops import SEARCH_SPACES
 from search_lib.models.space import SearchSpace
@@ -25,8 +25,8 @@ BN_MODES = ("train", "eval")
 EARLIER_FIELDS = {"lr_batches": "regions_batches", "lr_batch_size": "regions_batch_size", "lr_crop": "regions_crop"}
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
-NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "train_after_search", "train", "candidates_per_pass",
-                   "original_flags", "memory_budget", "threads"}
+NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "break_stale_lock", "train_after_search", "train",
+                   "candidates_per_pass", "original_flags", "memory_budget", "threads"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -65,6 +65,9 @@ class SearchConfig:
     device: str = field(default="auto", metadata=flag(f"one of {', '.join(DEVICE_CHOICES)}", group=_SEARCH))
     overwrite: bool = field(default=False, metadata=flag("discard a finished or different run in --save_dir",
                                                          group=_SEARCH))
+    break_stale_lock: bool = field(default=False, metadata=flag(
+        "take over a run folder whose lease expired (network file systems: its holder died or hangs)",
+        group=_SEARCH))
     candidates_per_pass: int = field(default=0, metadata=flag(
         "most architectures scored per pass of the networks: 0 lets the measured memory choose (within "
         "--memory_budget), 1 scores one at a time (the reference path)", group=_SEARCH))
@@ -145,6 +148,7 @@ class SearchConfig:
 
     def validate(self) -> SearchConfig:
         """Refuse incompatible or out-of-range settings before any work or any write."""
+        refuse_empty_paths(save_dir=self.save_dir, data_path=self.data_path)
         spec = self.data  # raises on unknown names
         _ = self.space  # raises on an unknown space or an unsupported node count
         _choice("--ntk_type", self.ntk_type, NTK_TYPES)

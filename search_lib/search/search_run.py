@@ -2,9 +2,10 @@
 
 The folder (`search_lib.core.run_dir`) holds ``config.json``, the state of the last finished round
 (``state.json``, the one before as ``state.prev.json``), ``history.jsonl`` (one record per round),
-``genotype.json`` (a `GenotypeRecord`), ``search.log``, ``done`` and ``search.png`` (drawn by
-`search_lib.search.search_plot`). Running the same command again resumes an interrupted search and reports a
-finished one.
+``genotype.json`` (a `GenotypeRecord`), ``search.log``, ``done``, ``search.png`` (drawn by
+`search_lib.search.search_plot`) and ``passes.json`` (the kernel pass size the rounds learned, and the size of
+a pass in progress, so that a re-run after the process was killed mid-pass starts below it). Running the same
+command again resumes an interrupted search and reports a finished one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from search_lib.core.errors import DataError, GenotypeError, UsageError, one_line
 from search_lib.core.figures import draw_quietly
+from search_lib.core.pass_sizing import PASSES_FILE
 from search_lib.core.run_dir import RunDir, SavedState
 from search_lib.core.session import RunSession, run_session
 from search_lib.core.utils import draw_seed
@@ -39,7 +41,8 @@ def search_run_dir(path) -> RunDir:
     """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
     return RunDir(path, SavedState("state.json", "state.prev.json", "search state",
                                    restart="starting again from round 0"),
-                  outputs=("history.jsonl", "genotype.json", "search.png"), log_name=SEARCH_LOG, logger=log)
+                  outputs=("history.jsonl", "genotype.json", "search.png", PASSES_FILE), log_name=SEARCH_LOG,
+                  logger=log)
 
 
 @dataclass
@@ -90,12 +93,45 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
     Under torchrun every rank runs this: each scores its share of every round's candidates, every rank
     gets all the scores and prunes alike, and rank 0 alone writes the run folder and prints. The folder's
-    lock is held from the first look (when the folder has a lock file) or the first write to the end.
+    lock is held from the first look (when the folder has a lock file) or the first write to the end; what was
+    read before the lock could be taken is read again once it is held.
     """
     cfg.validate()
     # --threads fixes the count; else the passes tune it (CPU); a folder another process runs in: exit 2 at once
-    with run_session(cfg.device, cfg.threads, run=search_run_dir(cfg.save_dir), overwrite=cfg.overwrite) as session:
+    with run_session(cfg.device, cfg.threads, run=search_run_dir(cfg.save_dir), overwrite=cfg.overwrite,
+                     break_stale=cfg.break_stale_lock) as session:
         return _run_search(cfg, session)
+
+
+def _read_folder(cfg: SearchConfig, run: RunDir, main: bool) -> tuple[dict | None, SearchResult | None]:
+    """The folder's recorded config (None: a new search) and, for a finished search, its result (reported);
+    a recorded seed replaces a seed of -1."""
+    save_dir = run.path
+    old_cfg = None if cfg.overwrite else run.read_config()
+    if old_cfg is None:
+        return None, None
+    try:
+        old_seed = int(old_cfg.get("rand_seed", -1))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{save_dir}/config.json holds an invalid rand_seed ({one_line(exc, 100)}); use "
+                         f"--overwrite or another --save_dir") from None
+    if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
+        cfg.rand_seed = old_seed
+    run.check_config(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict(), what="a search")
+    if not run.is_done():
+        return old_cfg, None
+    try:
+        geno = GenotypeRecord.from_json((save_dir / "genotype.json").read_text()).genotype
+    except (OSError, UnicodeDecodeError, GenotypeError) as exc:
+        # the state says where the search ended: finishing it again only rewrites genotype.json
+        if main:
+            print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
+                  f"({one_line(exc, 100)}); rebuilding it from the saved state", file=sys.stderr)
+        return old_cfg, None
+    if main:
+        print(f"search already finished in {save_dir} (use --overwrite to recompute)")
+        print(f"genotype: {geno}")
+    return old_cfg, _result(cfg, geno, save_dir, -1, True)
 
 
 def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
@@ -103,34 +139,21 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
     run, world = session.run, session.world
     main = world.is_main
     save_dir = run.path
-    old_cfg = None if cfg.overwrite else run.read_config()
-    if old_cfg is not None:
-        try:
-            old_seed = int(old_cfg.get("rand_seed", -1))
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{save_dir}/config.json holds an invalid rand_seed ({one_line(exc, 100)}); use "
-                             f"--overwrite or another --save_dir") from None
-        if cfg.rand_seed == -1:  # resuming a run that drew its seed: reuse the recorded one
-            cfg.rand_seed = old_seed
-        run.check_config(SearchConfig.from_dict(old_cfg).result_dict(), cfg.result_dict(), what="a search")
-        if run.is_done():
-            try:
-                geno = GenotypeRecord.from_json((save_dir / "genotype.json").read_text()).genotype
-            except (OSError, UnicodeDecodeError, GenotypeError) as exc:
-                # the state says where the search ended: finishing it again only rewrites genotype.json
-                if main:
-                    print(f"warning: {save_dir} is marked done but genotype.json is unreadable "
-                          f"({one_line(exc, 100)}); rebuilding it from the saved state", file=sys.stderr)
-            else:
-                if main:
-                    print(f"search already finished in {save_dir} (use --overwrite to recompute)")
-                    print(f"genotype: {geno}")
-                return _result(cfg, geno, save_dir, -1, True)
-    _check_inputs(cfg)
-    drawn = cfg.rand_seed == -1
-    if drawn:  # drawn once, by rank 0, for every rank
-        cfg.rand_seed = world.gather(draw_seed())[0]
-    session.claim(overwrite=cfg.overwrite, log="metantknas", console=True)  # the lock held from here to the end
+    asked_seed, checked = cfg.rand_seed, False
+    while True:
+        cfg.rand_seed = asked_seed
+        old_cfg, finished = _read_folder(cfg, run, main)
+        if finished is not None:
+            return finished
+        if not checked:
+            _check_inputs(cfg)
+            checked = True
+        drawn = cfg.rand_seed == -1
+        if drawn:  # drawn once, by rank 0, for every rank
+            cfg.rand_seed = world.gather(draw_seed())[0]
+        # the lock held from here to the end; read again when another process wrote the folder since the first look
+        if not session.claim(overwrite=cfg.overwrite, log="metantknas", console=True, reread=True):
+            break
     if main:
         run.write_config(cfg.to_dict())
     search = PruningSearch(cfg, run, world, session.device)
