@@ -17,7 +17,8 @@ import torch
 from eval_lib.train.train_config import TrainConfig
 from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, RunFailure, UsageError
-from search_lib.core.memory import cuda_free, format_size, is_out_of_memory
+from search_lib.core.memory import cuda_free, format_size
+from search_lib.core.pass_sizing import is_out_of_memory
 from search_lib.data.tensor_augment import DeviceAugment
 
 logger = logging.getLogger("metantknas.eval")
