@@ -2,9 +2,10 @@
 
 * `names`: dataset names (`resolve_dataset` -> `DatasetSpec`), partitions and release file names.
 * `files`: loaders of the RFS releases of miniImageNet, CIFAR-FS and FC100 (Python-2 pickles, read with a
-  restricted unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels), and ``Digits``: a small bundled
-  demo dataset built from ``sklearn.datasets.load_digits`` (no download): 10 digits x {upright, rotated 90
-  degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
+  restricted unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels): the rules a data file must
+  meet, and their messages, for the search, the training and the folder check alike.
+* `digits`: ``Digits``, a small bundled demo dataset built from ``sklearn.datasets.load_digits`` (no download):
+  10 digits x {upright, rotated 90 degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
 * `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` (on CIFAR-FS / FC100: RFS's 32 x 32 one) and the
   TE-NAS search transform ``TENAS`` (the
   torchvision pipelines: the one definition of every step), and ``transform_stack`` / ``apply_seeded``.
