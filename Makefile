@@ -12,7 +12,7 @@ STUDY_DIR ?= runs/proxy_study
 # busy; --dist loadfile keeps a file's module-scoped runs on one worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared clean-demo clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared bench-prepare clean-demo clean-study
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ bench-transforms: $(STAMP)
 # two demo searches (and two training epochs) side by side against one alone: the thread tuners' fairness
 bench-shared: $(STAMP)
 	$(PY) -m benchmarks.bench_shared --what search,train
+
+# python -m search_lib.data.prepare on synthetic sources of the real sizes: CIFAR-FS from 60,000 images, and
+# miniImageNet from 6,400 photograph-like JPEGs (images/s, the estimates for the real mini and tiered); peak memory.
+bench-prepare: $(STAMP)
+	$(PY) -m benchmarks.bench_prepare
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

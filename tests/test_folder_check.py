@@ -11,12 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
-from fake_sources import write_fake_cifar100
 
 import eval_searched_arch
 import prune_metantknas
 from search_lib.data import prepare as P
 from search_lib.data.streamed_files import python2_pickle
+from search_lib.data.synthetic_sources import write_fake_cifar100
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import urllib.error
 
 import numpy as np
 import pytest
-from fake_sources import cifar100_names, cifar_source_image, write_fake_cifar100
 
 import eval_searched_arch
 import prune_metantknas
 from search_lib.data import prepare as P
 from search_lib.data.split_lists import PUBLISHED, SPLIT_NAMES, cifar100_superclasses, read_split_lists
+from search_lib.data.synthetic_sources import cifar100_names, write_fake_cifar100
 
 FILES = ("train", "val", "test", "trainval")
 CIFAR_FS_TEST = {"whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard", "plain",
@@ -25,6 +25,18 @@ CIFAR_FS_VAL = {"beaver", "otter", "flatfish", "shark", "lamp", "television", "b
                 "cattle", "crab", "crocodile", "maple_tree", "motorcycle", "tractor"}
 FC100 = {"test": {"aquatic_mammals", "insects", "medium_mammals", "people"},
          "val": {"large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"}}
+
+
+def cifar_source_image(folder, name: str, k: int) -> np.ndarray:
+    """The k-th image of class ``name`` in the fake CIFAR-100 folder: its training images in file order, then its
+    test images, as 32 x 32 x 3 (read here independently of search_lib.data.cifar_source)."""
+    fine = cifar100_names()[0]
+    images = []
+    for part in ("train", "test"):
+        obj = pickle.loads((folder / part).read_bytes(), encoding="latin1")
+        images += [obj["data"][i].reshape(3, 32, 32).transpose(1, 2, 0)
+                   for i, v in enumerate(obj["fine_labels"]) if v == fine.index(name)]
+    return images[k]
 
 
 @pytest.fixture(scope="module")

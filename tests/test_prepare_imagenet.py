@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_sources import write_fake_imagenet, write_mini_lists, write_tiered_lists
 from PIL import Image
 
 import eval_searched_arch
 import prune_metantknas
 from search_lib.data import prepare as P
+from search_lib.data.synthetic_sources import write_fake_imagenet, write_mini_lists, write_tiered_lists
 
 REPO = Path(__file__).resolve().parents[1]
 SYNSETS = [f"n0{i}00000{i}" for i in range(1, 8)]

@@ -200,10 +200,10 @@ def write_files(out: Path, plan: Plan, workers: int, progress: bool) -> None:
 def prepare(cfg: PrepareConfig) -> int:
     spec, out = cfg.spec, Path(cfg.out).expanduser()
     plan = make_plan(cfg)
+    lock = claim_out(out, plan, cfg.overwrite)
     if plan.source_verified is False:
         note(f"{plan.source} is not the CIFAR-100 release (its MD5 differs from the one torchvision checks): the "
              f"output is not the published {spec.display}")
-    lock = claim_out(out, plan, cfg.overwrite)
     try:
         record = read_manifest(out)
         files = [n for fp in plan.files for n in fp.names]

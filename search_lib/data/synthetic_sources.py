@@ -1,5 +1,6 @@
-"""Fake primary sources for the tests of search_lib.data.prepare: CIFAR-100 in torchvision's layout and an
-ImageNet training folder of tiny JPEGs, with random pixels and the real names."""
+"""Synthetic primary sources for `search_lib.data.prepare`, for its tests and benchmarks: CIFAR-100's python
+version in torchvision's layout (random pixels, the real class and superclass names) and an ImageNet training
+folder of JPEGs (``<synset>/<synset>_<number>.JPEG``), with split lists in the published formats."""
 
 from __future__ import annotations
 
@@ -54,23 +55,21 @@ def write_fake_cifar100(root: Path, train_per_class: int = 3, test_per_class: in
     return folder
 
 
-def cifar_source_image(folder: Path, name: str, k: int) -> np.ndarray:
-    """The k-th image of class ``name`` in the fake folder: its training images in file order, then its test
-    images, as 32 x 32 x 3."""
-    import pickle
-
-    fine = cifar100_names()[0]
-    images = []
-    for part in ("train", "test"):
-        obj = pickle.loads((folder / part).read_bytes(), encoding="latin1")
-        idx = [i for i, v in enumerate(obj["fine_labels"]) if v == fine.index(name)]
-        images += [obj["data"][i].reshape(3, 32, 32).transpose(1, 2, 0) for i in idx]
-    return images[k]
+def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth shapes and mild noise: JPEG sizes and decoding times of photographs, unlike random pixels."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    freq = rng.uniform(4.0, 40.0, size=2)
+    base = 128 + 60 * np.sin(xx / freq[0]) + 60 * np.cos(yy / freq[1])
+    tint = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
+    img = base[..., None] * tint + rng.normal(0.0, 16.0, size=(h, w, 3)).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_fake_imagenet(root: Path, counts: dict[str, int], seed: int = 0) -> dict[str, list[Path]]:
-    """One folder of ``count`` JPEGs per synset, numbered so that sorting by name differs from sorting by number;
-    sizes from 20 to 110 pixels (some enlarged, some shrunk to 84). Returns each synset's files in number order."""
+def write_fake_imagenet(root: Path, counts: dict[str, int], seed: int = 0, sizes: tuple[int, int] = (20, 110),
+                        photo: bool = False) -> dict[str, list[Path]]:
+    """``count`` JPEGs per synset folder, numbered so that sorting by name differs from sorting by number, of
+    random heights and widths in ``sizes`` (the default: some enlarged, some shrunk to 84); random pixels, or
+    photograph-like ones with ``photo``. Returns each synset's files in number order."""
     rng = np.random.default_rng(seed)
     out = {}
     for synset, count in counts.items():
@@ -79,10 +78,10 @@ def write_fake_imagenet(root: Path, counts: dict[str, int], seed: int = 0) -> di
         numbers = sorted(rng.choice(np.arange(1, 20000), size=count, replace=False).tolist())
         files = []
         for number in numbers:
-            h, w = (int(v) for v in rng.integers(20, 111, size=2))
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            pixels = _photo(rng, h, w) if photo else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             path = folder / f"{synset}_{number}.JPEG"
-            Image.fromarray(pixels).save(path, quality=90)
+            Image.fromarray(pixels).save(path, quality=95 if photo else 90)
             files.append(path)
         out[synset] = files
     return out
