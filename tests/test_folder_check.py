@@ -44,7 +44,8 @@ def test_a_good_folder_passes_with_one_screen(good, capsys):
     rows = {line.split()[0]: line.split() for line in lines[3:7]}
     assert [rows[s][1] for s in ("train", "val", "test", "trainval")] == ["64", "16", "20", "80"]
     assert all(rows[s][-2] == md5[f"{s}.pickle"] and rows[s][4] == "32x32x3" for s in rows)
-    assert lines[-1].startswith("no class in two splits")
+    assert lines[-1] == ("no class in two splits; trainval = train + val; classes and images per class as expected; "
+                         "MD5s as recorded")
 
 
 def _rewrite(path, **changes):
@@ -86,6 +87,8 @@ BREAKAGES = {
                                     r"\(64 / 16 / 20 classes x 600 images\) has 600"),
     "unfinished preparation": (_unfinished, "did not finish; re-run the prepare command"),
     "another dataset": (lambda f: None, r"holds CIFAR-FS \(prepare\.json\), not FC100"),
+    "unreadable record": (lambda f: (f / "prepare.json").write_text('{"dataset": "CIFAR-FS"}'),
+                          r"prepare\.json is unreadable \(its classes are not .*\); re-create the folder"),
 }
 
 

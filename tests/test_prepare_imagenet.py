@@ -101,17 +101,20 @@ def test_the_check_passes_both(imagenet, capsys):
 
 
 def test_the_search_and_the_training_read_them(imagenet, tmp_path):
+    """A search (linear regions only: the MetaNTK search runs on the prepared CIFAR-FS in test_prepare_cifar) on
+    miniImageNet, a training and few-shot test (at 32 x 32) on tieredImageNet."""
     root, _ = imagenet
     assert prune_metantknas.main(
         ["--dataset", "MetaMiniImageNet", "--data_path", str(root / "miniImageNet"), "--save_dir",
-         str(tmp_path / "search"), "--ntk_channels", "4", "--ntk_layers", "2", "--image_size", "8", "--batch_size", "2",
-         "--n_ways", "2", "--repeat", "1", "--prune_number", "6", "--regions_batches", "1", "--regions_batch_size",
-         "50", "--device", "cpu", "--rand_seed", "0"]) == 0
+         str(tmp_path / "search"), "--only_lrs", "--ntk_channels", "4", "--ntk_layers", "2", "--image_size", "8",
+         "--batch_size", "2", "--n_ways", "2", "--repeat", "1", "--prune_number", "6", "--regions_batches", "1",
+         "--regions_batch_size", "50", "--device", "cpu", "--rand_seed", "0"]) == 0
     assert eval_searched_arch.main(
         ["--genotype", "mini-5cell-1", "--init_channels", "4", "--layers", "2", "--epochs", "1", "--batch_size", "16",
          "--n_ways", "2", "--n_shots", "1", "--n_queries", "3", "--n_test_runs", "2", "--n_aug_support_samples", "1",
-         "--eval_splits", "test,val", "--num_workers", "0", "--device", "cpu", "--no-progress", "--dataset",
-         "TieredImageNet", "--data_path", str(root / "tieredImageNet"), "--save_dir", str(tmp_path / "train")]) == 0
+         "--eval_splits", "test,val", "--num_workers", "0", "--device", "cpu", "--no-progress", "--image_size", "32",
+         "--dataset", "TieredImageNet", "--data_path", str(root / "tieredImageNet"), "--save_dir",
+         str(tmp_path / "train")]) == 0
 
 
 # A run killed by SIGKILL half-way through writing the 6th class into a file (the first class of val: train is

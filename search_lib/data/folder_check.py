@@ -66,6 +66,19 @@ class Row:
         return int(counts.min()), int(counts.max())
 
 
+def _check_record(record) -> None:
+    """ValueError unless ``record`` has the form `search_lib.data.benchmark_plan.Plan.manifest` gives it."""
+    if not isinstance(record, dict) or not isinstance(record.get("dataset"), str):
+        raise ValueError("not a record of search_lib.data.prepare")
+    classes = record.get("classes")
+    if not isinstance(classes, dict) or not all(isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[1], int) and isinstance(r[2], int) for r in rows)
+            for rows in classes.values()) or not set(SPLIT_NAMES) <= set(classes):
+        raise ValueError("its classes are not [name, label, images] rows per split")
+    if not isinstance(record.get("image_size"), int) or not isinstance(record.get("md5", {}), dict):
+        raise ValueError("no image_size, or md5 not a table")
+
+
 def read_manifest(folder: Path) -> dict | None:
     """The folder's prepare.json, None when there is none; DataError when it is unreadable."""
     path = folder / MANIFEST
@@ -73,8 +86,7 @@ def read_manifest(folder: Path) -> dict | None:
         return None
     try:
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or "dataset" not in record or "classes" not in record:
-            raise ValueError("not a record of search_lib.data.prepare")
+        _check_record(record)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is unreadable ({exc}); {_REMAKE} --overwrite, or delete it to check the folder "
                         f"against the published benchmark") from exc
@@ -148,8 +160,10 @@ def _identities(spec: DatasetSpec, row: Row) -> list | None:
     return row.names if spec.key == "tiered" else row.ids
 
 
-def _check_splits(spec: DatasetSpec, rows: dict[str, Row]) -> None:
-    """No class in two of train / val / test; trainval = train + val."""
+def _check_splits(spec: DatasetSpec, rows: dict[str, Row]) -> list[str]:
+    """No class in two of train / val / test; trainval = train + val. What was established, in words."""
+    if any(_identities(spec, rows[s]) is None for s in SPLIT_NAMES):
+        return ["classes not compared across splits (the files do not name them)"]
     seen: dict = {}
     for split in SPLIT_NAMES:
         for cls in _identities(spec, rows[split]) or []:
@@ -166,6 +180,7 @@ def _check_splits(spec: DatasetSpec, rows: dict[str, Row]) -> None:
         if not same:
             raise DataError(f"{tv.part.paths[0].name} holds {len(tv.ids)} classes that are not train's and val's "
                             f"({len(parts[0].ids)} + {len(parts[1].ids)}); {_REMAKE}")
+    return ["no class in two splits"] + (["trainval = train + val"] if "trainval" in rows else [])
 
 
 def _images_needed(expect: Expectation, split: str, label: int, where: str) -> int | None:
@@ -235,6 +250,7 @@ class FolderReport:
     folder: Path
     expect: Expectation
     rows: list[Row]
+    findings: list[str] = field(default_factory=list)  # what the folder-wide checks established
 
     def screen(self) -> str:
         lines = [f"{self.spec.display} in {self.folder}: ok", f"checked against {self.expect.what}",
@@ -247,8 +263,7 @@ class FolderReport:
                 head = (f"{row.split:<16} {len(row.ids):>7} {row.part.shape[0]:>8} {per:>9}  {size:<9}" if i == 0
                         else " " * 54)
                 lines.append(f"{head} {row.md5.get(path.name, ''):<32}  {path.name}")
-        lines.append("no class in two splits; labels consistent" + ("; trainval = train + val" if any(
-            r.split == "trainval" for r in self.rows) else ""))
+        lines.append("; ".join(self.findings))
         return "\n".join(lines)
 
 
@@ -270,7 +285,8 @@ def check_folder(dataset: str | DatasetSpec, folder: str | Path, manifest: dict 
     expect = expectation(spec, record)
     rows = _read_rows(spec, folder, expect, set(expect.classes))
     by_split = {row.split: row for row in rows}
-    _check_splits(spec, by_split)
+    findings = _check_splits(spec, by_split)
     _check_counts(spec, by_split, expect)
     _check_md5(rows, expect, progress)
-    return FolderReport(spec, folder, expect, rows)
+    findings += ["classes and images per class as expected", "MD5s as recorded" if expect.md5 else "MD5s computed"]
+    return FolderReport(spec, folder, expect, rows, findings)

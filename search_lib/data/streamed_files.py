@@ -182,10 +182,6 @@ class StreamedFile:
     def record(self) -> Path:
         return self.final.with_name(f".{self.final.name}.partial.json")
 
-    @property
-    def finished(self) -> bool:
-        return self.done == self.units and self._fh is None and self.final.is_file()
-
     def open(self) -> StreamedFile:
         """Find where a previous run stopped (the final file, or the recorded progress of the partial one), or
         start the file."""
