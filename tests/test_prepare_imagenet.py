@@ -1,7 +1,8 @@
 """python -m search_lib.data.prepare on a fake ImageNet training folder (tiny JPEGs of 20 to 110 pixels) with
---splits lists of a few classes: miniImageNet and tieredImageNet hold the listed classes and images in the lists'
-order at 84 x 84, the search and the training read them, a killed preparation resumes to the same files, and a
-missing synset folder, an unreadable JPEG, an image the folder lacks and a stray file stop with one line."""
+--splits lists of a few classes: the resize is exact area averaging, miniImageNet and tieredImageNet hold the
+listed classes and images in the lists' order at 84 x 84, the search and the training read them, a killed
+preparation resumes to the same files, and a missing synset folder, an unreadable JPEG, an image the folder
+lacks and a stray file stop with one line."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 import eval_searched_arch
 import prune_metantknas
 from search_lib.data import prepare as P
+from search_lib.data.imagenet_images import area_resize
 from search_lib.data.synthetic_sources import write_fake_imagenet, write_mini_lists, write_tiered_lists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,12 +54,28 @@ def _argv(root, dataset, out, *extra):
             "--workers", "2", "--no-progress", *extra]
 
 
+def _area_oracle(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Exact area averaging, computed another way: along each axis in turn, every input pixel repeated ``size``
+    times makes the side a multiple of ``size``, and each output pixel sums its block; the total is divided by
+    the blocks' size and rounded half up."""
+    h, w, c = pixels.shape
+    rows = np.repeat(pixels.astype(np.int64), size, axis=0).reshape(size, h, w, c).sum(axis=1)
+    sums = np.repeat(rows, size, axis=1).reshape(size, size, w, c).sum(axis=2)
+    return ((2 * sums + h * w) // (2 * h * w)).astype(np.uint8)
+
+
 def _expected(path) -> np.ndarray:
-    """An image as the generator resizes it: area averaging when shrinking, bilinear when enlarging."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        shrink = min(img.size) >= 84
-        return np.asarray(img.resize((84, 84), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR))
+        return _area_oracle(np.asarray(img.convert("RGB")), 84)
+
+
+@pytest.mark.parametrize("shape", [(168, 168), (250, 190), (97, 61), (50, 84), (20, 110), (84, 84), (1, 7)])
+def test_area_resize_is_exact_area_averaging(shape):
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert np.array_equal(area_resize(pixels, 84), _area_oracle(pixels, 84))
+    if shape == (168, 168):  # an integer factor: the rounded mean of each 2 x 2 block
+        blocks = pixels.reshape(84, 2, 84, 2, 3).astype(int).sum(axis=(1, 3))
+        assert np.array_equal(area_resize(pixels, 84), (blocks + 2) // 4)
 
 
 def test_mini_holds_the_listed_images_in_list_order(imagenet):
