@@ -24,12 +24,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from search_lib.core.errors import DataError
-from search_lib.data.benchmark_plan import MANIFEST
+from search_lib.data.benchmark_plan import MANIFEST, PARTITION_OF
 from search_lib.data.files import REPLACE_FILE, PartitionFile, partition_paths, read_partition
 from search_lib.data.names import REQUIRED_PARTITIONS, DatasetSpec, release_partitions, resolve_dataset
 from search_lib.data.split_lists import PUBLISHED, SPLIT_NAMES, read_split_lists
 
-SPLIT_OF = {"train_phase_train": "train", "val": "val", "test": "test", "trainval_phase_train": "trainval"}
+SPLIT_OF = {partition: split for split, partition in PARTITION_OF.items()}  # train_phase_train -> train, ...
 _SYNSET = re.compile(r"^n\d{8}$")
 _REMAKE = "re-create the folder with python -m search_lib.data.prepare"
 

@@ -127,6 +127,17 @@ def claim_out(out: Path, plan: Plan, overwrite: bool) -> FolderLock:
         raise RunFailure(f"cannot create --out {out}: {exc.strerror}; choose a writable folder") from exc
     lock = FolderLock(out, LOCK_NAME).hold("a preparation", fix="wait for it to end or choose another --out")
     try:
+        _clear_out(out, plan, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _clear_out(out: Path, plan: Plan, overwrite: bool) -> None:
+    """Nothing to do when --out is empty or holds this plan's (partial) files; else refuse, or with overwrite
+    delete the data files of any benchmark, the record and the partial files (other files stay)."""
+    try:
         record = read_manifest(out)
     except DataError:
         if not overwrite:
@@ -134,9 +145,8 @@ def claim_out(out: Path, plan: Plan, overwrite: bool) -> FolderLock:
         record = None
     present = [n for n in _known_files(plan) if (out / n).exists()]
     if (record is not None and record.get("key") == plan.key()) or (record is None and not present):
-        return lock
+        return
     if not overwrite:
-        lock.release()
         if record is not None:
             content = plan.content()
             what = ", ".join(k for k in content if record.get(k) != content[k])
@@ -145,10 +155,9 @@ def claim_out(out: Path, plan: Plan, overwrite: bool) -> FolderLock:
                              f"--overwrite")
         raise UsageError(f"--out {out} holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''}, not "
                          f"written by this command; choose an empty folder or add --overwrite (it deletes them)")
-    for name in present + [MANIFEST]:
+    for name in _known_files(plan) + [MANIFEST]:
         for path in (out / name, out / f".{name}.partial", out / f".{name}.partial.json"):
             path.unlink(missing_ok=True)
-    return lock
 
 
 def _streamed(out: Path, plan: Plan, fp, counts: dict[str, int]) -> StreamedFile:
