@@ -64,10 +64,12 @@ class FilePlan:
     def tiered_labels(self, counts: dict[str, int]) -> dict:
         """The content of a tieredImageNet ``*_labels.pkl``."""
         general = list(dict.fromkeys(self.categories))
+        number = {c: i for i, c in enumerate(general)}
         specific = np.asarray(self.image_labels(counts), dtype=np.int64)
-        per_image_category = [general.index(c) for c, n in zip(self.categories, self.classes) for _ in range(counts[n])]
+        per_class = np.asarray([number[c] for c in self.categories], dtype=np.int64)
+        sizes = [counts[n] for n in self.classes]
         return {"labels": specific.tolist(), "label_specific": specific,
-                "label_general": np.asarray(per_image_category, dtype=np.int64),
+                "label_general": np.repeat(per_class, sizes),
                 "label_specific_str": list(self.classes), "label_general_str": general}
 
 
