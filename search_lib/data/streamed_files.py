@@ -27,7 +27,7 @@ import pickle
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -169,10 +169,10 @@ class StreamedFile:
     units: int
     key: str
     crc_from: int | None = None  # the offset in prefix where the CRC starts; None: no CRC (a pickle)
-    done: int = 0  # units written
-    _fh: object = None
-    _size: int = 0
-    _crc: int = 0
+    done: int = field(default=0, init=False)  # units written
+    _fh: object = field(default=None, init=False, repr=False)
+    _size: int = field(default=0, init=False, repr=False)  # bytes written
+    _crc: int = field(default=0, init=False, repr=False)  # CRC-32 of the bytes from crc_from on
 
     @property
     def partial(self) -> Path:
