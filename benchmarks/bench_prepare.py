@@ -9,10 +9,10 @@
    each, with lists of 64 / 16 / 20 classes (the published sizes) naming them all. Its images per second give
    the estimates for the real miniImageNet (60,000 images) and tieredImageNet (779,165), whose time is decoding.
 
-Each preparation runs as its own process; its wall time and peak resident memory (``wait4``) are reported, the
-interpreter's own (torch is imported by the command-line plumbing) included. The sources are written to a
-temporary folder (``--keep DIR`` to keep them) and are not timed. Absolute numbers depend on the machine, its
-disk and its load.
+Each preparation runs as its own process; its wall time, CPU time and peak resident memory (``wait4``) are
+reported, the interpreter's own (torch is imported by the command-line plumbing) included. The sources are
+written to a temporary folder (``--keep DIR`` keeps them, and a second run reuses them) and are not timed.
+Absolute numbers depend on the machine, its disk and its load; on a busy machine the CPU times say more.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_prepare(argv: list[str]) -> dict:
-    """One preparation in its own process: wall seconds and peak resident MiB."""
+    """One preparation in its own process, into an empty --out: wall and CPU seconds, peak resident MiB."""
+    shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)  # a prepared folder would be reported as done
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "search_lib.data.prepare", *argv, "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -49,13 +51,15 @@ def run_prepare(argv: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"prepare failed: {proc.stderr.read().strip()}")
-    return {"wall_s": round(wall, 2), "peak_mib": round(usage.ru_maxrss / 1024)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_mib": round(usage.ru_maxrss / 1024)}
 
 
 def mini_sources(root: Path, images: int) -> Path:
     per = max(1, images // 100)
     synsets = [f"n{90000000 + i:08d}" for i in range(100)]
-    write_fake_imagenet(root / "train", {s: per for s in synsets}, sizes=(300, 500), photo=True)
+    if not all(len(list((root / "train" / s).glob("*.JPEG"))) == per for s in synsets):  # --keep: made once
+        write_fake_imagenet(root / "train", {s: per for s in synsets}, sizes=(300, 500), photo=True)
     parts = {"train": synsets[:64], "val": synsets[64:80], "test": synsets[80:]}
     return write_mini_lists(root / "lists", {split: {s: list(range(1, per + 1)) for s in names}
                                              for split, names in parts.items()})
@@ -65,27 +69,33 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
-        source = write_fake_cifar100(root / "cifar", train_per_class=500, test_per_class=100)
-        cifar = run_prepare(["--dataset", "CIFAR-FS", "--source", str(source), "--out", str(root / "CIFAR-FS"),
-                             "--overwrite"])
+        source = root / "cifar" / "cifar-100-python"
+        if not source.is_dir():  # --keep: made once
+            write_fake_cifar100(root / "cifar", train_per_class=500, test_per_class=100)
+        cifar = run_prepare(["--dataset", "CIFAR-FS", "--source", str(source), "--out", str(root / "CIFAR-FS")])
         lists = mini_sources(root / "imagenet", args.imagenet_images)
         n = (args.imagenet_images // 100) * 100
         mini = run_prepare(["--dataset", "miniImageNet", "--source", str(root / "imagenet" / "train"), "--splits",
-                            str(lists), "--out", str(root / "miniImageNet"), "--workers", str(args.workers),
-                            "--overwrite"])
-    rate = n / mini["wall_s"]
-    result = {"cpus": len(os.sched_getaffinity(0)), "cifar_fs_60000": cifar,
-              "mini": {**mini, "images": n, "images_per_s": round(rate, 1),
+                            str(lists), "--out", str(root / "miniImageNet"), "--workers", str(args.workers)])
+    rate, cpu_ms = n / mini["wall_s"], 1e3 * mini["cpu_s"] / n  # CPU time: what the load of others changes least
+    result = {"cpus": len(os.sched_getaffinity(0)), "load": round(os.getloadavg()[0], 1), "cifar_fs_60000": cifar,
+              "mini": {**mini, "images": n, "images_per_s": round(rate, 1), "cpu_ms_per_image": round(cpu_ms, 2),
                        "estimate_real_mini_min": round(REAL_MINI / rate / 60, 1),
-                       "estimate_real_tiered_min": round(REAL_TIERED / rate / 60, 1)}}
+                       "estimate_real_tiered_min": round(REAL_TIERED / rate / 60, 1),
+                       "estimate_real_mini_cpu_min": round(REAL_MINI * cpu_ms / 6e4, 1),
+                       "estimate_real_tiered_cpu_min": round(REAL_TIERED * cpu_ms / 6e4, 1)}}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['cpus']} CPU(s)")
-    print(f"  CIFAR-FS from 60,000 CIFAR-100 images: {cifar['wall_s']} s, peak {cifar['peak_mib']} MiB")
-    print(f"  miniImageNet from {n} JPEGs: {mini['wall_s']} s ({rate:.0f} images/s), peak {mini['peak_mib']} MiB")
-    print(f"  estimates at that rate: miniImageNet (60,000 images) {result['mini']['estimate_real_mini_min']} min, "
-          f"tieredImageNet (779,165 images) {result['mini']['estimate_real_tiered_min']} min")
+    m = result["mini"]
+    print(f"{result['cpus']} CPU(s), load {result['load']}")
+    print(f"  CIFAR-FS from 60,000 CIFAR-100 images: {cifar['wall_s']} s ({cifar['cpu_s']} s CPU), peak "
+          f"{cifar['peak_mib']} MiB")
+    print(f"  miniImageNet from {n} JPEGs: {mini['wall_s']} s ({rate:.0f} images/s; {mini['cpu_s']} s CPU, "
+          f"{cpu_ms:.2f} ms per image), peak {mini['peak_mib']} MiB")
+    print(f"  estimates at that rate: miniImageNet (60,000 images) {m['estimate_real_mini_min']} min, "
+          f"tieredImageNet (779,165 images) {m['estimate_real_tiered_min']} min; in CPU time (one core): "
+          f"{m['estimate_real_mini_cpu_min']} and {m['estimate_real_tiered_cpu_min']} min")
     return 0
 
 
