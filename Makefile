@@ -12,8 +12,8 @@ STUDY_DIR ?= runs/proxy_study
 # busy; --dist loadfile keeps a file's module-scoped runs on one worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared gpu-check clean-demo \
-  clean-study
+.PHONY: setup demo study lint test test-slow bench bench-train bench-transforms bench-shared bench-prepare gpu-check \
+  clean-demo clean-study
 
 setup: $(STAMP)
 
@@ -81,6 +81,11 @@ GPU_CHECK_DIR ?= runs/gpu_check
 
 gpu-check: $(STAMP)
 	$(PY) -m benchmarks.gpu_check --out $(GPU_CHECK_DIR)
+
+# python -m search_lib.data.prepare on synthetic sources of the real sizes: CIFAR-FS from 60,000 images, and
+# miniImageNet from 6,400 photograph-like JPEGs (images/s, the estimates for the real mini and tiered); peak memory.
+bench-prepare: $(STAMP)
+	$(PY) -m benchmarks.bench_prepare
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

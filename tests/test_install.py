@@ -78,6 +78,10 @@ def test_the_installed_copy_is_imported_outside_the_checkout(installed, tmp_path
                             "print(eval_lib.__file__); print(search_lib.__file__)"], cwd=tmp_path,
                            capture_output=True, text=True, check=True, env=_clean_env()).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in where), where
+    # the published split lists travel with the package (package data)
+    shipped = installed.glob("lib/python*/site-packages/search_lib/data/splits/*/*")
+    assert sorted(p.relative_to(p.parents[1]).as_posix() for p in shipped) == sorted(
+        p.relative_to(p.parents[1]).as_posix() for p in (ROOT / "search_lib" / "data" / "splits").glob("*/*"))
 
 
 def test_a_tiny_search_runs_from_another_folder(installed, tmp_path):

@@ -2,9 +2,15 @@
 
 * `names`: dataset names (`resolve_dataset` -> `DatasetSpec`), partitions and release file names.
 * `files`: loaders of the RFS releases of miniImageNet, CIFAR-FS and FC100 (Python-2 pickles, read with a
-  restricted unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels), and ``Digits``: a small bundled
-  demo dataset built from ``sklearn.datasets.load_digits`` (no download): 10 digits x {upright, rotated 90
-  degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
+  restricted unpickler) and tieredImageNet (``.npz`` images plus ``.pkl`` labels): the rules a data file must
+  meet, and their messages, for the search, the training and the folder check alike.
+* `digits`: ``Digits``, a small bundled demo dataset built from ``sklearn.datasets.load_digits`` (no download):
+  10 digits x {upright, rotated 90 degrees} = 20 classes, split 10 base / 5 validation / 5 novel.
+* `split_lists`: the published class splits of the four benchmarks (data files in ``splits/``).
+* `prepare`: ``python -m search_lib.data.prepare``, the benchmarks from CIFAR-100 and ImageNet and ``--check``
+  of any folder, with `benchmark_plan` (what a prepared folder holds), `cifar_source`, `imagenet_images`,
+  `streamed_files` (resumable files written class by class) and `folder_check`; `synthetic_sources` writes fake
+  sources for its tests and benchmark.
 * `transforms`: the RFS transforms ``A``, ``B``, ``C``, ``D`` (on CIFAR-FS / FC100: RFS's 32 x 32 one) and the
   TE-NAS search transform ``TENAS`` (the
   torchvision pipelines: the one definition of every step), and ``transform_stack`` / ``apply_seeded``.

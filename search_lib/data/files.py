@@ -1,9 +1,11 @@
-"""Loading the data files: the RFS releases of miniImageNet, tieredImageNet, CIFAR-FS and FC100, and the Digits
-demo set.
+"""Loading the data files: the RFS releases of miniImageNet, tieredImageNet, CIFAR-FS and FC100 (and the folders
+`search_lib.data.prepare` writes in the same formats), and the Digits demo set (`search_lib.data.digits`).
 
 Loaded partitions are validated and cached in-process (the search and the evaluation reload the same
 splits). The data pickles are read with a restricted unpickler that resolves only the numpy globals needed
-to rebuild arrays, so a tampered data file cannot run code. File formats: docs/method.md §6.
+to rebuild arrays, so a tampered data file cannot run code. The rules a file must meet, and their one-line
+messages, live here only: `read_partition` applies them for `load_split` and for the folder check
+(`search_lib.data.folder_check`) alike. File formats: docs/method.md §6.
 """
 
 from __future__ import annotations
@@ -12,22 +14,21 @@ import functools
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from search_lib.core.errors import DataError, UsageError, one_line
+from search_lib.data.digits import digits_partitions
 from search_lib.data.names import (
-    _CIFAR_FILES,
-    _MINI_FILES,
-    _MINI_PREFIX,
-    _TIERED_FILES,
     CIFAR_KEYS,
+    REQUIRED_PARTITIONS,
     DatasetSpec,
     expected_files,
     normalise_partition,
+    partition_file_options,
     resolve_dataset,
 )
 
@@ -97,22 +98,63 @@ class _DataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-_REDOWNLOAD = "the file is damaged or not from the RFS release; replace it with the release file"
+# The fix of every malformed-file message, from the loaders and the folder check alike.
+REPLACE_FILE = ("the file is damaged or not in the RFS format; replace it with the release's file or re-create the "
+                "folder with python -m search_lib.data.prepare")
+NPZ_CHUNK_BYTES = 64 << 20  # an .npz member is read in pieces of this size (the folder check keeps none of them)
+
+
+def read_data_pickle(fh, where: str, fix: str = REPLACE_FILE):
+    """Unpickle an open data file (``where`` names it in messages) with the restricted unpickler and
+    ``encoding="latin1"``; DataError when it is not a readable pickle."""
+    try:
+        return _DataUnpickler(fh, encoding="latin1").load()
+    except (MemoryError, OSError):
+        raise
+    except Exception as exc:  # any unpickling failure: truncated, garbage, wrong format, disallowed global
+        raise DataError(f"{where} is not a readable pickle ({type(exc).__name__}: {one_line(exc, 120)}); "
+                        f"{fix}") from exc
 
 
 def _load_pickle(path: Path, what: str, fix: str):
     try:
         with open(path, "rb") as fh:
-            return _DataUnpickler(fh, encoding="latin1").load()
-    except MemoryError:
-        raise
+            return read_data_pickle(fh, f"{what} file {path}")
     except FileNotFoundError as exc:
         raise DataError(f"{what} file not found: {path}; {fix}") from exc
     except OSError as exc:
         raise DataError(f"cannot read {what} file {path}: {exc.strerror}; check its permissions") from exc
-    except Exception as exc:  # any unpickling failure: truncated, garbage, wrong format, disallowed global
-        raise DataError(f"{what} file {path} is not a readable pickle ({type(exc).__name__}: "
-                        f"{one_line(exc, 120)}); {_REDOWNLOAD}") from exc
+
+
+def _check_image_meta(shape: tuple, dtype: np.dtype, where: str, fix: str) -> None:
+    """The rules on an image array that need no pixel: (N, H, W, 3), not empty, integer pixels."""
+    if len(shape) != 4 or shape[-1] != 3:
+        raise DataError(f"images in {where} have shape {tuple(shape)}, expected (N, H, W, 3); {fix}")
+    if shape[0] == 0 or shape[1] == 0 or shape[2] == 0:
+        raise DataError(f"images in {where} are empty (shape {tuple(shape)}); {fix}")
+    if dtype != np.uint8 and not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+        raise DataError(f"images in {where} have dtype {dtype}, expected uint8 pixel values; {fix}")
+
+
+def _check_pixel_range(lo: int, hi: int, where: str, fix: str) -> None:
+    if lo < 0 or hi > 255:
+        raise DataError(f"images in {where} hold values {lo}..{hi}, expected 0..255; {fix}")
+
+
+def _check_labels(labels, n_images: int, where: str, fix: str) -> np.ndarray:
+    """The labels as a read-only int64 array: a flat list of integers, one per image."""
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"labels in {where} are not a list of integers ({one_line(exc, 120)}); {fix}") from exc
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise DataError(f"labels in {where} are not a flat list of integers "
+                        f"(shape {tuple(labels.shape)}, dtype {labels.dtype}); {fix}")
+    if labels.shape[0] != n_images:
+        raise DataError(f"{where} holds {n_images} images but {labels.shape[0]} labels; {fix}")
+    labels = labels.astype(np.int64)
+    labels.flags.writeable = False
+    return labels
 
 
 def _validate(images, labels, path_desc: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,31 +164,89 @@ def _validate(images, labels, path_desc: str, fix: str) -> tuple[np.ndarray, np.
         except (ValueError, TypeError) as exc:
             raise DataError(f"images in {path_desc} are not an array ({one_line(exc, 120)}); {fix}") from exc
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(f"images in {path_desc} have shape {tuple(images.shape)}, expected (N, H, W, 3); {fix}")
-    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise DataError(f"images in {path_desc} are empty (shape {tuple(images.shape)}); {fix}")
+    _check_image_meta(images.shape, images.dtype, path_desc, fix)
     if images.dtype != np.uint8:
-        if not (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
-            raise DataError(f"images in {path_desc} have dtype {images.dtype}, expected uint8 pixel values; {fix}")
-        lo, hi = int(images.min()), int(images.max())
-        if lo < 0 or hi > 255:
-            raise DataError(f"images in {path_desc} hold values {lo}..{hi}, expected 0..255; {fix}")
+        _check_pixel_range(int(images.min()), int(images.max()), path_desc, fix)
         images = images.astype(np.uint8)
-    try:
-        labels = np.asarray(labels)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"labels in {path_desc} are not a list of integers ({one_line(exc, 120)}); {fix}") from exc
-    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise DataError(f"labels in {path_desc} are not a flat list of integers "
-                        f"(shape {tuple(labels.shape)}, dtype {labels.dtype}); {fix}")
-    if labels.shape[0] != images.shape[0]:
-        raise DataError(f"{path_desc} holds {images.shape[0]} images but {labels.shape[0]} labels; {fix}")
-    labels = labels.astype(np.int64)
+    labels = _check_labels(labels, images.shape[0], path_desc, fix)
     images = np.ascontiguousarray(images)
     images.flags.writeable = False
-    labels.flags.writeable = False
     return images, labels
+
+
+def read_rfs_pickle(path: Path, display: str, fix: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The validated images and labels of an RFS pickle, a dict with keys 'data' and 'labels' (miniImageNet,
+    CIFAR-FS and FC100 share the format), and its other keys (``catname2label``)."""
+    obj = _load_pickle(path, display, fix)
+    if not isinstance(obj, dict):
+        raise DataError(f"{display} file {path} holds a {type(obj).__name__}, expected a dict with keys 'data' and "
+                        f"'labels'; {REPLACE_FILE}")
+    for k in ("data", "labels"):
+        if k not in obj:
+            raise DataError(f"{display} file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
+                            f"{REPLACE_FILE}")
+    images, labels = _validate(obj["data"], obj["labels"], f"{display} file {path}", REPLACE_FILE)
+    return images, labels, {k: v for k, v in obj.items() if k not in ("data", "labels")}
+
+
+def _read_npy_member(fh, img_path: Path, keep: bool) -> tuple[tuple, np.dtype, np.ndarray | None]:
+    version = np.lib.format.read_magic(fh)
+    header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in header:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, fortran, dtype = header[version](fh)
+    where = f"tieredImageNet file {img_path}"
+    _check_image_meta(shape, dtype, where, REPLACE_FILE)
+    total = int(np.prod(shape)) * dtype.itemsize
+    out = np.empty(int(np.prod(shape)), dtype) if keep else None
+    lo, hi, done = 0, 0, 0
+    while done < total:
+        piece = fh.read(min(NPZ_CHUNK_BYTES, total - done))
+        if not piece:
+            raise ValueError(f"truncated: the array 'images' holds {done} of its {total} bytes")
+        values = np.frombuffer(piece, dtype)
+        if dtype != np.uint8 and values.size:
+            lo, hi = min(lo, int(values.min())), max(hi, int(values.max()))
+        if keep:
+            out[done // dtype.itemsize:(done + len(piece)) // dtype.itemsize] = values
+        done += len(piece)
+    if fh.read(1):  # the member's end: the zip's CRC of the array is checked here
+        raise ValueError("the array 'images' has trailing bytes")
+    _check_pixel_range(lo, hi, where, REPLACE_FILE)
+    if keep:
+        out = out.reshape(shape[::-1]).transpose() if fortran else out.reshape(shape)
+    return tuple(shape), dtype, out
+
+
+def read_npz_images(img_path: Path, keep: bool = True) -> tuple[tuple, np.dtype, np.ndarray | None]:
+    """The array 'images' of a tieredImageNet ``.npz``, read piece by piece: (shape, dtype, array, or None when
+    not ``keep``: the folder check reads every byte, so the zip's CRC is checked, but holds one piece at a time)."""
+    try:
+        with zipfile.ZipFile(img_path) as zf:
+            names = zf.namelist()
+            if "images.npy" not in names:
+                arrays = ", ".join(n[:-4] for n in names if n.endswith(".npy")) or "none"
+                raise DataError(f"tieredImageNet file {img_path} has no array 'images' (arrays: {arrays}); "
+                                f"{REPLACE_FILE}")
+            with zf.open("images.npy") as fh:
+                return _read_npy_member(fh, img_path, keep)
+    except (DataError, MemoryError):
+        raise
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as exc:
+        raise DataError(f"tieredImageNet file {img_path} is not a readable .npz ({type(exc).__name__}: "
+                        f"{one_line(exc, 120)}); {REPLACE_FILE}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read tieredImageNet file {img_path} ({one_line(exc, 120)}); check its permissions or "
+                        f"{REPLACE_FILE}") from exc
+
+
+def _read_tiered_labels(lab_path: Path, n_images: int, where: str, fix: str) -> tuple[np.ndarray, dict]:
+    obj = _load_pickle(lab_path, "tieredImageNet", fix)
+    if not isinstance(obj, dict) or "labels" not in obj:
+        keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"tieredImageNet file {lab_path} has no key 'labels' (found: {keys}); {REPLACE_FILE}")
+    labels = _check_labels(obj["labels"], n_images, where, REPLACE_FILE)
+    return labels, {k: v for k, v in obj.items() if k != "labels"}
 
 
 def _require_folder(dataset: DatasetSpec, data_path, fix: str) -> Path:
@@ -167,84 +267,50 @@ def _stat_key(path: Path) -> tuple:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _load_mini(folder: Path, partition: str) -> SplitData:
-    fix = (f"--data_path must hold the RFS release files ({', '.join(expected_files('mini')[:5])}; "
-           f"trainval variants optional)")
-    candidates = [folder / f"{_MINI_PREFIX}{stem}.pickle" for stem in _MINI_FILES[partition]]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise DataError(f"miniImageNet file not found: {candidates[0]}; {fix}")
-    return _load_mini_file(_stat_key(path), partition, fix)
+def missing_file_fix(spec: DatasetSpec) -> str:
+    """The fix of a missing data file: the files a ``--data_path`` folder must hold."""
+    required = [name for part in REQUIRED_PARTITIONS for name in partition_file_options(spec, part)[0]]
+    return (f"--data_path must hold the {spec.display} files ({', '.join(required)}; the others optional), as "
+            f"RFS released them or python -m search_lib.data.prepare writes them")
 
 
-@functools.lru_cache(maxsize=8)
-def _load_mini_file(key: tuple, partition: str, fix: str) -> SplitData:
-    images, labels = _read_rfs_pickle(Path(key[0]), "miniImageNet", fix)
-    return SplitData(images=images, labels=labels, name=f"miniImageNet:{partition}", dataset="mini")
+def partition_paths(spec: DatasetSpec, folder: Path, partition: str) -> list[Path]:
+    """The existing files of one partition in ``folder``; DataError naming the first missing one."""
+    options = [[folder / name for name in names] for names in partition_file_options(spec, partition)]
+    found = next((paths for paths in options if all(p.is_file() for p in paths)), None)
+    if found is None:
+        missing = next(p for p in options[0] if not p.is_file())
+        raise DataError(f"{spec.display} file not found: {missing}; {missing_file_fix(spec)}")
+    return found
 
 
-def _read_rfs_pickle(path: Path, display: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """The validated images and labels of an RFS pickle: a dict with keys 'data' and 'labels' (miniImageNet,
-    CIFAR-FS and FC100 share the format)."""
-    obj = _load_pickle(path, display, fix)
-    if not isinstance(obj, dict):
-        raise DataError(f"{display} file {path} holds a {type(obj).__name__}, expected a dict with keys 'data' and "
-                        f"'labels'; {_REDOWNLOAD}")
-    for k in ("data", "labels"):
-        if k not in obj:
-            raise DataError(f"{display} file {path} has no key {k!r} (keys: {', '.join(map(str, obj))}); "
-                            f"{_REDOWNLOAD}")
-    return _validate(obj["data"], obj["labels"], f"{display} file {path}", _REDOWNLOAD)
+@dataclass(eq=False)
+class PartitionFile:
+    """One partition's file(s) as read and validated (uncached): ``labels`` as in the file, ``extras`` the
+    file's other keys (``catname2label``, tieredImageNet's ``label_specific_str``, ...), ``images`` None when
+    not kept."""
+
+    paths: list[Path]
+    shape: tuple
+    labels: np.ndarray = field(repr=False)
+    extras: dict = field(repr=False)
+    images: np.ndarray | None = field(default=None, repr=False)
 
 
-def _load_tiered(folder: Path, partition: str) -> SplitData:
-    fix = f"--data_path must hold the RFS release files ({', '.join(expected_files('tiered')[:4])}, ...)"
-    stem = _TIERED_FILES[partition]
-    img_path, lab_path = folder / f"{stem}_images.npz", folder / f"{stem}_labels.pkl"
-    for p in (img_path, lab_path):
-        if not p.is_file():
-            raise DataError(f"tieredImageNet file not found: {p}; {fix}")
-    return _load_tiered_files(_stat_key(img_path), _stat_key(lab_path), partition, fix)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tiered_files(img_key: tuple, lab_key: tuple, partition: str, fix: str) -> SplitData:
-    img_path, lab_path = Path(img_key[0]), Path(lab_key[0])
-    try:
-        npz = np.load(img_path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise DataError(f"tieredImageNet file {img_path} is a single array, not an .npz archive with an "
-                            f"array 'images'; {_REDOWNLOAD}")
-        with npz:
-            if "images" not in npz.files:
-                raise DataError(f"tieredImageNet file {img_path} has no array 'images' "
-                                f"(arrays: {', '.join(npz.files) or 'none'}); {_REDOWNLOAD}")
-            images = npz["images"]
-    except (DataError, MemoryError):
-        raise
-    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-        raise DataError(f"tieredImageNet file {img_path} is not a readable .npz ({type(exc).__name__}: "
-                        f"{one_line(exc, 120)}); {_REDOWNLOAD}") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read tieredImageNet file {img_path} ({one_line(exc, 120)}); check its permissions or "
-                        f"{_REDOWNLOAD}") from exc
-    obj = _load_pickle(lab_path, "tieredImageNet", fix)
-    if not isinstance(obj, dict) or "labels" not in obj:
-        keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"tieredImageNet file {lab_path} has no key 'labels' (found: {keys}); {_REDOWNLOAD}")
-    images, labels = _validate(images, obj["labels"], f"tieredImageNet files {img_path.name}/{lab_path.name} "
-                                                      f"in {img_path.parent}", _REDOWNLOAD)
-    return SplitData(images=images, labels=labels, name=f"tieredImageNet:{partition}", dataset="tiered")
-
-
-def _load_cifar(folder: Path, spec: DatasetSpec, partition: str) -> SplitData:
-    files = expected_files(spec)
-    fix = (f"--data_path must be the {spec.display} folder of RFS's release, holding {', '.join(files[:3])} "
-           f"({files[3]} optional)")
-    path = folder / f"{_CIFAR_FILES[partition]}.pickle"
-    if not path.is_file():
-        raise DataError(f"{spec.display} file not found: {path}; {fix}")
-    return _load_cifar_file(_stat_key(path), spec.key, spec.display, partition, fix)
+def read_partition(dataset: str | DatasetSpec, folder: Path, partition: str, keep_images: bool = True) -> PartitionFile:
+    """Read and validate one partition's file(s) with the rules (and messages) of `load_split`, uncached."""
+    spec = resolve_dataset(dataset)
+    paths = partition_paths(spec, Path(folder), normalise_partition(spec, partition))
+    if spec.key == "tiered":
+        shape, _, images = read_npz_images(paths[0], keep=keep_images)
+        where = f"tieredImageNet files {paths[0].name}/{paths[1].name} in {paths[0].parent}"
+        labels, extras = _read_tiered_labels(paths[1], shape[0], where, missing_file_fix(spec))
+        if images is not None:
+            images, labels = _validate(images, labels, where, REPLACE_FILE)
+    else:
+        images, labels, extras = read_rfs_pickle(paths[0], spec.display, missing_file_fix(spec))
+        shape = images.shape
+    return PartitionFile(paths, tuple(shape), labels, extras, images if keep_images else None)
 
 
 def first_appearance_labels(labels: np.ndarray) -> np.ndarray:
@@ -256,59 +322,18 @@ def first_appearance_labels(labels: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cifar_file(key: tuple, dataset: str, display: str, partition: str, fix: str) -> SplitData:
-    images, labels = _read_rfs_pickle(Path(key[0]), display, fix)
-    labels = first_appearance_labels(labels)
-    labels.flags.writeable = False
-    return SplitData(images=images, labels=labels, name=f"{display}:{partition}", dataset=dataset)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# digits demo dataset
-# ----------------------------------------------------------------------------------------------------------
-
-DIGITS_SEED = 0
-DIGITS_SIZE = 32
-
-
-@functools.lru_cache(maxsize=1)
-def _digits_all() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
-
-    bunch = load_digits()
-    raw = np.clip(np.asarray(bunch.images, dtype=np.float64), 0, 16)  # (1797, 8, 8), 0..16
-    raw = np.round(raw * (255.0 / 16.0)).astype(np.uint8)
-    digit = np.asarray(bunch.target, dtype=np.int64)
-
-    def upsample(img8: np.ndarray) -> np.ndarray:
-        big = Image.fromarray(img8, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
-        return np.repeat(np.asarray(big, dtype=np.uint8)[:, :, None], 3, axis=2)
-
-    up = np.stack([upsample(im) for im in raw])
-    rot = np.stack([upsample(np.ascontiguousarray(np.rot90(im))) for im in raw])
-    images = np.concatenate([up, rot])  # class id: digit (upright) or 10 + digit (rotated)
-    labels = np.concatenate([digit, digit + 10])
-
-    rng = np.random.default_rng(DIGITS_SEED)
-    perm = rng.permutation(20)
-    base, val, novel = np.sort(perm[:10]), np.sort(perm[10:15]), np.sort(perm[15:])
-    parts: dict[str, list[np.ndarray]] = {p: [] for p in ("train_phase_train", "train_phase_val",
-                                                          "train_phase_test")}
-    for c in base:
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_hold = int(round(0.1 * len(idx)))
-        parts["train_phase_val"].append(idx[:n_hold])
-        parts["train_phase_test"].append(idx[n_hold:2 * n_hold])
-        parts["train_phase_train"].append(idx[2 * n_hold:])
-    sel = {p: np.sort(np.concatenate(v)) for p, v in parts.items()}
-    sel["val"] = np.flatnonzero(np.isin(labels, val))
-    sel["test"] = np.flatnonzero(np.isin(labels, novel))
-    sel["trainval_phase_train"] = np.sort(np.concatenate([sel["train_phase_train"], sel["val"]]))
-    return {p: (images[i], labels[i]) for p, i in sel.items()}
+def _load_cached(keys: tuple, spec: DatasetSpec, folder: Path, partition: str) -> SplitData:
+    """`read_partition`, cached on the files' (path, mtime, size): a rewritten file is read again."""
+    part = read_partition(spec, folder, partition)
+    labels = part.labels
+    if spec.key in CIFAR_KEYS:
+        labels = first_appearance_labels(labels)
+        labels.flags.writeable = False
+    return SplitData(images=part.images, labels=labels, name=f"{spec.display}:{partition}", dataset=spec.key)
 
 
 def _load_digits(partition: str) -> SplitData:
-    images, labels = _digits_all()[partition]
+    images, labels = digits_partitions()[partition]
     images, labels = _validate(images, labels, "the Digits dataset", "this is a bug, please report it")
     return SplitData(images=images, labels=labels, name=f"Digits:{partition}", dataset="digits")
 
@@ -333,18 +358,14 @@ def load_split(dataset: str | DatasetSpec, data_path: str | os.PathLike | None, 
     part = normalise_partition(spec, partition)
     if spec.key == "digits":
         return _load_digits_cached(part)
-    fix = (f"--data_path must be the folder of the RFS {spec.display} release files "
-           f"({', '.join(expected_files(spec)[:2])}, ...)")
-    folder = _require_folder(spec, data_path, fix)
-    if spec.key in CIFAR_KEYS:
-        return _load_cifar(folder, spec, part)
-    return _load_mini(folder, part) if spec.key == "mini" else _load_tiered(folder, part)
+    folder = _require_folder(spec, data_path, missing_file_fix(spec))
+    paths = partition_paths(spec, folder, part)
+    # keyed on the dataset, not the name: MiniImageNet and MetaMiniImageNet share one loaded copy
+    return _load_cached(tuple(_stat_key(p) for p in paths), DatasetSpec(spec.key), folder, part)
 
 
 def clear_cache() -> None:
     """Forget every loaded split (frees the memory)."""
-    _load_mini_file.cache_clear()
-    _load_tiered_files.cache_clear()
-    _load_cifar_file.cache_clear()
+    _load_cached.cache_clear()
     _load_digits_cached.cache_clear()
 

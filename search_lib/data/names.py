@@ -137,6 +137,33 @@ def normalise_partition(dataset: str | DatasetSpec, partition: str) -> str:
     return key
 
 
+# the partitions the search and the training read (``train_phase_train``; ``val`` and ``test`` for the few-shot
+# test); the others (``trainval`` for --use_trainval, RFS's extra base-class files) are optional in a folder
+REQUIRED_PARTITIONS = ("train_phase_train", "val", "test")
+
+
+def release_partitions(dataset: str | DatasetSpec) -> tuple[str, ...]:
+    """The file-level partitions of a dataset's release (`REQUIRED_PARTITIONS` first); none for Digits."""
+    key = resolve_dataset(dataset).key
+    parts = {"mini": _MINI_FILES, "tiered": _TIERED_FILES}.get(key, _CIFAR_FILES if key in CIFAR_KEYS else {})
+    return tuple(sorted(parts, key=lambda p: (p not in REQUIRED_PARTITIONS, list(parts).index(p))))
+
+
+def partition_file_options(dataset: str | DatasetSpec, partition: str) -> list[tuple[str, ...]]:
+    """The file names that hold one partition, as alternatives: the first whose files all exist is read, and a
+    missing partition is reported by the first. miniImageNet's trainval has two spellings (the release's and RFS
+    code's); a tieredImageNet partition is two files (images, then labels)."""
+    spec = resolve_dataset(dataset)
+    part = normalise_partition(spec, partition)
+    if spec.key == "mini":
+        return [(f"{_MINI_PREFIX}{stem}.pickle",) for stem in _MINI_FILES[part]]
+    if spec.key == "tiered":
+        return [(f"{_TIERED_FILES[part]}_images.npz", f"{_TIERED_FILES[part]}_labels.pkl")]
+    if spec.key in CIFAR_KEYS:
+        return [(f"{_CIFAR_FILES[part]}.pickle",)]
+    return []
+
+
 def expected_files(dataset: str | DatasetSpec) -> list[str]:
     """The file names a ``--data_path`` folder of this dataset holds (the RFS release)."""
     ds = resolve_dataset(dataset).key

@@ -27,10 +27,8 @@ Each class has its own mean colour and stripe pattern plus noise, so a tiny netw
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import pickle
-import struct
 import sys
 from pathlib import Path
 
@@ -39,8 +37,9 @@ import numpy as np
 from search_lib.core.command_line import make_parser, run_cli
 from search_lib.core.errors import RunFailure, UsageError
 from search_lib.data.names import resolve_dataset
+from search_lib.data.streamed_files import python2_pickle
 
-__all__ = ["write_synthetic", "class_images", "build_parser", "main"]
+__all__ = ["write_synthetic", "class_images", "python2_pickle", "build_parser", "main"]
 
 _DEFAULT_CLASSES = {"train": 8, "val": 5, "test": 5}
 _MINI_PREFIX = "miniImageNet_category_split_"
@@ -119,30 +118,6 @@ def _npz(path: Path, images: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise RunFailure(f"cannot write {path}: {exc.strerror}; choose a writable --out folder") from exc
-
-
-class _Python2Pickler(pickle._Pickler):
-    """Protocol 2 as Python 2 wrote it: ``str`` and ``bytes`` both as Python-2 byte strings (BINSTRING)."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        raw = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_str
-    dispatch[bytes] = save_py2_str
-
-
-def python2_pickle(obj) -> bytes:
-    """``obj`` pickled the way Python 2 and numpy 1.x did (numpy.core names, byte strings)."""
-    buf = io.BytesIO()
-    _Python2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue().replace(b"numpy._core.", b"numpy.core.")
 
 
 def _write_cifar(out: Path, counts: dict, ipc: int, s: int, seed: int, rng: np.random.Generator) -> Path:
