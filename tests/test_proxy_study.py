@@ -1,5 +1,6 @@
 """The proxy study (python -m eval_lib.proxy_study): its statistics against scipy, a tiny study end to end,
-resuming after a kill between architectures, shards, and its user errors."""
+resuming after a kill between architectures, shards, several trainings per architecture and the seed-to-seed
+ceiling, and its user errors."""
 
 from __future__ import annotations
 
@@ -13,20 +14,23 @@ import torch
 from torch import nn
 
 from eval_lib.commands import study_command
-from eval_lib.study import study_run
+from eval_lib.study import study_trainings
 from eval_lib.study.proxies import BASELINES, MEASURED, PROXIES, ZERO_COST_PROXIES, KernelProxies
 from eval_lib.study.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
 from eval_lib.study.study_stats import (
     bootstrap_interval,
     combined_scores,
     format_table,
+    fraction_of_ceiling,
     kendall_tau_b,
     partial_kendall_tau,
     partial_spearman_rho,
+    seed_ceiling,
     spearman_rho,
     summarize,
     top_k_hit,
 )
+from eval_lib.study.study_trainings import seed_accuracy
 from search_lib.core.command_line import field_default, flag_fields
 from search_lib.search.ranking import dense_rank
 from search_lib.search.search_config import SearchConfig
@@ -130,6 +134,70 @@ def test_bootstrap_interval_is_reproducible_and_leaves_out_undefined_resamples()
     c = bootstrap_interval([1.0, 2.0, 3.0], [3.0, 1.0, 2.0], "kendall_tau", seed=0, n_resamples=400)
     assert 0 < c["nan_resamples"] < 400 and c["low"] is not None
     assert bootstrap_interval([1.0, 2.0], [2.0, 1.0], "kendall_tau", seed=0, n_resamples=10)["low"] is None
+
+
+def test_seed_to_seed_ceiling_on_a_hand_made_case():
+    # two trainings of 4 architectures that swap the last two: one discordant pair of 6, τ = (5 − 1) / 6 = 2/3;
+    # ρ = 1 − 6 Σd² / (n(n² − 1)) = 1 − 6·2 / 60 = 0.8
+    two = seed_ceiling([[60.0, 61.0, 62.0, 63.0], [50.0, 51.0, 53.0, 52.0]], seed=0, n_resamples=200)
+    assert two["kendall_tau"] == pytest.approx(2 / 3) and two["spearman_rho"] == pytest.approx(0.8)
+    assert (two["k"], two["pairs"], two["n_archs"]) == (2, 1, 4)
+    ci = two["kendall_tau_ci95"]
+    assert ci["low"] <= ci["high"] and ci["resamples"] == 200
+    # three trainings: the mean over the three pairs, τ 2/3 (1, 2), 1/3 (1, 3), 2/3 (2, 3) → 5/9
+    three = seed_ceiling([[1, 2, 3, 4], [1, 2, 4, 3], [2, 1, 4, 3]], seed=0, n_resamples=200)
+    assert three["kendall_tau"] == pytest.approx(5 / 9) and (three["k"], three["pairs"]) == (3, 3)
+    # the interval sees the same resamples as a proxy's (the same seed): with K = 2 it is bootstrap_interval's
+    assert two["kendall_tau_ci95"] == bootstrap_interval([60.0, 61.0, 62.0, 63.0], [50.0, 51.0, 53.0, 52.0],
+                                                         "kendall_tau", seed=0, n_resamples=200)
+    assert seed_ceiling([[1.0, 2.0, 3.0]], seed=0, n_resamples=10) is None  # one training: nothing measured
+    assert fraction_of_ceiling(0.5, two) == pytest.approx(0.75)
+    assert fraction_of_ceiling(0.5, None) is None and fraction_of_ceiling(None, two) is None
+    assert fraction_of_ceiling(0.5, {"kendall_tau": -0.1}) is None  # a ceiling that ranks nothing: no fraction
+
+
+def test_seed_accuracy_and_the_summary_with_two_trainings():
+    def training(a1, a5):
+        return {"accuracy": {"test": {"1": {"mean": a1, "ci95": 1.0, "episodes": 4},
+                                      "5": {"mean": a5, "ci95": 3.0, "episodes": 4}}}}
+
+    one = training(50.0, 70.0)
+    assert seed_accuracy([one]) == one["accuracy"]  # one training: its accuracy unchanged
+    acc = seed_accuracy([one, training(54.0, 70.0)])["test"]
+    assert acc["1"].pop("per_seed") == [50.0, 54.0]
+    assert acc["1"] == pytest.approx({"mean": 52.0, "std": np.sqrt(8.0), "min": 50.0, "max": 54.0, "ci95": 1.0,
+                                      "episodes": 4})
+    assert acc["5"]["std"] == 0.0 and acc["5"]["ci95"] == 3.0
+    # four architectures, two trainings each: the proxies against the mean, the ceiling between the trainings
+    first, second = [60.0, 61.0, 62.0, 63.0], [50.0, 51.0, 53.0, 52.0]
+    records = _fake_records([4.0, 3.0, 2.0, 1.0], [10.0, 11.0, 12.0, 13.0], [0.0] * 4, [0.0] * 4)
+    for r, a, b in zip(records, first, second):
+        r["accuracy"] = seed_accuracy([training(a, a), training(b, b)])
+    summary = summarize(records, shots=["1", "5"], top_k=1, seed=0, n_resamples=100, training_seeds=[0, 7])
+    assert summary["trainings"] == {"k": 2, "seeds": [0, 7]}
+    assert summary["ceiling"]["1"]["kendall_tau"] == pytest.approx(2 / 3)
+    arch = summary["per_architecture"]["002"]["1"]
+    assert arch.pop("per_seed") == [62.0, 53.0]
+    assert arch == pytest.approx({"mean": 57.5, "std": np.std([62.0, 53.0], ddof=1), "min": 53.0, "max": 62.0})
+    row = summary["proxies"]["kappa_maml"]["shots"]["1"]  # −κ ranks 0 < 1 < 2 < 3; the means 55, 56, 57.5, 57.5
+    assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau([0, 1, 2, 3], [55, 56, 57.5, 57.5]).statistic)
+    assert row["fraction_of_ceiling"] == pytest.approx(row["kendall_tau"] / (2 / 3))
+    table = format_table(summary)
+    assert "seed-to-seed ceiling" in table and "τ/ceiling" in table and "no ceiling" not in table
+    assert "  002  1-shot 57.50 ± 6.36 [53.00, 62.00]" in table
+    # one training: no ceiling, and the table says so
+    single = summarize(_fake_records([4.0, 3.0, 2.0, 1.0], [1.0] * 4, first, first), shots=["1"], top_k=1, seed=0,
+                       n_resamples=10)
+    assert single["ceiling"] is None and single["proxies"]["kappa_maml"]["shots"]["1"]["fraction_of_ceiling"] is None
+    assert "no ceiling measured (--train_seeds 1)" in format_table(single) and "τ/ceiling" not in format_table(single)
+
+
+def test_training_seeds_are_derived_and_the_first_is_the_training_seed():
+    assert StudyConfig().training_seeds() == [0]  # one training: eval_searched_arch.py's default seed, as before
+    three = StudyConfig(train_seeds=3, train={"seed": 5}).training_seeds()
+    assert three[0] == 5 and len(set(three)) == 3
+    assert three[1] == int(np.random.SeedSequence(5).spawn(2)[1].generate_state(1)[0])
+    assert StudyConfig(train_seeds=2, train={"seed": 5}).training_seeds() == three[:2]  # a larger K only adds
 
 
 def test_top_k_hit_rate():
@@ -280,7 +348,7 @@ def test_tiny_study_writes_its_outputs(reference):
 
 def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tmp_path, monkeypatch, capsys):
     trained, scored = [], []
-    real_train, real_score = study_run.train_and_evaluate, KernelProxies.score
+    real_train, real_score = study_trainings.train_and_evaluate, KernelProxies.score
 
     def train(cfg, genotype):
         trained.append(cfg.save_dir)
@@ -292,7 +360,7 @@ def test_resume_after_a_kill_between_architectures(reference, synthetic_mini, tm
         scored.append(label)
         return real_score(self, alive, label)
 
-    monkeypatch.setattr(study_run, "train_and_evaluate", train)
+    monkeypatch.setattr(study_trainings, "train_and_evaluate", train)
     monkeypatch.setattr(KernelProxies, "score", score)
     save_dir = tmp_path / "study"
     kill = True
@@ -336,3 +404,79 @@ def test_shards_give_the_records_of_one_process(reference, synthetic_mini, tmp_p
     (save_dir / "summary.json").unlink()
     assert study_command.main(["--save_dir", str(save_dir), "--summarize", "--top_k", "2"]) == 0
     assert json.loads((save_dir / "summary.json").read_text())["top_k"] == 2
+
+
+# ---- several trainings per architecture: the seed-to-seed ceiling ----
+
+@pytest.fixture(scope="module")
+def two_trainings(synthetic_mini, tmp_path_factory):
+    """A tiny study of 4 architectures with one training each (its summary.json, summary.txt and records kept),
+    then the same folder with --train_seeds 2 (the second trainings added; treat the folder as read-only)."""
+    save_dir = tmp_path_factory.mktemp("study") / "seeds"
+    argv = _argv(synthetic_mini, save_dir, "--n_archs", "4")
+    assert study_command.main(argv) == 0
+    one = {"summary": json.loads((save_dir / "summary.json").read_text()),
+           "table": (save_dir / "summary.txt").read_text(), "records": _records(save_dir)}
+    assert study_command.main([*argv, "--train_seeds", "2"]) == 0
+    return save_dir, argv, one
+
+
+def test_one_training_measures_no_ceiling(two_trainings):
+    _, _, one = two_trainings
+    assert one["summary"]["ceiling"] is None and one["summary"]["trainings"] == {"k": 1, "seeds": [0]}
+    assert "no ceiling measured (--train_seeds 1)" in one["table"] and "τ/ceiling" not in one["table"]
+    assert all("trainings" not in r and r["train_dir"].endswith("/train") for r in one["records"])
+
+
+def test_two_trainings_per_architecture_and_the_ceiling(two_trainings):
+    save_dir, _, one = two_trainings
+    seeds = StudyConfig(train_seeds=2).training_seeds()
+    records = [json.loads(line) for line in (save_dir / "study.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and seeds[0] == 0 and seeds[1] != 0
+    differ = 0
+    for r, before in zip(records, one["records"]):
+        assert [t["seed"] for t in r["trainings"]] == seeds
+        assert [t["train_dir"] for t in r["trainings"]] == [f"archs/{r['id']}/train", f"archs/{r['id']}/train_s1"]
+        for t, seed in zip(r["trainings"], seeds):  # each its own finished run folder with its own seed
+            assert (save_dir / t["train_dir"] / "done").is_file()
+            assert json.loads((save_dir / t["train_dir"] / "config.json").read_text())["seed"] == seed
+        assert r["trainings"][0]["accuracy"] == before["accuracy"]  # the first training was kept, not redone
+        assert r["proxies"] == before["proxies"]
+        acc = r["accuracy"]["test"]["5"]
+        per_seed = [t["accuracy"]["test"]["5"]["mean"] for t in r["trainings"]]
+        assert acc["per_seed"] == per_seed and acc["mean"] == pytest.approx(np.mean(per_seed))
+        assert acc["min"] == min(per_seed) and acc["std"] == pytest.approx(np.std(per_seed, ddof=1))
+        differ += per_seed[0] != per_seed[1]
+    assert differ > 0  # the seeds give other trainings
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["trainings"] == {"k": 2, "seeds": seeds}
+    for shots in ("1", "5"):
+        ceiling = summary["ceiling"][shots]
+        assert (ceiling["k"], ceiling["n_archs"]) == (2, 4)
+        runs = [[r["accuracy"]["test"][shots]["per_seed"][k] for r in records] for k in range(2)]
+        assert ceiling["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(*runs).statistic)
+        assert {"low", "high"} <= set(ceiling["kendall_tau_ci95"]) and "spearman_rho_ci95" in ceiling
+        assert set(summary["per_architecture"]) == {r["id"] for r in records}
+        row = summary["proxies"]["kappa_maml"]["shots"][shots]
+        assert "fraction_of_ceiling" in row
+    table = (save_dir / "summary.txt").read_text()
+    assert "seed-to-seed ceiling" in table and "τ/ceiling" in table and "no ceiling" not in table
+    assert sorted(table.splitlines()) == sorted(format_table(summary).splitlines())
+    assert (save_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (save_dir / "done").is_file()
+
+
+def test_fewer_train_seeds_summarise_the_first_trainings(two_trainings, tmp_path, monkeypatch):
+    """--train_seeds 1 on a folder of two trainings trains nothing and gives the one-training study back."""
+    import shutil
+
+    save_dir, argv, one = two_trainings
+    copy = tmp_path / "copy"
+    shutil.copytree(save_dir, copy)
+    monkeypatch.setattr(study_trainings, "train_and_evaluate", lambda *a: pytest.fail("nothing to train"))
+    argv = [*argv, "--save_dir", str(copy)]
+    assert study_command.main([*argv, "--train_seeds", "1"]) == 0
+    assert _records(copy) == one["records"]
+    assert json.loads((copy / "summary.json").read_text())["ceiling"] is None
+    assert study_command.main([*argv, "--train_seeds", "2"]) == 0  # and back: nothing trained either
+    assert json.loads((copy / "summary.json").read_text())["ceiling"] is not None
+    assert study_command.main([*argv, "--train_seeds", "0"]) == 2

@@ -4,6 +4,10 @@ The command line is generated from three configs: the study's own fields (`Study
 fields under their own names (`SearchConfig`, less those that make no sense without a search; the study's
 ``--seed`` plays ``--rand_seed``'s role) and the search's ``--aug_*`` training flags (`TrainConfig`, turned
 into a training config as ``--train_after_search`` does). ``config.json`` records these flags as given.
+
+``--train_seeds K`` trains every architecture K times (`eval_lib.study.study_trainings`), with the seeds of
+`StudyConfig.training_seeds`: the first is ``--aug_seed`` itself (0 by default, the seed of a study with one
+training per architecture), the k-th after it the k-th child of numpy's ``SeedSequence(--aug_seed)``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from eval_lib.study.proxies import DEFAULT_LOG_RANK_MEMBERS, MEASURED, ZERO_COST_PROXIES, check_proxy_names
 from eval_lib.train.after_search import TRAINING_FLAG_PREFIX, split_training_values, training_config
 from eval_lib.train.train_config import TRAIN_AFTER_SEARCH_FLAGS, TrainConfig
-from search_lib.core.command_line import flag, flag_fields
+from search_lib.core.command_line import field_default, flag, flag_fields
 from search_lib.core.errors import GenotypeError, UsageError
 from search_lib.core.utils import refuse_empty_paths
 from search_lib.models.genotypes import PRESETS, Genotype, GenotypeRecord, random_genotype
@@ -28,9 +32,12 @@ from search_lib.search.search_config import SearchConfig
 LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_type", "algorithm",
             "candidates_per_pass", "rand_seed", "precision", "only_lrs")
 PROXY_FLAGS = tuple(f.name for f in flag_fields(SearchConfig) if f.name not in LEFT_OUT)
-# Flags that do not change the records: a study folder may be resumed with other values.
+# Flags that do not change the records: a study folder may be resumed with other values. --train_seeds is
+# among them because it only adds trainings (or leaves some out of the summary): a larger K on a finished
+# folder trains the missing seeds of every architecture, its first trainings and proxies kept.
 NON_RESULT_KEYS = ("save_dir", "overwrite", "break_stale_lock", "shard", "summarize", "device", "top_k",
-                   "bootstrap_resamples", "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch")
+                   "bootstrap_resamples", "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch",
+                   "train_seeds")
 
 _ARCHS, _STUDY = "architectures", "study"
 
@@ -56,6 +63,10 @@ class StudyConfig:
     log_rank_members: list[str] = field(default_factory=lambda: list(DEFAULT_LOG_RANK_MEMBERS), metadata=flag(
         "the proxies whose ranks the log-rank combination (AZ-NAS's rule) sums", type=str, nargs="+",
         metavar="P", group=_STUDY))
+    train_seeds: int = field(default=1, metadata=flag(
+        "trainings per architecture, each with its own seed (the first: --aug_seed); with 2 or more the summary "
+        "measures the seed-to-seed ceiling, how well one training ranks the architectures against another; "
+        "a larger value on a finished folder trains only the missing seeds", group=_STUDY))
     top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
     bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
     shard: str | None = field(default=None, metadata=flag(
@@ -97,6 +108,19 @@ class StudyConfig:
         return training_config(self.train, genotype, space=p.space, data=p.data, data_path=p.data_path,
                                 device=p.device, save_dir=save_dir, break_stale_lock=p.break_stale_lock)
 
+    def training_seeds(self) -> list[int]:
+        """The seeds of the ``--train_seeds`` trainings of every architecture (the same for all of them, so that
+        training k of one architecture and training k of another form one "training" of the set): the first
+        is ``--aug_seed`` (eval_searched_arch.py's default when not given), so ``--train_seeds 1`` trains as a
+        study always did; the k-th after it is the first 32-bit word of the k-th child of numpy's
+        ``SeedSequence(--aug_seed)`` (``SeedSequence(s, spawn_key=(k,))``). The test episodes (--aug_episode_seed)
+        stay the same for every training: the spread is the training's."""
+        base = self.train.get("seed")
+        if base is None:
+            base = field_default(next(f for f in flag_fields(TrainConfig, after_search=True) if f.name == "seed"))
+        return [int(base)] + [int(np.random.SeedSequence(int(base), spawn_key=(k,)).generate_state(1)[0])
+                              for k in range(1, self.train_seeds)]
+
     def shard_index(self) -> tuple[int, int]:
         """(i, n) of ``--shard i/n``; (0, 1) without it."""
         if self.shard is None:
@@ -120,7 +144,7 @@ class StudyConfig:
     def validate(self) -> StudyConfig:
         """Refuse bad settings before any work or any write."""
         refuse_empty_paths(save_dir=self.save_dir)
-        for name, least in (("n_archs", 0), ("top_k", 1), ("bootstrap_resamples", 1)):
+        for name, least in (("n_archs", 0), ("train_seeds", 1), ("top_k", 1), ("bootstrap_resamples", 1)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
         self.shard_index()

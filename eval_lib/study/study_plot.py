@@ -2,7 +2,9 @@
 
 Top: one panel per proxy, the proxy against the test accuracy at the chosen shots (with its 95% interval).
 Bottom: per number of shots a bar chart of Kendall τ and of the partial τ given #params (with their 95%
-intervals) per proxy, and a heatmap of the proxies' rank correlations with each other (Kendall τ).
+intervals) per proxy, the seed-to-seed ceiling (how well one training ranks the architectures against
+another, with several trainings per architecture) a dashed line across the bars with its interval shaded,
+and a heatmap of the proxies' rank correlations with each other (Kendall τ).
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def _scatter(ax, records: list[dict], summary: dict, p: str, values: list, shots
     if pts:
         x = np.array([v for v, _ in pts])
         y = np.array([res["mean"] for _, res in pts])
-        err = np.array([res.get("ci95") or 0.0 for _, res in pts])
+        if all("min" in res for _, res in pts):  # several trainings: the bar spans them (their min to max)
+            err = np.array([[m - res["min"] for m, (_, res) in zip(y, pts)],
+                            [res["max"] - m for m, (_, res) in zip(y, pts)]])
+        else:  # one training: the 95% interval of its test episodes
+            err = np.array([res.get("ci95") or 0.0 for _, res in pts])
         ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=1.5, alpha=0.75, elinewidth=0.8)
         if x.min() > 0 and x.max() / x.min() > 10:
             from matplotlib.ticker import NullFormatter
@@ -63,12 +69,20 @@ def _bars(ax, summary: dict, shots: str, names: list[str]) -> None:
             ax.hlines([y[i] + offset for i, _ in cis], [ci["low"] for _, ci in cis], [ci["high"] for _, ci in cis],
                       color="0.25", lw=0.9)
     ax.axvline(0, color="0.2", lw=0.8)
+    ceiling = (summary.get("ceiling") or {}).get(shots)
+    if ceiling and ceiling.get("kendall_tau") is not None:
+        ci = ceiling["kendall_tau_ci95"]
+        if ci.get("low") is not None:
+            ax.axvspan(ci["low"], ci["high"], color="tab:red", alpha=0.08, lw=0)
+        ax.axvline(ceiling["kendall_tau"], color="tab:red", ls="--", lw=1.2,
+                   label=f"seed-to-seed ceiling τ {_num(ceiling['kendall_tau'])}")
     ax.set_yticks(y, [_label(summary, p) for p in names], fontsize=7.5)
     ax.invert_yaxis()
     ax.set_xlim(-1, 1)
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=7)
-    ax.set_title(f"{shots}-shot test accuracy: τ and partial τ given #params (lines: 95% intervals)", fontsize=9)
+    ax.set_title(f"{shots}-shot test accuracy: τ and partial τ given #params (lines: 95% intervals)"
+                 + ("\ndashed: seed-to-seed ceiling, shaded: its 95% interval" if ceiling else ""), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
 
 
@@ -116,8 +130,9 @@ def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
     axes = [fig.add_subplot(grid[k // SCATTER_COLUMNS, k % SCATTER_COLUMNS]) for k in range(len(names))]
     for ax, p in zip(axes, names):
         _scatter(ax, records, summary, p, signed[p], shots)
-    fig.text(0.008, split + top_in / height / 2, f"test {shots}-shot accuracy (%)", rotation=90, va="center",
-             fontsize=9)
+    k = summary.get("trainings", {}).get("k", 1)
+    fig.text(0.008, split + top_in / height / 2, f"test {shots}-shot accuracy (%)" + (
+        f", mean of {k} trainings (bars: min–max)" if k > 1 else ""), rotation=90, va="center", fontsize=9)
     fig.suptitle(f"Proxies at initialisation against few-shot accuracy ({len(records)} architectures; τ of the "
                  f"signed proxy, partial τ given #params; combinations on their own scale)", fontsize=11,
                  y=1 - 0.15 / height)

@@ -15,19 +15,27 @@ Files of a study folder (``--save_dir``):
     config.json               the flags (--aug_* included); compared when the folder is used again
     archs/<id>/proxies.json   the proxies of one architecture (kept while its training runs)
     archs/<id>/train/         its training and few-shot test (a resumable training run folder)
-    archs/<id>/record.json    its record, written when it is finished
+    archs/<id>/train_s<k>/    with --train_seeds K > 1: its training with the (k+1)-th seed, k = 1 .. K-1
+                              (`eval_lib.study.study_trainings`)
+    archs/<id>/record.json    its record, written when it is finished (with K > 1: every training's
+                              accuracy under "trainings", their mean and spread under "accuracy")
     study.jsonl               the records in id order
     summary.json              per proxy and shots: τ, ρ, partial τ and ρ given #params, 95% intervals,
-                              top-k hit rates; cost per architecture; proxy-vs-proxy rank correlations
+                              top-k hit rates, the fraction of the ceiling; cost per architecture;
+                              proxy-vs-proxy rank correlations; per architecture the mean and spread of its
+                              accuracy; the seed-to-seed ceiling (None with --train_seeds 1)
     summary.txt               the same as the printed table
-    study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars; heatmap
+    study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars with the
+                              ceiling; heatmap
     study.log                 the log
     done                      every architecture has a record and the summary is written
 
 Re-running the same command continues with the next architecture without a record (an interrupted
-training resumes at its last epoch). ``--shard i/n`` processes the architectures whose index % n == i, so
-several processes (or GPUs) can share one folder; whichever finds every record present writes the
-summary. ``--summarize`` rebuilds the summary from the records there.
+training resumes at its last epoch). A larger --train_seeds on an existing folder trains the missing seeds of
+every architecture (its proxies and first trainings kept); a smaller one summarises the first trainings.
+``--shard i/n`` processes the architectures whose index % n == i, so several processes (or GPUs) can share
+one folder; whichever finds every record present writes the summary. ``--summarize`` rebuilds the summary
+from the records there.
 
 Locks (`search_lib.core.run_dir.FolderLock`): every process of a study holds the study folder's lock shared, so
 ``--overwrite`` (which needs it alone) is refused while any shard works; each architecture's folder is
@@ -47,8 +55,15 @@ from eval_lib.study.proxies import BaselineData, KernelProxies, alive_mask, base
 from eval_lib.study.study_config import Arch, StudyConfig, architectures, result_keys
 from eval_lib.study.study_plot import study_png
 from eval_lib.study.study_stats import format_table, summarize
+from eval_lib.study.study_trainings import (
+    first_trainings,
+    recorded_trainings,
+    train_with_seeds,
+    training_count,
+    with_trainings,
+)
 from eval_lib.train.checkpoints import read_json
-from eval_lib.train.training_run import TrainingData, train_and_evaluate
+from eval_lib.train.training_run import TrainingData
 from search_lib.core.errors import FolderInUse, UsageError
 from search_lib.core.folder_lock import FolderLock, describe_holder, in_use_message
 from search_lib.core.run_dir import RunDir
@@ -93,21 +108,28 @@ class StudyWork:
         atomic_write_json(folder / "proxies.json", out)
         return out
 
-    def study(self, arch: Arch, folder) -> dict:
-        """Proxies, training and few-shot test of one architecture: its record."""
-        measured = self.proxies(arch, folder)
-        results = train_and_evaluate(self.cfg.train_config(arch.genotype, folder / "train"), arch.genotype)
-        if results.get("params") != measured["baselines"]["params"]:
-            log.warning("%s: the trained network has %s parameters, the baseline network %s", arch.id,
-                        results.get("params"), measured["baselines"]["params"])
-        accuracy = {split: {s: {k: res.get(k) for k in ("mean", "ci95", "episodes")} for s, res in per.items()}
-                    for split, per in results["fewshot"].items()}
-        return {"id": arch.id, "index": arch.index, "source": arch.source, "name": arch.name,
+    def study(self, arch: Arch, folder, record: dict | None = None) -> dict:
+        """Proxies, trainings and few-shot tests of one architecture: its record. A ``record`` of fewer trainings
+        than --train_seeds (the folder was run with a smaller one) keeps its proxies and trainings and gains
+        the missing ones."""
+        if record is None:
+            measured = self.proxies(arch, folder)
+            done: list[dict] = []
+        else:
+            measured = {k: record[k] for k in ("proxies", "kappa_sentinels", "baselines")}
+            measured["timings"] = {k: record["timings"][k] for k in ("proxies_s", "baselines_s", "proxy_s")}
+            done = recorded_trainings(record, self.cfg)
+        trainings = train_with_seeds(self.cfg, arch.genotype, folder, root=folder.parent.parent, done=done,
+                                     context=arch.id)
+        for t in trainings[len(done):]:
+            if t["params"] != measured["baselines"]["params"]:
+                log.warning("%s: the trained network has %s parameters, the baseline network %s", arch.id,
+                            t["params"], measured["baselines"]["params"])
+        base = {"id": arch.id, "index": arch.index, "source": arch.source, "name": arch.name,
                 "arch_seed": arch.arch_seed, "genotype": str(arch.genotype), "proxies": measured["proxies"],
                 "kappa_sentinels": measured["kappa_sentinels"], "baselines": measured["baselines"],
-                "accuracy": accuracy, "train_dir": f"{ARCHS_DIR}/{arch.id}/train",
-                "timings": {**measured["timings"], "train_s": results["train"]["train_time_s"],
-                            "test_s": results["eval_time_s"]}}
+                "accuracy": None, "train_dir": None, "timings": measured["timings"]}
+        return with_trainings(base, trainings)
 
 
 def read_record(run: RunDir, arch: Arch) -> dict | None:
@@ -133,7 +155,8 @@ def run_study(cfg: StudyConfig) -> int:
         if old is not None:
             run.check_config(result_keys(old), cfg.result_dict(), what="a proxy study")
         index, count = cfg.shard_index()
-        todo = [a for a in archs if a.index % count == index and (cfg.overwrite or read_record(run, a) is None)]
+        todo = [a for a in archs if a.index % count == index
+                and (cfg.overwrite or training_count(read_record(run, a)) < cfg.train_seeds)]
         work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
         run.create()
         _hold_study(run, cfg)
@@ -142,8 +165,10 @@ def run_study(cfg: StudyConfig) -> int:
             run.hold(shared=True)  # the other shards may join from here on
         run.write_config(cfg.flags())
         with run.attach_log("metantknas", console=True):
-            log.info("proxy study: %d architectures, %s in this process%s, save_dir %s", len(archs),
+            log.info("proxy study: %d architectures, %s in this process%s, %s, save_dir %s", len(archs),
                      f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
+                     "one training each" if cfg.train_seeds == 1 else
+                     f"{cfg.train_seeds} trainings each (seeds {', '.join(map(str, cfg.training_seeds()))})",
                      run.path)
             for n, arch in enumerate(todo, 1):
                 _study_one(run, work, arch, f"[{n}/{len(todo)}]")
@@ -189,11 +214,13 @@ def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
         log.info("%s %s: another process studies it (%s); skipped", step, arch.id, describe_holder(holder))
         return
     try:
-        if read_record(run, arch) is not None:  # finished by another process since the list was made
+        old = None if work.cfg.overwrite else read_record(run, arch)
+        if training_count(old) >= work.cfg.train_seeds:  # finished by another process since the list was made
             log.info("%s %s: finished by another process; skipped", step, arch.id)
             return
-        log.info("%s %s: %s", step, arch.id, arch.genotype)
-        record = work.study(arch, folder)
+        more = "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)"
+        log.info("%s %s: %s%s", step, arch.id, arch.genotype, more)
+        record = work.study(arch, folder, old)
         atomic_write_json(folder / "record.json", record)
         log.info("%s %s: %s", step, arch.id, _brief(record))
     finally:
@@ -202,7 +229,8 @@ def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
 
 def _brief(record: dict) -> str:
     p, t = record["proxies"], record["timings"]
-    acc = ", ".join(f"{s}-shot {r['mean']:.2f}" for s, r in record["accuracy"]["test"].items())
+    acc = ", ".join(f"{s}-shot {r['mean']:.2f}" + (f" ± {r['std']:.2f}" if "std" in r else "")
+                    for s, r in record["accuracy"]["test"].items())
     return (f"κ MAML {p['kappa_maml']['mean']:.4g}, regions {p['regions']['mean']:.0f}, "
             f"params {record['baselines']['params']}; test {acc} (proxies {t['proxies_s'] + t['baselines_s']:.1f} s, "
             f"training {t['train_s']:.1f} s, test {t['test_s']:.1f} s)")
@@ -222,16 +250,20 @@ def write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: boo
 
 
 def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bool) -> int:
-    records = [r for r in (read_record(run, a) for a in archs) if r is not None]
+    # a record counts once it has the --train_seeds trainings of this study (those beyond are left out)
+    records = [first_trainings(r, cfg) for r in (read_record(run, a) for a in archs)
+               if training_count(r) >= cfg.train_seeds]
     if len(records) < len(archs) and not partial:
-        log.info("%d of %d architectures have records; the process that finishes the last writes the summary "
-                 "(or run with --summarize)", len(records), len(archs))
+        log.info("%d of %d architectures have records of %d training(s); the process that finishes the last "
+                 "writes the summary (or run with --summarize)", len(records), len(archs), cfg.train_seeds)
         return 0
     if not records:
-        raise UsageError(f"--save_dir {run.path} holds no architecture records yet; run the study first")
+        raise UsageError(f"--save_dir {run.path} holds no architecture records of {cfg.train_seeds} training(s) yet; "
+                         f"run the study first")
     shots = [str(s) for s in cfg.train_config(archs[0].genotype, "unused").n_shots]
     summary = summarize(records, shots=shots, top_k=cfg.top_k, seed=cfg.seed, n_resamples=cfg.bootstrap_resamples,
-                        expected=len(archs), log_rank_members=cfg.log_rank_members)
+                        expected=len(archs), log_rank_members=cfg.log_rank_members,
+                        training_seeds=cfg.training_seeds())
     atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_json(run / "summary.json", summary)
     table = format_table(summary)

@@ -13,6 +13,15 @@ Two combined rankings are rows of their own (`combined_scores`): the search's ru
 ranks of −κ (MetaNTK-MAML) and of the linear-region count, and AZ-NAS's rule, Σ log(rank/m) over
 ``--log_rank_members`` (average ranks, 1 the worst, m the best of the m architectures).
 
+With several trainings per architecture (``--train_seeds K``, `eval_lib.study.study_trainings`) the proxies are
+correlated with each architecture's mean accuracy over its trainings, and the summary measures the study's own
+noise, the **seed-to-seed ceiling** (`seed_ceiling`): Kendall τ and Spearman ρ between the accuracies of two
+trainings (seed k and seed l, the same for every architecture) over the architectures, for K > 2 the mean over
+the K(K−1)/2 pairs, with a paired bootstrap interval over architectures (the same resamples as the proxies').
+It is how well one training ranks the architectures against another: a proxy's τ against one training can
+hardly exceed it. A proxy's ``fraction_of_ceiling`` is its τ (against the mean) over the ceiling's τ; the
+mean of K trainings is less noisy than one, so the fraction may exceed 1 without the proxy being perfect.
+
 A bootstrap resample draws architectures with replacement, so with few architectures some resamples hold
 one architecture many times and a constant proxy or accuracy, where τ and ρ are undefined (NaN). Such
 resamples are left out and counted (``nan_resamples``); the interval is the percentile interval of the rest
@@ -21,6 +30,7 @@ resamples are left out and counted (``nan_resamples``); the interval is the perc
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -146,13 +156,21 @@ def bootstrap_interval(score, acc, stat: str, seed: int, n_resamples: int, confi
     when fewer than 3 architectures or no finite resample remain. The resampled indices depend only on the
     seed and the number of architectures, so every interval of the same size sees the same resamples.
     """
-    data = tuple(np.asarray(v, dtype=np.float64) for v in ((score, acc) if given is None else (score, acc, given)))
+    data = (score, acc) if given is None else (score, acc, given)
+    return paired_bootstrap(data, VECTORISED[stat], seed, n_resamples, confidence)
+
+
+def paired_bootstrap(data: Sequence, statistic, seed: int, n_resamples: int, confidence: float = 0.95) -> dict:
+    """The percentile interval of ``statistic(*data, axis=-1)`` (vectorised over resamples) when the
+    architectures (the positions of every array in ``data``) are drawn with replacement; `bootstrap_interval`'s
+    rules for NaN resamples and for fewer than 3 architectures."""
+    data = tuple(np.asarray(v, dtype=np.float64) for v in data)
     out = {"low": None, "high": None, "resamples": int(n_resamples), "nan_resamples": 0}
     if len(data[0]) < 3:
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns (about BCa) when some resamples are NaN
-        res = scipy.stats.bootstrap(data, VECTORISED[stat], paired=True, vectorized=True, method="percentile",
+        res = scipy.stats.bootstrap(data, statistic, paired=True, vectorized=True, method="percentile",
                                     n_resamples=n_resamples, confidence_level=confidence,
                                     rng=np.random.default_rng(seed))
     dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
@@ -161,6 +179,64 @@ def bootstrap_interval(score, acc, stat: str, seed: int, n_resamples: int, confi
     if finite.size:
         alpha = (1.0 - confidence) / 2
         out["low"], out["high"] = (float(v) for v in np.percentile(finite, [100 * alpha, 100 * (1 - alpha)]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The seed-to-seed ceiling
+
+
+def _mean_over_pairs(stat):
+    """The vectorised statistic of K arrays: the mean of ``stat`` over every pair of them (NaN if any is)."""
+    def statistic(*runs, axis=-1):
+        return np.mean([stat(runs[i], runs[j], axis=axis) for i, j in itertools.combinations(range(len(runs)), 2)],
+                       axis=0)
+    return statistic
+
+
+def seed_ceiling(per_seed, seed: int, n_resamples: int, confidence: float = 0.95) -> dict | None:
+    """The seed-to-seed ceiling from ``per_seed[k][a]``, the accuracy of architecture a in its training k
+    (K ≥ 2 trainings): Kendall τ-b and Spearman ρ between two trainings over the architectures (for K > 2
+    the mean over the pairs), each with its paired bootstrap interval over architectures; None for K < 2."""
+    runs = np.asarray(per_seed, dtype=np.float64)
+    if runs.ndim != 2 or runs.shape[0] < 2:
+        return None
+    k, n = runs.shape
+    out: dict = {"k": int(k), "pairs": k * (k - 1) // 2, "n_archs": int(n)}
+    for name, stat in (("kendall_tau", kendall_tau_b), ("spearman_rho", spearman_rho)):
+        fn = _mean_over_pairs(stat)
+        out[name] = _finite(float(fn(*runs))) if n >= 2 else None
+        out[name + "_ci95"] = paired_bootstrap(tuple(runs), fn, seed, n_resamples, confidence)
+    return out
+
+
+def fraction_of_ceiling(tau: float | None, ceiling: dict | None) -> float | None:
+    """A proxy's τ over the ceiling's τ; None without a ceiling or where the ceiling's τ is not positive."""
+    if tau is None or ceiling is None or ceiling.get("kendall_tau") is None or ceiling["kendall_tau"] <= 0:
+        return None
+    return float(tau / ceiling["kendall_tau"])
+
+
+def per_seed_accuracy(record: dict, shots: str, split: str = "test") -> list[float] | None:
+    """The accuracy of each training of an architecture (one value for a record of one training)."""
+    res = record.get("accuracy", {}).get(split, {}).get(str(shots))
+    if res is None:
+        return None
+    return [float(v) for v in res.get("per_seed", [res["mean"]])]
+
+
+def per_architecture(records: list[dict], shots: list[str]) -> dict:
+    """Per architecture and shots: the mean of its accuracy over its trainings, the sample std (None for one
+    training), min, max and each training's value."""
+    out = {}
+    for r in records:
+        entry = {}
+        for s in shots:
+            runs = per_seed_accuracy(r, s)
+            if runs:
+                entry[s] = {"mean": float(np.mean(runs)), "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else None,
+                            "min": min(runs), "max": max(runs), "per_seed": runs}
+        out[r["id"]] = entry
     return out
 
 
@@ -268,20 +344,35 @@ def _row(score, acc, size, top_k: int, seed: int, n_resamples: int) -> dict:
 
 
 def summarize(records: list[dict], *, shots: list[str], top_k: int, seed: int, n_resamples: int,
-              expected: int | None = None, log_rank_members: Sequence[str] = DEFAULT_LOG_RANK_MEMBERS) -> dict:
+              expected: int | None = None, log_rank_members: Sequence[str] = DEFAULT_LOG_RANK_MEMBERS,
+              training_seeds: Sequence[int] = (0,)) -> dict:
     """The study's summary: per proxy and shots the correlations (plain and partial given #params), their
-    intervals and the top-k hit rate; per proxy its cost; the proxies' rank correlations with each other."""
+    intervals, the top-k hit rate and the fraction of the seed-to-seed ceiling; per proxy its cost; the
+    proxies' rank correlations with each other; per architecture the mean and spread of its accuracy over
+    its trainings (``training_seeds``, one per training) and the ceiling per shots (None for one training)."""
     members = combination_members(log_rank_members)
+    k = len(training_seeds)
     summary = {"architectures": len(records), "expected": len(records) if expected is None else expected,
                "top_k": top_k, "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95,
                                              "method": "percentile, paired over architectures"},
-               "partial_given": PARTIAL_GIVEN, "combinations": members, "accuracy": {}, "proxies": {}}
+               "partial_given": PARTIAL_GIVEN, "combinations": members,
+               "trainings": {"k": k, "seeds": [int(x) for x in training_seeds]}, "accuracy": {},
+               "per_architecture": per_architecture(records, shots), "ceiling": None, "proxies": {}}
+    ceiling = {}
     for s in shots:
         accs = [(r["id"], accuracy(r, s)) for r in records if accuracy(r, s) is not None]
         if accs:
             best = max(accs, key=lambda t: t[1])
             summary["accuracy"][s] = {"min": min(a for _, a in accs), "max": best[1], "best": best[0],
                                       "chance_top_k": min(top_k, len(accs)) / len(accs)}
+        runs = [per_seed_accuracy(r, s) for r in records]
+        runs = [v[:k] for v in runs if v is not None and len(v) >= k]
+        if k > 1 and runs:
+            spreads = [float(np.std(v, ddof=1)) for v in runs]
+            summary["accuracy"][s]["mean_seed_std"] = float(np.mean(spreads))
+            ceiling[s] = seed_ceiling(np.array(runs).T, seed, n_resamples)
+    if ceiling:
+        summary["ceiling"] = ceiling
     signed, cost = signed_values(records, log_rank_members), costs(records, log_rank_members)
     size = signed[PARTIAL_GIVEN]
     for p, (label, sign) in PROXIES.items():
@@ -294,8 +385,9 @@ def summarize(records: list[dict], *, shots: list[str], top_k: int, seed: int, n
                 continue
             score = np.array([signed[p][i] for i in keep])
             acc = np.array([accuracy(records[i], s) for i in keep])
-            entry["shots"][s] = _row(score, acc, [None if p == PARTIAL_GIVEN else size[i] for i in keep], top_k,
-                                     seed, n_resamples)
+            entry["shots"][s] = row = _row(score, acc, [None if p == PARTIAL_GIVEN else size[i] for i in keep],
+                                           top_k, seed, n_resamples)
+            row["fraction_of_ceiling"] = fraction_of_ceiling(row["kendall_tau"], ceiling.get(s))
         summary["proxies"][p] = entry
     summary["proxy_correlation"] = rank_correlation_matrix(signed)
     return summary
@@ -313,11 +405,18 @@ def _seconds(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
+def _fraction(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def format_table(summary: dict) -> str:
-    """The summary as a text table: one line per proxy and number of shots."""
+    """The summary as a text table: one line per proxy and number of shots; below it the architectures'
+    accuracy, the seed-to-seed ceiling (or that none was measured) and, with several trainings, each
+    architecture's mean and spread."""
     k = summary["top_k"]
+    ceiling = summary.get("ceiling")
     rows = [("proxy (sign)", "shots", "Kendall τ [95% CI]", "partial τ | #params", "Spearman ρ [95% CI]",
-             "partial ρ | #params", f"top-{k}", "s/arch")]
+             "partial ρ | #params", f"top-{k}", *(("τ/ceiling",) if ceiling else ()), "s/arch")]
     worst_nan = 0
     for entry in summary["proxies"].values():
         for n, (s, row) in enumerate(entry["shots"].items()):
@@ -329,14 +428,32 @@ def format_table(summary: dict) -> str:
             rows.append((f"{'-' if entry['sign'] < 0 else '+'}{entry['label']}", s,
                          f"{_num(row['kendall_tau'])} {_ci(row['kendall_tau_ci95'])}", partial[0],
                          f"{_num(row['spearman_rho'])} {_ci(row['spearman_rho_ci95'])}", partial[1],
-                         f"{row['top_k_hit']:.2f}", _seconds(entry.get("cost_s", {}).get("mean")) if n == 0 else ""))
+                         f"{row['top_k_hit']:.2f}",
+                         *((_fraction(row.get("fraction_of_ceiling")),) if ceiling else ()),
+                         _seconds(entry.get("cost_s", {}).get("mean")) if n == 0 else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     n, boot = summary["architectures"], summary["bootstrap"]
+    trainings = summary.get("trainings", {"k": 1, "seeds": []})
     acc = "; ".join(f"{s}-shot {a['min']:.2f}–{a['max']:.2f}% (best {a['best']}, top-{k} by chance "
                     f"{a['chance_top_k']:.2f})" for s, a in summary["accuracy"].items())
+    mean_of = "" if trainings["k"] == 1 else f" (the mean of {trainings['k']} trainings each)"
     lines.append(f"{n} architectures" + (f" of {summary['expected']}" if summary["expected"] != n else "")
-                 + f"; test accuracy {acc}")
+                 + f"; test accuracy{mean_of} {acc}")
+    if ceiling:
+        per = "; ".join(f"{s}-shot τ {_num(c['kendall_tau'])} {_ci(c['kendall_tau_ci95'])}, ρ "
+                        f"{_num(c['spearman_rho'])} {_ci(c['spearman_rho_ci95'])}" for s, c in ceiling.items())
+        pairs = "between the two trainings" if trainings["k"] == 2 else \
+            f"the mean over the {trainings['k'] * (trainings['k'] - 1) // 2} pairs of trainings"
+        spread = ", ".join(f"{s}-shot {a['mean_seed_std']:.2f}" for s, a in summary["accuracy"].items()
+                           if "mean_seed_std" in a)
+        lines.append(f"seed-to-seed ceiling (τ and ρ of the accuracies {pairs} over the architectures; seeds "
+                     f"{', '.join(map(str, trainings['seeds']))}): {per}")
+        lines.append(f"proxies ranked against the mean accuracy; τ/ceiling: the proxy's τ over the ceiling's τ; "
+                     f"an architecture's accuracy moves between its trainings by a std of {spread} points (mean)")
+    else:
+        lines.append(f"no ceiling measured (--train_seeds {trainings['k']}): one training per architecture, so the "
+                     f"table cannot tell a proxy's ranking from the training's noise; use --train_seeds 2")
     combos = summary.get("combinations", {})
     if combos:
         lines.append(f"rank sum: dense ranks of {' + '.join(combos['search_rule'])} (the search's rule); log-rank: "
@@ -344,4 +461,10 @@ def format_table(summary: dict) -> str:
     lines.append(f"95% intervals: {boot['resamples']} paired bootstrap resamples over architectures (percentile); "
                  f"resamples with an undefined statistic left out (at most {worst_nan} per interval); s/arch: "
                  f"mean seconds per architecture")
+    if ceiling:
+        lines.append(f"test accuracy per architecture, mean ± std over its {trainings['k']} trainings [min, max]:")
+        for arch, per_shots in summary.get("per_architecture", {}).items():
+            lines.append(f"  {arch}  " + "  ".join(
+                f"{s}-shot {a['mean']:.2f} ± {a['std']:.2f} [{a['min']:.2f}, {a['max']:.2f}]"
+                for s, a in per_shots.items() if a.get("std") is not None))
     return "\n".join(lines)
