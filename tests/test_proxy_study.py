@@ -20,7 +20,6 @@ from eval_lib.study.study_config import LEFT_OUT, PROXY_FLAGS, StudyConfig
 from eval_lib.study.study_stats import (
     bootstrap_interval,
     combined_scores,
-    format_table,
     fraction_of_ceiling,
     kendall_tau_b,
     partial_kendall_tau,
@@ -30,6 +29,7 @@ from eval_lib.study.study_stats import (
     summarize,
     top_k_hit,
 )
+from eval_lib.study.study_table import format_table
 from eval_lib.study.study_trainings import seed_accuracy
 from search_lib.core.command_line import field_default, flag_fields
 from search_lib.search.ranking import dense_rank

@@ -4,8 +4,11 @@ Modules:
     zc_gradients    zero-cost proxies from gradients: grad_norm, snip, grasp, fisher, jacob_cov, synflow, zico
     zc_activations  zero-cost proxies from activations: naswot, swap, meco
     proxies         the proxies of the study; ZERO_COST_PROXIES, the registry of zero-cost proxies
-    study_config    StudyConfig and the studied architectures
-    study_stats     rank and partial rank correlations, bootstrap intervals, combined rankings, the table
+    study_config    StudyConfig, the studied architectures and the training seeds (--train_seeds)
+    study_trainings a genotype trained and tested once per training seed; the mean and spread of its accuracy
+    study_stats     rank and partial rank correlations, bootstrap intervals, combined rankings, the seed-to-seed
+                    ceiling
+    study_table     the summary as a text table (summary.txt)
     study_plot      study.png
     study_run       the study in its folder (shards, resume, summary)
 """

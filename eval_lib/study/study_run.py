@@ -54,7 +54,8 @@ import time
 from eval_lib.study.proxies import BaselineData, KernelProxies, alive_mask, baselines
 from eval_lib.study.study_config import Arch, StudyConfig, architectures, result_keys
 from eval_lib.study.study_plot import study_png
-from eval_lib.study.study_stats import format_table, summarize
+from eval_lib.study.study_stats import summarize
+from eval_lib.study.study_table import format_table
 from eval_lib.study.study_trainings import (
     first_trainings,
     recorded_trainings,
