@@ -165,6 +165,8 @@ def run_study(cfg: StudyConfig) -> int:
             run.clear()
             run.hold(shared=True)  # the other shards may join from here on
         run.write_config(cfg.flags())
+        if todo:  # e.g. a larger --train_seeds on a finished folder: it is not finished until they are trained
+            run.unmark_done()
         with run.attach_log("metantknas", console=True):
             log.info("proxy study: %d architectures, %s in this process%s, %s, save_dir %s", len(archs),
                      f"{len(todo)} to do" if todo else "none left", f" (shard {index}/{count})" if count > 1 else "",
