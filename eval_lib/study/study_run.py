@@ -51,7 +51,8 @@ from eval_lib.train.checkpoints import read_json
 from eval_lib.train.training_run import TrainingData, train_and_evaluate
 from search_lib.core.errors import FolderInUse, UsageError
 from search_lib.core.folder_lock import FolderLock, describe_holder, in_use_message
-from search_lib.core.run_dir import RunDir
+from search_lib.core.provenance import build_record
+from search_lib.core.run_dir import RunDir, write_provenance
 from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device, use_device
 
 log = logging.getLogger("metantknas.study")
@@ -193,6 +194,9 @@ def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
             log.info("%s %s: finished by another process; skipped", step, arch.id)
             return
         log.info("%s %s: %s", step, arch.id, arch.genotype)
+        write_provenance(folder, build_record(work.device, {"mode": "fixed"}, {"seed": work.cfg.seed, "arch_seed":
+                                                                                arch.arch_seed},
+                                              work.cfg.proxy.deterministic), log)  # its proxies' (training: train/)
         record = work.study(arch, folder)
         atomic_write_json(folder / "record.json", record)
         log.info("%s %s: %s", step, arch.id, _brief(record))
