@@ -211,3 +211,20 @@ def test_the_session_records_the_thread_count_it_set(tmp_path):
         s.record_provenance({"seed": 3}, {"mode": "fixed"})
     record = json.loads((tmp_path / "r" / "provenance.json").read_text())
     assert record["threads"]["count"] == 1 and record["seeds"] == {"seed": 3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_two_searches_and_two_trainings_give_identical_numbers(tmp_path):
+    """--deterministic on a GPU: two tiny searches write byte-identical histories (apart from the timings of
+    `measured`), two short trainings identical metrics and accuracies."""
+    for i in range(2):
+        assert prune_metantknas.main([*SEARCH[:-4], "--device", "cuda", "--rand_seed", "4",
+                                      "--save_dir", str(tmp_path / f"s{i}")]) == 0
+        assert eval_searched_arch.main([*TRAIN[:-5], "--device", "cuda", "--no-progress", "--seed", "1",
+                                        "--save_dir", str(tmp_path / f"t{i}")]) == 0
+    assert _history(tmp_path / "s0") == _history(tmp_path / "s1")
+    assert (tmp_path / "s0" / "genotype.json").read_bytes() == (tmp_path / "s1" / "genotype.json").read_bytes()
+    assert _numbers(tmp_path / "t0") == _numbers(tmp_path / "t1")
+    record = json.loads((tmp_path / "t0" / "provenance.json").read_text())
+    assert record["environment"]["device"]["gpu"] and record["deterministic"]["cudnn_deterministic"]

@@ -172,8 +172,9 @@ class TrainingRun:
             self.run.unmark_done()
             self.run.write_config(self.conf)
         if self.session is not None:
+            tuned = self.cfg.tunes_threads(self.device.type)
             self.session.record_provenance({"seed": self.cfg.seed, "episode_seed": self.cfg.episode_seed},
-                                           self._thread_mode())
+                                           {"mode": "tuned" if tuned else "fixed", "load_dependent": tuned})
         self._log_start()
         self._build(ckpt)
         meter = MemoryMeter(self.device)  # the peaks of the training and of the test (this process and session)
