@@ -79,7 +79,8 @@ bench-train: $(STAMP)
 bench-transforms: $(STAMP)
 	$(PY) -m benchmarks.bench_transforms
 
-# two demo searches (and two training epochs) side by side against one alone: the thread tuners' fairness
+# two demo searches (and two training epochs) side by side against one alone: the search's thread tuner and the
+# training's fixed count with OpenMP's bounded spinning (--modes compares others: docs/benchmarks.md)
 bench-shared: $(STAMP)
 	$(PY) -m benchmarks.bench_shared --what search,train
 

@@ -1,6 +1,7 @@
 """Two runs sharing one box against one alone: the demo's search and a training epoch (docs/benchmarks.md).
 
-    python -m benchmarks.bench_shared [--what search,train] [--extra "--threads 2"] [--repo OTHER_CHECKOUT] [--json]
+    python -m benchmarks.bench_shared [--what search,train] [--modes default,spin=0,passive,...] [--extra "--threads 2"]
+                                      [--repo OTHER_CHECKOUT] [--json]
 
 Each measurement runs the real command line in subprocesses: first one alone, then two copies started
 together, and prints their wall times (for the training, the time of its second epoch, read from
@@ -9,6 +10,11 @@ every process (``os.wait4``). The ratio is what matters: sharing 2 cores fairly 
 2x; OpenMP threads spinning against each other gave 4.3x before the thread counts were tuned. ``--extra``
 appends flags to every command (``--threads 2`` shows a fixed count); ``--repo`` runs another checkout's
 scripts (with its own ``.venv`` when it has one), e.g. an earlier version for the numbers before a change.
+``--modes`` measures several ways of running in one go (each alone, then two side by side): ``default`` (the
+environment as it is, less thread counts), ``spin=N`` (GOMP_SPINCOUNT=N: OpenMP threads spin N times at a barrier,
+then sleep), ``passive`` (OMP_WAIT_POLICY=PASSIVE: they sleep at once), ``tuned`` (``--tune_threads``: the
+training's thread count chosen by timing, load-dependent) and ``threads=N`` (``--threads N``). Every ratio is
+printed twice: against the same mode alone, and against the first mode alone (the baseline of the same run).
 The machine's other load changes every number: run it on a quiet machine, or compare ratios of one run.
 """
 
@@ -39,6 +45,8 @@ DEMO_TRAIN = ["--genotype", DEMO_GENOTYPE, "--dataset", "Digits", "--init_channe
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", default="search,train", help="search (the demo's), train (its training's epoch)")
+    p.add_argument("--modes", default="default", help="comma-separated: default, spin=N, passive, tuned, threads=N "
+                   "(the first is the baseline of the ratios)")
     p.add_argument("--extra", default="", help="flags appended to every command, e.g. '--threads 2'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repo", default=str(REPO), help="the checkout whose scripts run (default: this one)")
@@ -56,8 +64,29 @@ def _command(repo: Path, what: str, save_dir: Path, extra: list[str], device: st
             "--save_dir", str(save_dir), *extra]
 
 
-def _start(cmd: list[str]) -> tuple[subprocess.Popen, float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "METANTKNAS_THREADS")}
+_MODE_ENV = ("OMP_NUM_THREADS", "METANTKNAS_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def mode_settings(mode: str, what: str) -> tuple[dict[str, str], list[str]]:
+    """The environment variables and extra flags of a mode (see the module's text)."""
+    name, _, value = mode.partition("=")
+    if name == "default":
+        return {}, []
+    if name == "spin" and value.isdigit():
+        return {"GOMP_SPINCOUNT": value}, []
+    if name == "passive":
+        return {"OMP_WAIT_POLICY": "PASSIVE"}, []
+    if name == "tuned":
+        return {}, ["--tune_threads"] if what == "train" else []
+    if name == "threads" and value.isdigit():
+        return {}, ["--threads", value]
+    raise SystemExit(f"error: unknown mode {mode!r}; use default, spin=N, passive, tuned or threads=N")
+
+
+def _start(cmd: list[str], settings: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
+    """Start ``cmd`` without the user's thread counts; a mode's ``settings`` replace the spinning ones too."""
+    drop = _MODE_ENV if settings is not None else _MODE_ENV[:2]
+    env = {k: v for k, v in os.environ.items() if k not in drop} | (settings or {})
     return subprocess.Popen(cmd, cwd=Path(cmd[1]).parent, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True), time.monotonic()
 
@@ -75,14 +104,18 @@ def _finish(proc: subprocess.Popen, t0: float, what: str, save_dir: Path) -> dic
     return out
 
 
-def measure(repo: Path, what: str, extra: list[str], device: str) -> dict:
+def measure(repo: Path, what: str, extra: list[str], device: str, mode: str = "default") -> dict:
+    env, flags = mode_settings(mode, what)
+    settings = env if mode != "default" else None
     with tempfile.TemporaryDirectory(prefix="bench_shared_") as tmp:
         root = Path(tmp)
-        alone = _finish(*_start(_command(repo, what, root / "alone", extra, device)), what, root / "alone")
-        started = [_start(_command(repo, what, root / f"side{i}", extra, device)) for i in range(2)]
+        alone = _finish(*_start(_command(repo, what, root / "alone", extra + flags, device), settings), what,
+                        root / "alone")
+        started = [_start(_command(repo, what, root / f"side{i}", extra + flags, device), settings)
+                   for i in range(2)]
         side = [_finish(p, t0, what, root / f"side{i}") for i, (p, t0) in enumerate(started)]
     key = "epoch_s" if what == "train" else "wall_s"
-    return {"what": what, "key": key, "alone": alone, "side_by_side": side,
+    return {"what": what, "mode": mode, "key": key, "alone": alone, "side_by_side": side,
             "ratio": round(max(s[key] for s in side) / alone[key], 2)}
 
 
@@ -90,17 +123,31 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     extra = shlex.split(args.extra)
     repo = Path(args.repo).resolve()
-    rows = [measure(repo, w.strip(), extra, args.device) for w in args.what.split(",") if w.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] or ["default"]
+    rows = []
+    for what in (w.strip() for w in args.what.split(",") if w.strip()):
+        for mode in modes:
+            row = measure(repo, what, extra, args.device, mode)
+            first = next(r for r in rows + [row] if r["what"] == what)  # the baseline: the first mode alone
+            row["ratio_to_first"] = round(max(s[row["key"]] for s in row["side_by_side"])
+                                          / first["alone"][first["key"]], 2)
+            row["alone_to_first"] = round(row["alone"][row["key"]] / first["alone"][first["key"]], 2)
+            rows.append(row)
+            if not args.json:
+                _print_row(row)
     if args.json:
         print(json.dumps({"repo": str(repo), "extra": args.extra, "cpus": len(os.sched_getaffinity(0)),
                           "load_after": os.getloadavg()[0], "rows": rows}))
-        return 0
-    for r in rows:
-        side = " / ".join(f"{s[r['key']]:.1f} s" for s in r["side_by_side"])
-        peaks = ", ".join(f"{s['peak_rss_mb']:.0f}" for s in [r["alone"], *r["side_by_side"]])
-        print(f"{r['what']:6s} ({r['key']}): alone {r['alone'][r['key']]:.1f} s, side by side {side}: "
-              f"{r['ratio']:.2f}x   (peak resident MB: {peaks})")
     return 0
+
+
+def _print_row(r: dict) -> None:
+    side = " / ".join(f"{s[r['key']]:.1f} s" for s in r["side_by_side"])
+    peaks = ", ".join(f"{s['peak_rss_mb']:.0f}" for s in [r["alone"], *r["side_by_side"]])
+    print(f"{r['what']:6s} {r['mode']:12s} ({r['key']}): alone {r['alone'][r['key']]:.1f} s "
+          f"({r['alone_to_first']:.2f}x the first mode's), side by side {side}: {r['ratio']:.2f}x alone, "
+          f"{r['ratio_to_first']:.2f}x the first mode alone   (peak resident MB: {peaks}; load "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,3 +14,8 @@ Sub-packages, lowest first (each imports only its own, the ones above it here an
 ``python -m eval_lib.proxy_study`` and ``python -m eval_lib.report`` are kept at this level (they forward to
 `eval_lib.commands.study_command` and `eval_lib.commands.draw_pictures`).
 """
+
+# before anything below imports torch: OpenMP reads how long its threads spin when it loads
+from search_lib.core.openmp_env import bound_spinning as _bound_spinning  # noqa: E402
+
+_bound_spinning()

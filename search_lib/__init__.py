@@ -13,3 +13,8 @@ tests/test_layout.py keeps it so; the map is docs/layout.md, the method docs/met
 Two modules stay at this level only to keep documented commands working: ``python -m search_lib.sweep`` and
 ``python -m search_lib.synthetic`` forward to `eval_lib.commands.sweep` and `search_lib.data.synthetic`.
 """
+
+# before anything below imports torch: OpenMP reads how long its threads spin when it loads
+from search_lib.core.openmp_env import bound_spinning as _bound_spinning  # noqa: E402
+
+_bound_spinning()

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return run(config_from_args(args))
 
-    return run_cli(body)
+    return run_cli(body, argv)
 
 
 def run(cfg: TrainConfig, genotype: Genotype | None = None) -> int:

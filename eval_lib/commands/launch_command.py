@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return search_command.run(cfg)
 
-    return run_cli(body)
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":  # the entry points are the top-level script and the console script

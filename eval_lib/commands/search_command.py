@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return run(config_from_args(args))
 
-    return run_cli(body)
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":  # the entry points are the top-level script and the console script

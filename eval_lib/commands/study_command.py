@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         return run_study(config_from_args(build_parser().parse_args(argv)))
 
-    return run_cli(body)
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":

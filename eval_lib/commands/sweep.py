@@ -299,7 +299,7 @@ def _sweep(cfg: SweepConfig, jobs: list[Job], log_dir: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(lambda: sweep(parse_config(sys.argv[1:] if argv is None else argv)))
+    return run_cli(lambda: sweep(parse_config(sys.argv[1:] if argv is None else argv)), argv)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ from eval_lib.train.checkpoints import read_json
 from eval_lib.train.training_run import TrainingData
 from search_lib.core.errors import FolderInUse, UsageError
 from search_lib.core.folder_lock import FolderLock, describe_holder, in_use_message
-from search_lib.core.run_dir import RunDir
+from search_lib.core.provenance import build_record
+from search_lib.core.run_dir import RunDir, write_provenance
 from search_lib.core.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device, use_device
 
 log = logging.getLogger("metantknas.study")
@@ -223,6 +224,9 @@ def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
             return
         more = "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)"
         log.info("%s %s: %s%s", step, arch.id, arch.genotype, more)
+        seeds = {"seed": work.cfg.seed, "arch_seed": arch.arch_seed, "training_seeds": work.cfg.training_seeds()}
+        write_provenance(folder, build_record(work.device, {"mode": "fixed"}, seeds, work.cfg.proxy.deterministic),
+                         log)  # its proxies' (each training writes its own in its folder)
         record = work.study(arch, folder, old)
         atomic_write_json(folder / "record.json", record)
         log.info("%s %s: %s", step, arch.id, _brief(record))

@@ -26,7 +26,7 @@ from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, GenotypeError, UsageError
 from search_lib.core.memory import MemoryMeter, peak_memory_record
 from search_lib.core.session import RunSession, run_session
-from search_lib.core.threads import ThreadTuner, threads_fixed
+from search_lib.core.threads import ThreadTuner
 from search_lib.core.utils import atomic_write_json
 from search_lib.data import DatasetSpec, EpisodeDataset, EpisodeSubset, resolve_dataset
 from search_lib.models.genotypes import Genotype, GenotypeRecord, resolve_genotype
@@ -55,8 +55,9 @@ def fewshot_evaluate(model: nn.Module, cfg: TrainConfig, dataset: str, data_path
     world = world or distributed.world()
     if episode_sets is None:
         episode_sets = build_episode_sets(cfg, dataset, data_path, transform, image_size)
-    # one tuner for every test: what it learnt about this box's load carries over (CPU only)
-    tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if device.type == "cpu" else None
+    # one tuner for every test: what it learnt about this box's load carries over (CPU, --tune_threads only: the
+    # classifiers run at whatever count it left, so the accuracies could depend on the load)
+    tuner = ThreadTuner(enabled=cfg.tunes_threads(device.type)) if device.type == "cpu" else None
     try:
         return _fewshot_sets(model, cfg, cfg.fewshot_settings(device.type), episode_sets, device, world, tuner)
     finally:
@@ -134,7 +135,7 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     cfg.validate()
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
-    with run_session(cfg.device, cfg.threads, workers=cfg.workers) as session:
+    with run_session(cfg.device, cfg.threads, workers=cfg.workers, deterministic=cfg.deterministic) as session:
         return _evaluate_checkpoint(path, cfg, session)
 
 

@@ -17,7 +17,7 @@ from eval_lib.train.tensorboard_log import require_tensorboard
 from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.distributed import launched_size
 from search_lib.core.errors import UsageError
-from search_lib.core.threads import available_cpus
+from search_lib.core.threads import available_cpus, threads_fixed
 from search_lib.core.utils import DEVICE_CHOICES, native_bf16, refuse_empty_paths
 from search_lib.data import TRANSFORM_NAMES, DatasetSpec, resolve_dataset
 from search_lib.models.space import DEFAULT_SPACE, SearchSpace
@@ -132,8 +132,17 @@ class TrainConfig:
         "reused when the run folder resumes", group=_TRAIN))
     device: str = field(default="auto", metadata=flag(f"{', '.join(DEVICE_CHOICES)}", group=_TRAIN))
     threads: int | None = field(default=None, metadata=_after_search(
-        "torch / BLAS threads (default: the CPUs this process may use, less the loader workers; the "
-        "environment variable METANTKNAS_THREADS also sets it)", type=int, group=_TRAIN))
+        "torch / BLAS threads, fixed for the whole run (default: the CPUs this process may use, less the loader "
+        "workers; the environment variable METANTKNAS_THREADS also sets it): the numbers depend on the count, "
+        "never on the machine's load", type=int, group=_TRAIN))
+    tune_threads: bool = field(default=False, metadata=_after_search(
+        "on the CPU, choose the thread count of the training's steps and the test's forward passes by timing "
+        "them (fewer beside other busy processes): faster on a shared box, but the numbers then depend on "
+        "its load (results.json says so)", group=_TRAIN))
+    deterministic: bool = field(default=True, metadata=_after_search(
+        "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
+        "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed",
+        group=_TRAIN))
     amp: str | None = field(default=None, metadata=_after_search(
         "mixed precision of the training: bf16, fp16 (with a gradient scaler) or none (float32); default on "
         "CUDA bf16 where the GPU runs it natively (Ampere and later), else fp16; none on the CPU",
@@ -235,6 +244,11 @@ class TrainConfig:
     @property
     def data(self) -> DatasetSpec:
         return resolve_dataset(self.dataset or DEFAULT_DATASET)
+
+    def tunes_threads(self, device_type: str) -> bool:
+        """True when a `ThreadTuner` chooses the thread count by timing (--tune_threads on the CPU, the count not
+        fixed by the user): the training's and the test's numbers then depend on the machine's load."""
+        return device_type == "cpu" and self.tune_threads and not threads_fixed(self.threads)
 
     def workers(self, device_type: str) -> int:
         """Loader worker processes: the flag, else 0 on the CPU and min(4, cores) on CUDA."""

@@ -76,8 +76,8 @@ from search_lib.core.errors import DataError, RunFailure, UsageError
 from search_lib.core.figures import draw_quietly
 from search_lib.core.memory import MemoryMeter, peak_memory_record
 from search_lib.core.run_dir import RunDir
-from search_lib.core.session import run_session
-from search_lib.core.threads import ThreadTuner, threads_fixed
+from search_lib.core.session import RunSession, run_session
+from search_lib.core.threads import ThreadTuner
 from search_lib.core.utils import atomic_write_json, config_diff, rng_state, set_rng_state, set_seed
 from search_lib.data import SupervisedDataset
 from search_lib.models.genotypes import Genotype
@@ -102,13 +102,14 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
     # a folder another process trains in: exit 2 at once
     with run_session(cfg.device, cfg.threads, workers=cfg.workers, run=run, overwrite=cfg.overwrite,
-                     break_stale=cfg.break_stale_lock) as session:
+                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic) as session:
         data = TrainingData.load(cfg)  # data errors surface before anything is written
         # the lock held from here to the end
         session.claim(overwrite=cfg.overwrite, verb="create", log="metantknas.eval", level=logging.INFO)
         main = session.world.is_main
         with TrainingBoard(run.path, cfg.tensorboard and main, cfg.tensorboard_dir) as board:
-            return TrainingRun(cfg, genotype, session.device, run, data, session.world, board).execute()
+            return TrainingRun(cfg, genotype, session.device, run, data, session.world, board,
+                               session=session).execute()
 
 
 @dataclass
@@ -140,8 +141,9 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: TrainConfig, genotype: Genotype, device: torch.device, run: RunDir, data: TrainingData,
-                 world: World, board: TrainingBoard):
+                 world: World, board: TrainingBoard, session: RunSession | None = None):
         self.cfg, self.genotype, self.device, self.run, self.data = cfg, genotype, device, run, data
+        self.session = session  # writes provenance.json (None: a caller that records none)
         self.world, self.board = world, board
         self.started = time.time()
         self.conf = cfg.normalised() | {"genotype_resolved": str(genotype), "save_dir": str(run.path)}
@@ -169,6 +171,10 @@ class TrainingRun:
         if self.world.is_main:
             self.run.unmark_done()
             self.run.write_config(self.conf)
+        if self.session is not None:
+            tuned = self.cfg.tunes_threads(self.device.type)
+            self.session.record_provenance({"seed": self.cfg.seed, "episode_seed": self.cfg.episode_seed},
+                                           {"mode": "tuned" if tuned else "fixed", "load_dependent": tuned})
         self._log_start()
         self._build(ckpt)
         meter = MemoryMeter(self.device)  # the peaks of the training and of the test (this process and session)
@@ -239,8 +245,9 @@ class TrainingRun:
         if world.active:
             trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
-        # on the CPU the thread count is chosen by timing the steps (unless fixed): fewer beside other busy processes
-        tuner = ThreadTuner(enabled=not threads_fixed(cfg.threads)) if self.device.type == "cpu" else None
+        # on the CPU the count stays the one the run started with (the weights' float rounding depends on it);
+        # --tune_threads chooses it by timing the steps: fewer beside other busy processes, load-dependent numbers
+        tuner = ThreadTuner(enabled=cfg.tunes_threads(self.device.type)) if self.device.type == "cpu" else None
         epoch_bar = tqdm(range(self.epoch, cfg.epochs), initial=self.epoch, total=cfg.epochs, desc="epochs",
                          disable=None if cfg.progress and world.is_main else True, dynamic_ncols=True)
         try:
@@ -321,6 +328,12 @@ class TrainingRun:
         world.barrier()  # no rank reports the run finished before its files exist
         return results
 
+    def _thread_mode(self) -> dict:
+        """How the thread count was chosen: ``fixed`` at the start, or ``tuned`` by timing (--tune_threads), which
+        makes the numbers depend on the machine's load."""
+        tuned = self.cfg.tunes_threads(self.device.type)
+        return {"thread_mode": "tuned" if tuned else "fixed", "numbers_depend_on_load": tuned}
+
     def _results(self, fewshot: dict, eval_time_s: float) -> dict:
         cfg = self.cfg
         # --gpu_augment's images are part of the training's peak; how much of it they are is said apart
@@ -331,7 +344,8 @@ class TrainingRun:
             "train", self.genotype, self.cost, cfg, cfg.data, cfg.seed, fewshot, memory,
             self.train_time_s + eval_time_s, self.conf, input_shape=list(self.data.input_shape),
             train={"epochs": cfg.epochs, "final": self.last, "train_time_s": self.train_time_s,
-                   "threads": self.thread_steps},  # float rounding, hence the weights, depends on them
+                   "threads": self.thread_steps,  # float rounding, hence the weights, depends on them
+                   **self._thread_mode()},
             eval_time_s=eval_time_s, session_time_s=time.time() - self.started, processes=self.world.size,
             save_dir=str(self.run.path))
 

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 
 from search_lib.core.errors import EXIT_RUNTIME, EXIT_USAGE, RunFailure, ToolkitError, one_line
 from search_lib.core.pass_sizing import is_out_of_memory, on_gpu
+from search_lib.core.provenance import set_command_line
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -111,8 +112,18 @@ def note(message: str) -> None:
     _report(f"note: {message}")
 
 
-def run_cli(body: Callable[[], int | None]) -> int:
-    """Run an entry point's body; map user errors to one line on stderr and the documented exit code."""
+def run_cli(body: Callable[[], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point's body; map user errors to one line on stderr and the documented exit code. ``argv``:
+    the arguments ``main(argv)`` received (None: ``sys.argv``'s), recorded as typed in the provenance.json of
+    the runs the body starts."""
+    set_command_line(argv)
+    try:
+        return _run_body(body)
+    finally:
+        set_command_line(None)
+
+
+def _run_body(body: Callable[[], int | None]) -> int:
     try:
         code = body()
         return 0 if code is None else int(code)

@@ -3,6 +3,8 @@
 A run folder holds
 
     config.json     the settings of the run (compared when the same folder is used again)
+    provenance.json what produced the numbers (command, versions, commit, device, threads, seeds; written
+                    once when the run starts; `search_lib.core.provenance`)
     <saved state>   written atomically after every step, the previous copy kept beside it
                     (the search's ``state.json`` / ``state.prev.json``, the training's
                     ``checkpoint.pt`` / ``checkpoint_prev.pt``)
@@ -41,6 +43,7 @@ from typing import Any
 from search_lib.core.distributed import World
 from search_lib.core.errors import FolderInUse, ForeignFile, RunFailure, ToolkitError, UsageError, one_line
 from search_lib.core.folder_lock import FolderLock, in_use_message
+from search_lib.core.provenance import PROVENANCE_FILE, environment_changes
 from search_lib.core.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -86,7 +89,8 @@ class RunDir:
 
     def names(self) -> tuple[str, ...]:
         """Every file (and output folder) a run writes here."""
-        return (CONFIG_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()), *self.outputs)
+        return (CONFIG_FILE, PROVENANCE_FILE, DONE_FILE, self.log_name, *(self.state.files() if self.state else ()),
+                *self.outputs)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -208,6 +212,11 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.path / CONFIG_FILE, config)
+
+    def record_provenance(self, record: dict) -> None:
+        """Write provenance.json once, when the run starts; a later session (a resume) keeps the record and says
+        in one line what of its environment differs from it (`search_lib.core.provenance`)."""
+        write_provenance(self.path, record, self.logger)
 
     def check_config(self, old: dict, new: dict, keys: Sequence[str] | None = None, what: str = "a run") -> None:
         """UsageError naming every differing key when ``new`` does not match the recorded ``old``."""
@@ -333,3 +342,20 @@ class _LogFileHandler(logging.StreamHandler):
         finally:
             self.release()
             super().close()
+
+
+def write_provenance(folder: Path, record: dict, logger: logging.Logger) -> None:
+    """provenance.json in ``folder`` (`RunDir.record_provenance`); also for a folder that is not a `RunDir` of its
+    own (a proxy study's architecture). An unreadable record is replaced with a warning."""
+    path = Path(folder) / PROVENANCE_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            logger.warning("%s is unreadable (%s); writing this session's record", path, one_line(exc, 100))
+        else:
+            changes = environment_changes(old if isinstance(old, dict) else {}, record)
+            if changes:
+                logger.warning("resumed in another environment than %s records: %s", path, "; ".join(changes))
+            return
+    atomic_write_json(path, record)

@@ -26,7 +26,7 @@ EARLIER_FIELDS = {"lr_batches": "regions_batches", "lr_batch_size": "regions_bat
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
 NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "break_stale_lock", "train_after_search", "train",
-                   "candidates_per_pass", "original_flags", "memory_budget", "threads"}
+                   "candidates_per_pass", "original_flags", "memory_budget", "threads", "deterministic"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -77,7 +77,12 @@ class SearchConfig:
         group=_SEARCH))
     threads: int | None = field(default=None, metadata=flag(
         "torch / BLAS threads, fixed (default: one per CPU of the process's affinity, fewer while other busy "
-        "processes share the cores; METANTKNAS_THREADS or OMP_NUM_THREADS also fix it)", type=int, group=_SEARCH))
+        "processes share the cores, which does not change a number; METANTKNAS_THREADS or OMP_NUM_THREADS also "
+        "fix it)", type=int, group=_SEARCH))
+    deterministic: bool = field(default=True, metadata=flag(
+        "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
+        "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed "
+        "(the CPU's numbers are the same either way)", group=_SEARCH))
     ntk_type: str = field(default="MetaNTK_anl", metadata=flag("kernel to rank by", choices=NTK_TYPES,
                                                                group=_KERNEL))
     ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))

@@ -23,6 +23,7 @@ from search_lib.core.figures import draw_quietly
 from search_lib.core.pass_sizing import PASSES_FILE
 from search_lib.core.run_dir import RunDir, SavedState
 from search_lib.core.session import RunSession, run_session
+from search_lib.core.threads import threads_fixed
 from search_lib.core.utils import draw_seed
 from search_lib.data import SplitData, load_split, sample_batch, sample_meta_batch
 from search_lib.models.genotypes import Genotype, GenotypeRecord
@@ -97,9 +98,10 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     read before the lock could be taken is read again once it is held.
     """
     cfg.validate()
-    # --threads fixes the count; else the passes tune it (CPU); a folder another process runs in: exit 2 at once
+    # --threads fixes the count; else the passes tune it (CPU; the numbers do not depend on it); a folder another
+    # process runs in: exit 2 at once
     with run_session(cfg.device, cfg.threads, run=search_run_dir(cfg.save_dir), overwrite=cfg.overwrite,
-                     break_stale=cfg.break_stale_lock) as session:
+                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic) as session:
         return _run_search(cfg, session)
 
 
@@ -156,6 +158,9 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
             break
     if main:
         run.write_config(cfg.to_dict())
+    tuned = session.device.type == "cpu" and not threads_fixed(cfg.threads)  # `CandidateScorer`'s tuners
+    session.record_provenance({"rand_seed": cfg.rand_seed}, {"mode": "tuned" if tuned else "fixed",
+                                                               "load_dependent": False})
     search = PruningSearch(cfg, run, world, session.device)
     state = search.load_state() if old_cfg is not None else None
     start = state["round"] if state else 0
