@@ -111,7 +111,7 @@ class CandidateScorer:
         # the thread count
         tune = device.type == "cpu" and not threads_fixed(cfg.threads)
         self.tuners = {kind: ThreadTuner(enabled=tune, period=8, probe_steps=1, trust_fair=True)
-                       for kind in ("kernel", "regions")}
+                       for kind in ("kernel", "regions", "proxy")}
         self._steps_seen = {kind: 0 for kind in self.tuners}  # each tuner's steps already reported by `measured`
 
     def close(self) -> None:
@@ -194,7 +194,7 @@ class CandidateScorer:
         batch, so the architectures of a pass could not share one."""
         assert self._proxy_net is not None, "the proxy network is made for the proxy objectives"
         self._proxy_net.net.set_alphas(*alphas_from_alive(alive))
-        with full_float32():
+        with self._step("proxy", 1):  # through its thread tuner: oversubscribed OpenMP threads cost 100x here
             return ZERO_COST_PROXIES[name](self._proxy_net, self._inputs, self._targets)
 
     def regions(self, alive: np.ndarray) -> int:
