@@ -18,6 +18,8 @@ candidate with the lowest combined score is pruned: its removal hurts the object
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -30,6 +32,7 @@ OBJECTIVES: dict[str, int] = {"kappa": SMALLER, "regions": LARGER, **ZERO_COST_D
 KERNEL_OBJECTIVES = ("kappa", "regions")  # measured by the kernel and region networks, recorded as before
 DEFAULT_OBJECTIVE = "kappa,regions"  # the paper's rule
 COMBINE_RULES = ("rank", "log_rank")
+LOG_RANK_KEY = "log_rank_sum"  # a candidate's combined score with --combine log_rank (history.jsonl)
 # The change recorded for a candidate whose signal is not finite (e.g. NASWOT of a singular kernel, jacob_cov of a
 # constant Jacobian): the worst there is, so the candidate counts as the most important one (it is kept).
 WORST_CHANGE = 1e9
@@ -78,3 +81,30 @@ def log_rank_sum(changes: dict[str, list[float]]) -> list[float]:
             part = log_ranks(np.asarray(changes[name], dtype=np.float64) * OBJECTIVES[name])
             total = part if total is None else total + part
     return [float(v) for v in total]
+
+
+def prune_key(combine: str) -> str:
+    """The key of a candidate's record that orders the pruning: the lowest goes first."""
+    return LOG_RANK_KEY if combine == "log_rank" else "rank_sum"
+
+
+def finite_or_none(value: float) -> float | None:
+    """A proxy's value as history.jsonl holds it: null when not finite (JSON has no NaN or infinity)."""
+    return float(value) if math.isfinite(value) else None
+
+
+class ObjectiveClock:
+    """``with clock(name):`` adds the seconds of the block to ``totals[name]`` when ``name`` is a key of it (the
+    objectives of the search: κ and regions are measured together, only those asked for are timed)."""
+
+    def __init__(self, totals: dict):
+        self.totals = totals
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if name in self.totals:
+                self.totals[name] += time.perf_counter() - t0

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +42,13 @@ from search_lib.models.genotypes import Genotype, genotype_from_alphas
 from search_lib.search.kernels import KAPPA_SENTINEL
 from search_lib.search.objectives import (
     KERNEL_OBJECTIVES,
+    LOG_RANK_KEY,
     OBJECTIVES,
+    ObjectiveClock,
+    finite_or_none,
     importance_ranks,
     log_rank_sum,
+    prune_key,
     relative_change,
 )
 from search_lib.search.ranking import alphas_from_alive, repeat_seed, round_sig
@@ -176,7 +179,7 @@ class PruningSearch:
                     contexts = [f"round {round_idx} repeat {rep} {x}" for x in labels]
                     scores = self.world.merge(len(archs), self.score_archs(
                         scorer, [archs[i] for i in mine], [contexts[i] for i in mine], bar, seconds))
-                proxy_scores = self.world.merge(len(archs), [self.score_proxies(scorer, proxies, archs[i], bar)
+                proxy_scores = self.world.merge(len(archs), [scorer.proxies(proxies, archs[i], bar)
                                                              for i in mine])
             finally:
                 scorer.end_repeat()
@@ -199,16 +202,29 @@ class PruningSearch:
                     cand_seconds[p][c] += sc
                 nonfinite += sum(not math.isfinite(v) for v, _ in [proxy_scores[0][p], *rest])
         bar.close()
+        return self._round_record(scorer, candidates, round_idx, phase, dict(
+            kernel=kernel, proxies=proxies, dk=dk, dr=dr, kappas=kappas, regions=regions, kfull=kfull, rfull=rfull,
+            pvalues=pvalues, dp=dp, pfull=pfull, seconds=seconds, cand_seconds=cand_seconds, sentinels=sentinels,
+            nonfinite=nonfinite))
+
+    def _round_record(self, scorer: CandidateScorer, candidates: list[Candidate], round_idx: int, phase: str,
+                      v: dict) -> dict:
+        """A round's record from what its repeats measured (``v``, `score_round`'s arrays: rows repeats, columns
+        candidates): the objectives' changes, ranks and combination."""
+        cfg, objectives, n = self.cfg, self.cfg.objectives, len(candidates)
+        kernel, proxies, pvalues, sentinels, nonfinite = (v[k] for k in ("kernel", "proxies", "pvalues", "sentinels",
+                                                                         "nonfinite"))
+        kappas, regions, dk, dr, dp = (v[k] for k in ("kappas", "regions", "dk", "dr", "dp"))
         changes: dict[str, list[float]] = {}
         ranks: dict[str, list[int]] = {}
         if kernel:
-            changes["kappa"] = [round_sig(float(v), cfg.precision) for v in dk.mean(axis=0)]
-            changes["regions"] = [round_sig(float(v), cfg.precision) for v in dr.mean(axis=0)]
+            changes["kappa"] = [round_sig(float(x), cfg.precision) for x in dk.mean(axis=0)]
+            changes["regions"] = [round_sig(float(x), cfg.precision) for x in dr.mean(axis=0)]
             # an objective measured beside the one asked for, but not asked for, has rank 0 (as κ with --only_lrs)
             for o in KERNEL_OBJECTIVES:
                 ranks[o] = importance_ranks(changes[o], OBJECTIVES[o]) if o in objectives else [0] * n
         for p in proxies:
-            changes[p] = [round_sig(float(v), cfg.precision) for v in dp[p].mean(axis=0)]
+            changes[p] = [round_sig(float(x), cfg.precision) for x in dp[p].mean(axis=0)]
             ranks[p] = importance_ranks(changes[p], OBJECTIVES[p])
         combined = log_rank_sum({o: changes[o] for o in objectives}) if cfg.combine == "log_rank" else None
         records = []
@@ -217,12 +233,12 @@ class PruningSearch:
                    "op": None if cand.op is None else self.ops[cand.op]}
             if kernel:
                 rec.update({
-                    "kappa": [float(v) if cfg.needs_kappa else None for v in kappas[:, c]],
-                    "regions": [int(v) for v in regions[:, c]],
+                    "kappa": [float(x) if cfg.needs_kappa else None for x in kappas[:, c]],
+                    "regions": [int(x) for x in regions[:, c]],
                     "d_kappa": changes["kappa"][c], "d_regions": changes["regions"][c],
                     "rank_kappa": ranks["kappa"][c], "rank_regions": ranks["regions"][c]})
             for p in proxies:
-                rec.update({p: [_finite_or_none(v) for v in pvalues[p][:, c]], f"d_{p}": changes[p][c],
+                rec.update({p: [finite_or_none(x) for x in pvalues[p][:, c]], f"d_{p}": changes[p][c],
                             f"rank_{p}": ranks[p][c]})
             # summed in OBJECTIVES' order, whatever the order of --objective
             rec["rank_sum"] = sum(ranks[o][c] for o in OBJECTIVES if o in ranks)
@@ -234,36 +250,25 @@ class PruningSearch:
         if nonfinite:
             log.warning("round %d: %d non-finite proxy values (null in history.jsonl); such a candidate counts as "
                         "the most important", round_idx, nonfinite)
-        key = _prune_key(cfg.combine)
+        key = prune_key(cfg.combine)
         all_tied = len(candidates) > 1 and len({r[key] for r in records}) == 1
         if all_tied:
             log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
         out = {"round": round_idx, "phase": phase}
         if kernel:
-            out.update({"kappa_full": [float(v) if cfg.needs_kappa else None for v in kfull],
-                        "regions_full": [int(v) for v in rfull]})
+            out.update({"kappa_full": [float(k) if cfg.needs_kappa else None for k in v["kfull"]],
+                        "regions_full": [int(r) for r in v["rfull"]]})
         out["candidates"] = records
         for p in proxies:
-            out[f"{p}_full"] = [_finite_or_none(v) for v in pfull[p]]
+            out[f"{p}_full"] = [finite_or_none(x) for x in v["pfull"][p]]
         if proxies:
             out["nonfinite_events"] = nonfinite
         measured = scorer.measured()
         # the seconds each objective cost: kept with the other numbers measured on this run, never in the scores
-        measured["objective_seconds"] = {o: round(v, 4) for o, v in seconds.items()}
+        measured["objective_seconds"] = {o: round(x, 4) for o, x in v["seconds"].items()}
         if proxies:
-            measured["candidate_seconds"] = {p: [round(v, 4) for v in cand_seconds[p]] for p in proxies}
+            measured["candidate_seconds"] = {p: [round(x, 4) for x in v["cand_seconds"][p]] for p in proxies}
         out.update({"sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: measured})
-        return out
-
-    def score_proxies(self, scorer: CandidateScorer, proxies: list[str], alive: np.ndarray,
-                      bar=None) -> dict[str, tuple[float, float]]:
-        """{proxy: (value, seconds)} of one architecture, in this repeat."""
-        out = {}
-        for p in proxies:
-            t0 = time.perf_counter()
-            out[p] = (scorer.proxy(p, alive), time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
         return out
 
     def score_archs(self, scorer: CandidateScorer, archs: list[np.ndarray], contexts: list[str],
@@ -274,7 +279,7 @@ class PruningSearch:
         of each are added to ``seconds`` (under "kappa" and "regions", when there)."""
         update = bar.update if bar is not None else None
         seconds = {} if seconds is None else seconds
-        timer = _Timer(seconds)
+        timer = ObjectiveClock(seconds)
         if self.cfg.candidates_per_pass == 1:
             out = []
             for arch, ctx in zip(archs, contexts):
@@ -314,7 +319,7 @@ class PruningSearch:
         pruned = []
         for (c, e), idxs in by_edge.items():
             n = min(self.cfg.prune_number, int(alive[c, e].sum()) - 1)
-            key = _prune_key(self.cfg.combine)
+            key = prune_key(self.cfg.combine)
             for i in sorted(idxs, key=lambda i: record["candidates"][i][key])[:n]:
                 alive[c, e, candidates[i].op] = False
                 record["candidates"][i]["pruned"] = True
@@ -331,7 +336,7 @@ class PruningSearch:
             by_group.setdefault((cand.cell, g), []).append(i)
         pruned = []
         for idxs in by_group.values():
-            key = _prune_key(self.cfg.combine)
+            key = prune_key(self.cfg.combine)
             keep = sorted(idxs, key=lambda i: -record["candidates"][i][key])[:2]
             for i in idxs:
                 if i not in keep:
@@ -388,35 +393,6 @@ class PruningSearch:
                      record["sentinel_events"], ", all scores tied" if record["all_tied"] else "", _brief(measured))
         self.save_state(state)
         return genotype_from_alphas(*alphas_from_alive(alive), cfg.space)
-
-
-LOG_RANK_KEY = "log_rank_sum"  # a candidate's combined score with --combine log_rank
-
-
-def _prune_key(combine: str) -> str:
-    """The key of a candidate's record that orders the pruning: the lowest goes first."""
-    return LOG_RANK_KEY if combine == "log_rank" else "rank_sum"
-
-
-def _finite_or_none(value: float) -> float | None:
-    """A proxy's value as history.jsonl holds it: null when not finite (JSON has no NaN or infinity)."""
-    return float(value) if math.isfinite(value) else None
-
-
-class _Timer:
-    """``with timer(name):`` adds the seconds of the block to ``totals[name]``, when ``name`` is a key of it."""
-
-    def __init__(self, totals: dict):
-        self.totals = totals
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if name in self.totals:
-                self.totals[name] += time.perf_counter() - t0
 
 
 def _brief(measured: dict) -> str:

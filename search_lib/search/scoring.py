@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -196,6 +197,16 @@ class CandidateScorer:
         self._proxy_net.net.set_alphas(*alphas_from_alive(alive))
         with self._step("proxy", 1):  # through its thread tuner: oversubscribed OpenMP threads cost 100x here
             return ZERO_COST_PROXIES[name](self._proxy_net, self._inputs, self._targets)
+
+    def proxies(self, names: list[str], alive: np.ndarray, bar=None) -> dict[str, tuple[float, float]]:
+        """{proxy: (value, seconds)} of one architecture in this repeat (``bar``: a progress bar to advance)."""
+        out = {}
+        for name in names:
+            t0 = time.perf_counter()
+            out[name] = (self.proxy(name, alive), time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+        return out
 
     def regions(self, alive: np.ndarray) -> int:
         with self._step("regions", 1):
