@@ -31,8 +31,8 @@ ENTRY_SHIMS = {
 }
 # The search's pipeline inside search_lib.search: each module imports only those before it, so the run folder
 # and the command above never get called back from the rounds below.
-SEARCH_PIPELINE = ("search_config", "kernels", "linear_regions", "ranking", "scoring", "pruning", "search_plot",
-                   "search_run")
+SEARCH_PIPELINE = ("kernels", "linear_regions", "ranking", "zc_gradients", "zc_activations", "zero_cost", "objectives",
+                   "search_config", "scoring", "pruning", "search_plot", "search_run")
 
 
 def _module_names(root: Path = None) -> dict[str, Path]:

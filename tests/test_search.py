@@ -18,11 +18,11 @@ from search_lib.search.pruning import (
     Candidate,
     PruningSearch,
     alphas_from_alive,
-    dense_rank,
     repeat_seed,
     round_sig,
     scores_text,
 )
+from search_lib.search.ranking import dense_rank
 from search_lib.search.search_config import SearchConfig
 
 TINY = ["--ntk_channels", "4", "--ntk_layers", "5", "--image_size", "8", "--batch_size", "2", "--repeat", "1",

@@ -1,9 +1,7 @@
 """The proxy study: do training-free proxies predict few-shot accuracy? (docs/proxy_study.md)
 
 Modules:
-    zc_gradients    zero-cost proxies from gradients: grad_norm, snip, grasp, fisher, jacob_cov, synflow, zico
-    zc_activations  zero-cost proxies from activations: naswot, swap, meco
-    proxies         the proxies of the study; ZERO_COST_PROXIES, the registry of zero-cost proxies
+    proxies         the proxies of the study (the zero-cost ones: search_lib.search.zero_cost.ZERO_COST_PROXIES)
     study_config    StudyConfig, the studied architectures and the training seeds (--train_seeds)
     study_trainings a genotype trained and tested once per training seed; the mean and spread of its accuracy
     study_stats     rank and partial rank correlations, bootstrap intervals, combined rankings, the seed-to-seed

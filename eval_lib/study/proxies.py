@@ -15,14 +15,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +27,9 @@ import torch
 from torch import nn
 
 from eval_lib.rfs_models.complexity import conv_linear_macs, count_parameters
-from eval_lib.study import zc_activations, zc_gradients
 from eval_lib.train.network import build_network, complexity, input_shape, network_kwargs
 from eval_lib.train.train_config import TrainConfig
 from search_lib.core.errors import DataError, UsageError
-from search_lib.core.utils import rng_state, set_rng_state
 from search_lib.data import SupervisedDataset, build_transform, load_split, sample_batch
 from search_lib.models.genotypes import PRUNED_ALPHA, Genotype, alphas_from_genotype
 from search_lib.models.space import SearchSpace
@@ -42,6 +37,7 @@ from search_lib.search.kernels import KAPPA_SENTINEL
 from search_lib.search.ranking import repeat_seed
 from search_lib.search.scoring import CandidateScorer
 from search_lib.search.search_config import SearchConfig
+from search_lib.search.zero_cost import ZERO_COST_PROXIES
 
 log = logging.getLogger("metantknas.study")
 
@@ -76,41 +72,6 @@ DEFAULT_LOG_RANK_MEMBERS = ("naswot", "synflow", "zico", "swap", "meco")
 MEASURED = tuple(p for p in PROXIES if p not in COMBINATIONS)  # the proxies an architecture's record holds
 
 
-# --------------------------------------------------------------------------------------------------
-# The zero-cost proxies of the literature
-
-
-@contextmanager
-def preserved_random_state(device: torch.device | None = None):
-    """Leaves the global random state of torch (the CPU's and ``device``'s generators), numpy and `random` as
-    it was."""
-    state = rng_state(device)
-    try:
-        yield
-    finally:
-        set_rng_state(state, device)
-
-
-def isolated(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]):
-    """``fn`` on its own deep copy of the network, with gradients enabled and the global random state
-    preserved: the network's weights, buffers, gradients, hooks and mode and the caller's random numbers
-    stay as they were, whatever order the proxies run in."""
-
-    @functools.wraps(fn)
-    def proxy(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        with preserved_random_state(inputs.device), torch.enable_grad():
-            return float(fn(copy.deepcopy(net), inputs.detach(), targets.detach()))
-
-    return proxy
-
-
-# name -> f(net, inputs, targets) -> float (docs/method.md §9 gives each one's formula and source)
-ZERO_COST_PROXIES: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], float]] = {
-    name: isolated(fn) for name, fn in (
-        ("grad_norm", zc_gradients.grad_norm), ("snip", zc_gradients.snip), ("grasp", zc_gradients.grasp),
-        ("fisher", zc_gradients.fisher), ("jacob_cov", zc_gradients.jacob_cov), ("synflow", zc_gradients.synflow),
-        ("naswot", zc_activations.naswot), ("zico", zc_gradients.zico), ("swap", zc_activations.swap),
-        ("meco", zc_activations.meco))}
 BASELINES = (*SIZE, *ZERO_COST_PROXIES)  # one value each, on the trained network at initialisation
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.stats
 
 from eval_lib.study.proxies import COMBINATIONS, DEFAULT_LOG_RANK_MEMBERS, KERNELS, PROXIES, REPEATED, SEARCH_RULE, SIZE
-from search_lib.search.ranking import dense_rank
+from search_lib.search.ranking import dense_rank, log_ranks
 
 STATS = {"kendall_tau": scipy.stats.kendalltau, "spearman_rho": scipy.stats.spearmanr}
 PARTIAL_GIVEN = "params"  # the partial correlations hold the model's size fixed
@@ -273,7 +273,7 @@ def combined_scores(signed: Sequence[Sequence[float | None]], rule: str) -> list
         if rule == "search_rule":
             total += np.asarray(dense_rank(member), dtype=np.float64)
         elif rule == "log_rank":
-            total += np.log(scipy.stats.rankdata(member) / len(complete))
+            total += log_ranks(member)
         else:
             raise ValueError(f"unknown combination rule {rule!r}")  # internal: the rules are COMBINATIONS
     for i, v in zip(complete, total):

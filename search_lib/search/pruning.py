@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,18 @@ from search_lib.core.utils import atomic_write_json, atomic_write_text, read_jso
 from search_lib.data import load_split
 from search_lib.models.genotypes import Genotype, genotype_from_alphas
 from search_lib.search.kernels import KAPPA_SENTINEL
-from search_lib.search.ranking import alphas_from_alive, dense_rank, repeat_seed, round_sig
+from search_lib.search.objectives import (
+    KERNEL_OBJECTIVES,
+    LOG_RANK_KEY,
+    OBJECTIVES,
+    ObjectiveClock,
+    finite_or_none,
+    importance_ranks,
+    log_rank_sum,
+    prune_key,
+    relative_change,
+)
+from search_lib.search.ranking import alphas_from_alive, repeat_seed, round_sig
 from search_lib.search.scoring import CandidateScorer
 from search_lib.search.search_config import SearchConfig
 
@@ -134,73 +146,153 @@ class PruningSearch:
     # ---- one round ----
     def score_round(self, scorer: CandidateScorer, alive: np.ndarray, candidates: list[Candidate],
                     round_idx: int, phase: str) -> dict:
+        """Score every candidate of a round by each objective (κ and regions as the paper does, then each
+        zero-cost proxy, `search_lib.search.objectives`) and combine the objectives' ranks."""
         cfg = self.cfg
-        reps = cfg.repeat
+        objectives = cfg.objectives
+        kernel = any(o in KERNEL_OBJECTIVES for o in objectives)  # κ and regions: the paper's networks
+        proxies = [o for o in objectives if o not in KERNEL_OBJECTIVES]
+        reps, n = cfg.repeat, len(candidates)
         kfull, rfull = [], []
-        dk = np.zeros((reps, len(candidates)))
-        dr = np.zeros((reps, len(candidates)))
-        kappas = np.zeros((reps, len(candidates)))
-        regions = np.zeros((reps, len(candidates)), dtype=np.int64)
+        dk = np.zeros((reps, n))
+        dr = np.zeros((reps, n))
+        kappas = np.zeros((reps, n))
+        regions = np.zeros((reps, n), dtype=np.int64)
+        pfull = {p: [] for p in proxies}
+        pvalues = {p: np.zeros((reps, n)) for p in proxies}
+        dp = {p: np.zeros((reps, n)) for p in proxies}
+        seconds = dict.fromkeys(objectives, 0.0)  # each objective's seconds in this round
+        cand_seconds = {p: [0.0] * n for p in proxies}  # a proxy's seconds per candidate, over the repeats
         sentinels: list[str] = []
-        bar = tqdm(total=reps * (len(candidates) + 1), desc=f"round {round_idx} ({phase})", leave=False,
-                   dynamic_ncols=True, disable=None if self.world.is_main else True)
+        nonfinite = 0
+        bar = tqdm(total=reps * (n + 1) * (int(kernel) + len(proxies)), desc=f"round {round_idx} ({phase})",
+                   leave=False, dynamic_ncols=True, disable=None if self.world.is_main else True)
         for rep in range(reps):
             seed = repeat_seed(cfg.rand_seed, round_idx, rep)
             # the full network first, then every candidate: all scored with the same weights and batch
             archs = [alive] + [cand.without(alive) for cand in candidates]
             labels = ["full network"] + [f"without {self.describe(cand)}" for cand in candidates]
+            mine = list(self.world.shard(len(archs)))  # under torchrun each rank scores its share
             scorer.begin_repeat(seed)
             try:
-                contexts = [f"round {round_idx} repeat {rep} {x}" for x in labels]
-                mine = list(self.world.shard(len(archs)))  # under torchrun each rank scores its share
-                scores = self.world.merge(len(archs), self.score_archs(
-                    scorer, [archs[i] for i in mine], [contexts[i] for i in mine], bar))
+                if kernel:
+                    contexts = [f"round {round_idx} repeat {rep} {x}" for x in labels]
+                    scores = self.world.merge(len(archs), self.score_archs(
+                        scorer, [archs[i] for i in mine], [contexts[i] for i in mine], bar, seconds))
+                proxy_scores = self.world.merge(len(archs), [scorer.proxies(proxies, archs[i], bar)
+                                                             for i in mine])
             finally:
                 scorer.end_repeat()
-            (k0, r0), rest = scores[0], scores[1:]
-            sentinels += [f"repeat {rep} {x}" for (k, _), x in zip(scores, labels) if k == KAPPA_SENTINEL]
-            for c, (kc, rc) in enumerate(rest):
-                kappas[rep, c], regions[rep, c] = kc, rc
-                dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if not cfg.only_lrs else 0.0
-                dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
-            kfull.append(k0)
-            rfull.append(r0)
+            if kernel:
+                (k0, r0), rest = scores[0], scores[1:]
+                sentinels += [f"repeat {rep} {x}" for (k, _), x in zip(scores, labels) if k == KAPPA_SENTINEL]
+                for c, (kc, rc) in enumerate(rest):
+                    kappas[rep, c], regions[rep, c] = kc, rc
+                    dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if cfg.needs_kappa else 0.0
+                    dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
+                kfull.append(k0)
+                rfull.append(r0)
+            for p in proxies:
+                (v0, _), rest = proxy_scores[0][p], [x[p] for x in proxy_scores[1:]]
+                pfull[p].append(v0)
+                seconds[p] += sum(x[p][1] for x in proxy_scores)
+                for c, (vc, sc) in enumerate(rest):
+                    pvalues[p][rep, c] = vc
+                    dp[p][rep, c] = relative_change(v0, vc, cfg.precision, OBJECTIVES[p])
+                    cand_seconds[p][c] += sc
+                nonfinite += sum(not math.isfinite(v) for v, _ in [proxy_scores[0][p], *rest])
         bar.close()
-        mean_dk = [round_sig(float(v), cfg.precision) for v in dk.mean(axis=0)]
-        mean_dr = [round_sig(float(v), cfg.precision) for v in dr.mean(axis=0)]
-        rank_k = dense_rank(mean_dk, descending=True) if not cfg.only_lrs else [0] * len(candidates)
-        rank_r = dense_rank(mean_dr)
+        return self._round_record(scorer, candidates, round_idx, phase, dict(
+            kernel=kernel, proxies=proxies, dk=dk, dr=dr, kappas=kappas, regions=regions, kfull=kfull, rfull=rfull,
+            pvalues=pvalues, dp=dp, pfull=pfull, seconds=seconds, cand_seconds=cand_seconds, sentinels=sentinels,
+            nonfinite=nonfinite))
+
+    def _round_record(self, scorer: CandidateScorer, candidates: list[Candidate], round_idx: int, phase: str,
+                      v: dict) -> dict:
+        """A round's record from what its repeats measured (``v``, `score_round`'s arrays: rows repeats, columns
+        candidates): the objectives' changes, ranks and combination."""
+        cfg, objectives, n = self.cfg, self.cfg.objectives, len(candidates)
+        kernel, proxies, pvalues, sentinels, nonfinite = (v[k] for k in ("kernel", "proxies", "pvalues", "sentinels",
+                                                                         "nonfinite"))
+        kappas, regions, dk, dr, dp = (v[k] for k in ("kappas", "regions", "dk", "dr", "dp"))
+        changes: dict[str, list[float]] = {}
+        ranks: dict[str, list[int]] = {}
+        if kernel:
+            changes["kappa"] = [round_sig(float(x), cfg.precision) for x in dk.mean(axis=0)]
+            changes["regions"] = [round_sig(float(x), cfg.precision) for x in dr.mean(axis=0)]
+            # an objective measured beside the one asked for, but not asked for, has rank 0 (as κ with --only_lrs)
+            for o in KERNEL_OBJECTIVES:
+                ranks[o] = importance_ranks(changes[o], OBJECTIVES[o]) if o in objectives else [0] * n
+        for p in proxies:
+            changes[p] = [round_sig(float(x), cfg.precision) for x in dp[p].mean(axis=0)]
+            ranks[p] = importance_ranks(changes[p], OBJECTIVES[p])
+        combined = log_rank_sum({o: changes[o] for o in objectives}) if cfg.combine == "log_rank" else None
         records = []
         for c, cand in enumerate(candidates):
-            records.append({
-                "cell": CELLS[cand.cell], "edge": self.keys[cand.edge],
-                "op": None if cand.op is None else self.ops[cand.op],
-                "kappa": [None if cfg.only_lrs else float(v) for v in kappas[:, c]],
-                "regions": [int(v) for v in regions[:, c]],
-                "d_kappa": mean_dk[c], "d_regions": mean_dr[c],
-                "rank_kappa": rank_k[c], "rank_regions": rank_r[c], "rank_sum": rank_k[c] + rank_r[c],
-            })
+            rec = {"cell": CELLS[cand.cell], "edge": self.keys[cand.edge],
+                   "op": None if cand.op is None else self.ops[cand.op]}
+            if kernel:
+                rec.update({
+                    "kappa": [float(x) if cfg.needs_kappa else None for x in kappas[:, c]],
+                    "regions": [int(x) for x in regions[:, c]],
+                    "d_kappa": changes["kappa"][c], "d_regions": changes["regions"][c],
+                    "rank_kappa": ranks["kappa"][c], "rank_regions": ranks["regions"][c]})
+            for p in proxies:
+                rec.update({p: [finite_or_none(x) for x in pvalues[p][:, c]], f"d_{p}": changes[p][c],
+                            f"rank_{p}": ranks[p][c]})
+            # summed in OBJECTIVES' order, whatever the order of --objective
+            rec["rank_sum"] = sum(ranks[o][c] for o in OBJECTIVES if o in ranks)
+            if combined is not None:
+                rec[LOG_RANK_KEY] = round_sig(combined[c], 12)
+            records.append(rec)
         for s in sentinels:
             log.warning("round %d: singular or non-finite kernel (%s); κ set to %g", round_idx, s, KAPPA_SENTINEL)
-        all_tied = len(candidates) > 1 and len({r["rank_sum"] for r in records}) == 1
+        if nonfinite:
+            log.warning("round %d: %d non-finite proxy values (null in history.jsonl); such a candidate counts as "
+                        "the most important", round_idx, nonfinite)
+        key = prune_key(cfg.combine)
+        all_tied = len(candidates) > 1 and len({r[key] for r in records}) == 1
         if all_tied:
             log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
-        return {"round": round_idx, "phase": phase,
-                "kappa_full": [None if cfg.only_lrs else float(v) for v in kfull],
-                "regions_full": [int(v) for v in rfull], "candidates": records,
-                "sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: scorer.measured()}
+        out = {"round": round_idx, "phase": phase}
+        if kernel:
+            out.update({"kappa_full": [float(k) if cfg.needs_kappa else None for k in v["kfull"]],
+                        "regions_full": [int(r) for r in v["rfull"]]})
+        out["candidates"] = records
+        for p in proxies:
+            out[f"{p}_full"] = [finite_or_none(x) for x in v["pfull"][p]]
+        if proxies:
+            out["nonfinite_events"] = nonfinite
+        measured = scorer.measured()
+        # the seconds each objective cost: kept with the other numbers measured on this run, never in the scores
+        measured["objective_seconds"] = {o: round(x, 4) for o, x in v["seconds"].items()}
+        if proxies:
+            measured["candidate_seconds"] = {p: [round(x, 4) for x in v["cand_seconds"][p]] for p in proxies}
+        out.update({"sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: measured})
+        return out
 
     def score_archs(self, scorer: CandidateScorer, archs: list[np.ndarray], contexts: list[str],
-                     bar=None) -> list[tuple[float, int]]:
+                    bar=None, seconds: dict | None = None) -> list[tuple[float, int]]:
         """(κ, regions) of each architecture: one by one with ``--candidates_per_pass 1`` (the reference
         path); else the regions `REGIONS_PER_PASS` at a time and the kernels in passes sized by the measured
-        memory (`CandidateScorer.kappas_measured`; one at a time for a large supernet on the CPU)."""
+        memory (`CandidateScorer.kappas_measured`; one at a time for a large supernet on the CPU). The seconds
+        of each are added to ``seconds`` (under "kappa" and "regions", when there)."""
         update = bar.update if bar is not None else None
+        seconds = {} if seconds is None else seconds
+        timer = ObjectiveClock(seconds)
         if self.cfg.candidates_per_pass == 1:
-            return [(scorer.kappas_measured([arch], [ctx], update)[0], scorer.regions(arch))
-                    for arch, ctx in zip(archs, contexts)]
-        regions = scorer.regions_many(archs)
-        return list(zip(scorer.kappas_measured(archs, contexts, update), regions))
+            out = []
+            for arch, ctx in zip(archs, contexts):
+                with timer("kappa"):
+                    k = scorer.kappas_measured([arch], [ctx], update)[0]
+                with timer("regions"):
+                    out.append((k, scorer.regions(arch)))
+            return out
+        with timer("regions"):
+            regions = scorer.regions_many(archs)
+        with timer("kappa"):
+            kappas = scorer.kappas_measured(archs, contexts, update)
+        return list(zip(kappas, regions))
 
     def describe(self, cand: Candidate) -> str:
         what = "edge" if cand.op is None else self.ops[cand.op]
@@ -227,7 +319,8 @@ class PruningSearch:
         pruned = []
         for (c, e), idxs in by_edge.items():
             n = min(self.cfg.prune_number, int(alive[c, e].sum()) - 1)
-            for i in sorted(idxs, key=lambda i: record["candidates"][i]["rank_sum"])[:n]:
+            key = prune_key(self.cfg.combine)
+            for i in sorted(idxs, key=lambda i: record["candidates"][i][key])[:n]:
                 alive[c, e, candidates[i].op] = False
                 record["candidates"][i]["pruned"] = True
                 pruned.append(self.describe(candidates[i]))
@@ -243,7 +336,8 @@ class PruningSearch:
             by_group.setdefault((cand.cell, g), []).append(i)
         pruned = []
         for idxs in by_group.values():
-            keep = sorted(idxs, key=lambda i: -record["candidates"][i]["rank_sum"])[:2]
+            key = prune_key(self.cfg.combine)
+            keep = sorted(idxs, key=lambda i: -record["candidates"][i][key])[:2]
             for i in idxs:
                 if i not in keep:
                     alive[candidates[i].cell, candidates[i].edge] = False

@@ -1,5 +1,5 @@
 """The numbers of a pruning round (docs/method.md §4): the per-repeat seeds, the rounding of the scores,
-the dense ranks, and the architecture parameters of a set of alive ops."""
+the dense ranks and log ranks, and the architecture parameters of a set of alive ops."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def dense_rank(values: Iterable[float], descending: bool = False) -> list[int]:
     if descending:
         arr = -arr
     return [int(r) - 1 for r in scipy.stats.rankdata(arr, method="dense")]
+
+
+def log_ranks(values: Iterable[float]) -> np.ndarray:
+    """AZ-NAS's log ranks of m values, larger better: log(rank / m), rank the average rank (1 the smallest, m
+    the largest), so the best value gives 0 and a low rank costs more than a high one gains. Summed over
+    several signals this is their log-rank combination (the search's ``--combine log_rank``, the study's
+    ``log_rank`` row)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return np.log(scipy.stats.rankdata(arr) / len(arr))
 
 
 def alphas_from_alive(alive: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

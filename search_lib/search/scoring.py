@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from search_lib.core.errors import RunFailure, one_line
 from search_lib.core.memory import MemoryMeter, format_size, resolve_budget
@@ -48,6 +50,7 @@ from search_lib.search.kernels import (
 from search_lib.search.linear_regions import LinearRegionScorer, sample_crops
 from search_lib.search.ranking import alphas_from_alive
 from search_lib.search.search_config import SearchConfig
+from search_lib.search.zero_cost import ZERO_COST_PROXIES
 
 log = logging.getLogger("metantknas.search")
 
@@ -94,6 +97,14 @@ class CandidateScorer:
                                                  train_mode=cfg.bn_mode == "train")
         self._stack: ExitStack | None = None
         self._inputs: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        # the zero-cost proxies' network: the kernel network's twin without Opacus's hooks (made when an objective
+        # needs it; initialised like the kernel network in every repeat)
+        self._proxy_net: LogitsOf | None = None
+        if any(name in ZERO_COST_PROXIES for name in cfg.objectives):
+            twin = Supernet(cfg.ntk_channels, cfg.ntk_layers, num_classes, cfg.space, cfg.ntk_stemm, cfg.ntk_fsr)
+            replace_norm(twin, cfg.norm_type)
+            self._proxy_net = LogitsOf(twin).to(device).train(cfg.bn_mode == "train")
         self.meter = MemoryMeter(device)
         self.sizer: PassSizer | None = None  # made at the first batched pass, when the networks and data are in memory
         self.passes = PassCount()
@@ -101,7 +112,7 @@ class CandidateScorer:
         # the thread count
         tune = device.type == "cpu" and not threads_fixed(cfg.threads)
         self.tuners = {kind: ThreadTuner(enabled=tune, period=8, probe_steps=1, trust_fair=True)
-                       for kind in ("kernel", "regions")}
+                       for kind in ("kernel", "regions", "proxy")}
         self._steps_seen = {kind: 0 for kind in self.tuners}  # each tuner's steps already reported by `measured`
 
     def close(self) -> None:
@@ -124,11 +135,12 @@ class CandidateScorer:
         cfg = self.cfg
         gen = np.random.default_rng(seed)
         if cfg.meta:
-            x, _ = sample_meta_batch(self.split, cfg.effective_batch_size, cfg.n_ways, cfg.n_shots, cfg.n_queries,
+            x, y = sample_meta_batch(self.split, cfg.effective_batch_size, cfg.n_ways, cfg.n_shots, cfg.n_queries,
                                      self.transform, gen)
         else:
-            x, _ = sample_batch(self.split, cfg.effective_batch_size, self.transform, gen)
+            x, y = sample_batch(self.split, cfg.effective_batch_size, self.transform, gen)
         self._inputs = x.to(self.device)
+        self._targets = y.to(self.device)  # the zero-cost proxies' labels (a meta-batch's are its tasks' ways)
         self.regions_scorer.crops = [c.to(self.device) for c in sample_crops(
             self.regions_pool, cfg.regions_batches, cfg.regions_batch_size, cfg.regions_crop, seed)]
         init_weights(self.supernet, mode=cfg.init_mode, seed=seed)
@@ -136,8 +148,10 @@ class CandidateScorer:
             fresh = seeded_linear(self.supernet.feature_dim, cfg.n_ways, seed)
             self.model.head.load_state_dict(fresh.state_dict())
         self.regions_scorer.reinit(seed)
+        if self._proxy_net is not None:
+            init_weights(self._proxy_net.net, mode=cfg.init_mode, seed=seed)
         self._stack = ExitStack()
-        if not cfg.only_lrs:
+        if cfg.needs_kappa:
             self._gsm = self._stack.enter_context(per_sample_gradients(self.model, self.groups["theta"]))
 
     def end_repeat(self) -> None:
@@ -147,7 +161,7 @@ class CandidateScorer:
 
     def kappa(self, alive: np.ndarray, context: str) -> float:
         """κ of one architecture: one per-sample-gradient pass of its own (the reference path)."""
-        if self.cfg.only_lrs:
+        if not self.cfg.needs_kappa:
             return float("nan")
         self.supernet.set_alphas(*alphas_from_alive(alive))
         with self._step("kernel", 1):
@@ -174,6 +188,26 @@ class CandidateScorer:
                 return KAPPA_SENTINEL
         return condition_number(theta, context)
 
+    def proxy(self, name: str, alive: np.ndarray) -> float:
+        """Zero-cost proxy ``name`` of one architecture: its function (`ZERO_COST_PROXIES`, on a deep copy) on the
+        supernet with only ``alive``'s ops run (a masked op is not computed at all), initialised with this repeat's
+        seed, on this repeat's batch and its labels. One architecture per call: each proxy reduces over the
+        batch, so the architectures of a pass could not share one."""
+        assert self._proxy_net is not None, "the proxy network is made for the proxy objectives"
+        self._proxy_net.net.set_alphas(*alphas_from_alive(alive))
+        with self._step("proxy", 1):  # through its thread tuner: oversubscribed OpenMP threads cost 100x here
+            return ZERO_COST_PROXIES[name](self._proxy_net, self._inputs, self._targets)
+
+    def proxies(self, names: list[str], alive: np.ndarray, bar=None) -> dict[str, tuple[float, float]]:
+        """{proxy: (value, seconds)} of one architecture in this repeat (``bar``: a progress bar to advance)."""
+        out = {}
+        for name in names:
+            t0 = time.perf_counter()
+            out[name] = (self.proxy(name, alive), time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+        return out
+
     def regions(self, alive: np.ndarray) -> int:
         with self._step("regions", 1):
             return self.regions_scorer.score(*alphas_from_alive(alive))
@@ -194,7 +228,7 @@ class CandidateScorer:
 
     def kappas_many(self, alives: list[np.ndarray], contexts: list[str]) -> list[float]:
         """κ of several architectures from one per-sample-gradient pass over the batch repeated per architecture."""
-        if self.cfg.only_lrs:
+        if not self.cfg.needs_kappa:
             return [float("nan")] * len(alives)
         normal, reduce = self._stacked_alphas(alives)
         n_arch, n = len(alives), self._inputs.shape[0]
@@ -215,7 +249,7 @@ class CandidateScorer:
         (`kappas_measured`)."""
         if self.cfg.candidates_per_pass > 0:
             return self.cfg.candidates_per_pass
-        n_params = sum(p.numel() for p in self.groups["theta"]) if not self.cfg.only_lrs else 0
+        n_params = sum(p.numel() for p in self.groups["theta"]) if self.cfg.needs_kappa else 0
         per_arch = max(1, self._inputs.shape[0]) * max(n_params, 1) * 4  # one architecture's per-sample gradients
         if self.device.type == "cpu" and per_arch > CPU_BATCHING_LIMIT:
             return 1
@@ -317,6 +351,17 @@ class CandidateScorer:
             self._steps_seen[kind] = len(tuner.history)
         return {"pass_size": stats.largest, "passes": stats.passes, "oom_splits": stats.oom_splits,
                 "budget_bytes": self.budget, "threads": threads}
+
+
+class LogitsOf(nn.Module):
+    """The supernet as the zero-cost proxies take a network: ``forward(x)`` gives its logits alone."""
+
+    def __init__(self, net: Supernet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[1]
 
 
 def on_host(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from search_lib.data import DATASET_NAMES, TRANSFORM_NAMES, DatasetSpec, build_t
 from search_lib.models.ops import SEARCH_SPACES
 from search_lib.models.space import SearchSpace
 from search_lib.models.supernet import NORM_TYPES
+from search_lib.search.objectives import COMBINE_RULES, DEFAULT_OBJECTIVE, OBJECTIVES, parse_objectives
 
 NTK_TYPES = ("NTK", "MetaNTK_anl")
 ALGORITHMS = ("MAML", "ANIL")
@@ -61,7 +62,14 @@ class SearchConfig:
     repeat: int = field(default=3, metadata=flag("random initialisations per round", group=_SEARCH))
     init: str = field(default="kaiming_normal", metadata=flag("weight initialisation", choices=tuple(INIT_MODES),
                                                               group=_SEARCH))
-    only_lrs: bool = field(default=False, metadata=flag("rank by linear regions only", group=_SEARCH))
+    only_lrs: bool = field(default=False, metadata=flag(
+        "rank by linear regions only (the same as --objective regions)", group=_SEARCH))
+    objective: str = field(default=DEFAULT_OBJECTIVE, metadata=flag(
+        f"the training-free signals candidates are ranked by, a comma list of: {', '.join(OBJECTIVES)} "
+        "(kappa: of the kernel --ntk_type selects; docs/method.md §4b)", group=_SEARCH))
+    combine: str = field(default="rank", metadata=flag(
+        "how several objectives combine: rank (the ranks summed, the paper's rule) or log_rank (Σ log(rank/m), "
+        "AZ-NAS's rule)", choices=COMBINE_RULES, group=_SEARCH))
     device: str = field(default="auto", metadata=flag(f"one of {', '.join(DEVICE_CHOICES)}", group=_SEARCH))
     overwrite: bool = field(default=False, metadata=flag("discard a finished or different run in --save_dir",
                                                          group=_SEARCH))
@@ -124,6 +132,18 @@ class SearchConfig:
         return build_transform(self.transform, train=True, image_size=self.image_size, dataset=self.data)
 
     @property
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives, in `OBJECTIVES`' order: --objective's, or regions alone with --only_lrs."""
+        if self.only_lrs:
+            return ("regions",)
+        return parse_objectives(self.objective)
+
+    @property
+    def needs_kappa(self) -> bool:
+        """Whether the search computes κ (per-sample gradients, the kernel)."""
+        return "kappa" in self.objectives
+
+    @property
     def meta(self) -> bool:
         return self.ntk_type == "MetaNTK_anl"
 
@@ -170,7 +190,13 @@ class SearchConfig:
         if self.ntk_N is not None and 3 * self.ntk_N + 2 != self.ntk_layers:
             raise UsageError(f"--ntk_N {self.ntk_N} disagrees with --ntk_layers {self.ntk_layers} "
                              f"(layers = 3N+2); use --ntk_N {(self.ntk_layers - 2) // 3} or drop --ntk_N")
-        if self.norm_type == "batchnorm" and not self.only_lrs:
+        _choice("--combine", self.combine, COMBINE_RULES)
+        chosen = parse_objectives(self.objective)  # a one-line usage error naming the valid objectives
+        # --only_lrs keeps its meaning: regions alone; beside the default or regions itself it says the same
+        if self.only_lrs and chosen not in (parse_objectives(DEFAULT_OBJECTIVE), ("regions",)):
+            raise UsageError(f"--only_lrs ranks by linear regions only, but --objective is {self.objective!r}; drop "
+                             f"--only_lrs or --objective")
+        if self.norm_type == "batchnorm" and self.needs_kappa:
             raise UsageError("--norm_type batchnorm gives no per-sample gradients; use groupnorm16 (the default), "
                              "groupnorm, instancenorm or nonorm")
         for name in ("precision", "prune_number", "repeat", "ntk_channels", "ntk_stemm", "ntk_fsr", "n_ways",

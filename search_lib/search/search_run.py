@@ -2,7 +2,8 @@
 
 The folder (`search_lib.core.run_dir`) holds ``config.json``, the state of the last finished round
 (``state.json``, the one before as ``state.prev.json``), ``history.jsonl`` (one record per round),
-``genotype.json`` (a `GenotypeRecord`), ``search.log``, ``done``, ``search.png`` (drawn by
+``genotype.json`` (a `GenotypeRecord`), ``cost.json`` (the objectives and the seconds the search and each
+objective took, summed over the rounds), ``search.log``, ``done``, ``search.png`` (drawn by
 `search_lib.search.search_plot`) and ``passes.json`` (the kernel pass size the rounds learned, and the size of
 a pass in progress, so that a re-run after the process was killed mid-pass starts below it). Running the same
 command again resumes an interrupted search and reports a finished one.
@@ -24,25 +25,38 @@ from search_lib.core.pass_sizing import PASSES_FILE
 from search_lib.core.run_dir import RunDir, SavedState
 from search_lib.core.session import RunSession, run_session
 from search_lib.core.threads import threads_fixed
-from search_lib.core.utils import draw_seed
+from search_lib.core.utils import atomic_write_json, draw_seed, read_jsonl
 from search_lib.data import SplitData, load_split, sample_batch, sample_meta_batch
 from search_lib.models.genotypes import Genotype, GenotypeRecord
 from search_lib.models.space import DEFAULT_SPACE, SearchSpace
 from search_lib.models.supernet import Supernet, replace_norm
-from search_lib.search.pruning import PruningSearch
+from search_lib.search.pruning import MEASURED_KEY, PruningSearch
 from search_lib.search.search_config import SearchConfig
 from search_lib.search.search_plot import draw_search
 
 log = logging.getLogger("metantknas.search")
 
 SEARCH_LOG = "search.log"
+COST_FILE = "cost.json"
+
+
+def search_cost(cfg: SearchConfig, history: list[dict]) -> dict:
+    """cost.json: the objectives, how they were combined, and the seconds of the rounds (each process's, summed
+    over the processes that ran them when a search was resumed) and of each objective."""
+    seconds: dict[str, float] = dict.fromkeys(cfg.objectives, 0.0)
+    for record in history:
+        for name, s in record.get(MEASURED_KEY, {}).get("objective_seconds", {}).items():
+            seconds[name] = seconds.get(name, 0.0) + s
+    return {"objectives": list(cfg.objectives), "combine": cfg.combine, "rounds": len(history),
+            "seconds": round(sum(r.get(MEASURED_KEY, {}).get("seconds", 0.0) for r in history), 2),
+            "objective_seconds": {k: round(v, 2) for k, v in seconds.items()}}
 
 
 def search_run_dir(path) -> RunDir:
     """The run folder of a search: state.json (+ state.prev.json), history.jsonl, genotype.json, search.log."""
     return RunDir(path, SavedState("state.json", "state.prev.json", "search state",
                                    restart="starting again from round 0"),
-                  outputs=("history.jsonl", "genotype.json", "search.png", PASSES_FILE), log_name=SEARCH_LOG,
+                  outputs=("history.jsonl", "genotype.json", COST_FILE, "search.png", PASSES_FILE), log_name=SEARCH_LOG,
                   logger=log)
 
 
@@ -173,8 +187,12 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
     result = _result(cfg, geno, save_dir, start, False)
     if main:
         result.record.write(save_dir / "genotype.json")
+        cost = search_cost(cfg, read_jsonl(save_dir / "history.jsonl"))
+        atomic_write_json(save_dir / COST_FILE, cost)
+        log.info("search seconds: %.1f (%s)", cost["seconds"],
+                 ", ".join(f"{k} {v:.1f}" for k, v in cost["objective_seconds"].items()))
         run.mark_done()
         draw_quietly(draw_search, save_dir, log)  # search.png; a failure is a warning, not a failed search
     log.info("genotype: %s", geno)
-    log.info("outputs: %s (config.json, history.jsonl, genotype.json, search.log, search.png)", save_dir)
+    log.info("outputs: %s (config.json, history.jsonl, genotype.json, cost.json, search.log, search.png)", save_dir)
     return result

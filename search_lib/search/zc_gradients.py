@@ -1,12 +1,12 @@
 """Gradient-based zero-cost proxies (docs/method.md §9): grad_norm, snip, grasp, fisher, jacob_cov, synflow, zico.
 
 Each function computes one proxy on the network it is given and may change that network (gradients, BN
-statistics, hooks, modes, even its weights for synflow): call them through `eval_lib.study.proxies.ZERO_COST_PROXIES`,
-which hands each one a deep copy and restores the random state. They follow the conventions of the proxies'
-reference implementations (zero-cost-nas's measures and ``find_measures``, ZiCo's ``getzico``): the network in
-the mode it comes in (the study's is in train mode, as freshly built), the mean cross-entropy over the whole
-batch, and per-layer scores over the weights of the ``nn.Conv2d`` and ``nn.Linear`` modules only (no biases,
-no normalisation parameters), summed to one number.
+statistics, hooks, modes, even its weights for synflow): call them through
+`search_lib.search.zero_cost.ZERO_COST_PROXIES`, which hands each one a deep copy and restores the random
+state. They follow the conventions of the proxies' reference implementations (zero-cost-nas's measures and
+``find_measures``, ZiCo's ``getzico``): the network in the mode it comes in (the study's is in train mode, as
+freshly built), the mean cross-entropy over the whole batch, and per-layer scores over the weights of the
+``nn.Conv2d`` and ``nn.Linear`` modules only (no biases, no normalisation parameters), summed to one number.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Activation-based zero-cost proxies (docs/method.md §9): naswot, swap, meco.
 
-As in `eval_lib.study.zc_gradients`, each function works on the network it is given (it adds hooks and runs it):
-call them through `eval_lib.study.proxies.ZERO_COST_PROXIES`. The network runs in the mode it comes in (the
+As in `search_lib.search.zc_gradients`, each function works on the network it is given (it adds hooks and runs it):
+call them through `search_lib.search.zero_cost.ZERO_COST_PROXIES`. The network runs in the mode it comes in (the
 study's is in train mode, as freshly built), as in the proxies' reference implementations.
 """
 
