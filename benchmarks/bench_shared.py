@@ -13,9 +13,10 @@ scripts (with its own ``.venv`` when it has one), e.g. an earlier version for th
 ``--modes`` measures several ways of running in one go (each alone, then two side by side): ``default`` (the
 environment as it is, less thread counts), ``spin=N`` (GOMP_SPINCOUNT=N: OpenMP threads spin N times at a barrier,
 then sleep), ``passive`` (OMP_WAIT_POLICY=PASSIVE: they sleep at once), ``tuned`` (``--tune_threads``: the
-training's thread count chosen by timing, load-dependent) and ``threads=N`` (``--threads N``). Every ratio is
-printed twice: against the same mode alone, and against the first mode alone (the baseline of the same run).
-The machine's other load changes every number: run it on a quiet machine, or compare ratios of one run.
+thread count of the search's passes or the training's steps chosen by timing, load-dependent) and ``threads=N``
+(``--threads N``). Every ratio is printed twice: against the same mode alone, and against the first mode alone
+(the baseline of the same run). The machine's other load changes every number: run it on a quiet machine,
+or compare ratios of one run.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def mode_settings(mode: str, what: str) -> tuple[dict[str, str], list[str]]:
     if name == "passive":
         return {"OMP_WAIT_POLICY": "PASSIVE"}, []
     if name == "tuned":
-        return {}, ["--tune_threads"] if what == "train" else []
+        return {}, ["--tune_threads"]
     if name == "threads" and value.isdigit():
         return {}, ["--threads", value]
     raise SystemExit(f"error: unknown mode {mode!r}; use default, spin=N, passive, tuned or threads=N")

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from histories import assert_same_scores
 from test_batch_runs import ENV, REPO, _error_line, two_ops  # noqa: F401  (two_ops is a fixture)
 
 import prune_metantknas
@@ -23,7 +24,7 @@ import search_lib.search.scoring as scoring
 from search_lib.core.errors import UsageError
 from search_lib.core.memory import MemoryMeter, parse_size
 from search_lib.core.pass_sizing import PassSizer
-from search_lib.search.pruning import MEASURED_KEY, scores_text
+from search_lib.search.pruning import MEASURED_KEY
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -169,7 +170,8 @@ def test_out_of_memory_in_the_second_pass_splits_it_with_the_same_history(fail_p
     assert [r[MEASURED_KEY]["oom_splits"] for r in oom] == [0, 1]
     assert [r[MEASURED_KEY]["oom_splits"] for r in ref] == [0, 0]
     assert oom[1][MEASURED_KEY]["passes"] > ref[1][MEASURED_KEY]["passes"]
-    assert scores_text(tmp_path / "oom" / "history.jsonl") == scores_text(tmp_path / "ref" / "history.jsonl")
+    # another pass size: κ's last digits may move on some CPUs (tests/histories.py), nothing else
+    assert_same_scores(tmp_path / "oom" / "history.jsonl", tmp_path / "ref" / "history.jsonl")
     assert (tmp_path / "oom" / "genotype.json").read_bytes() == (tmp_path / "ref" / "genotype.json").read_bytes()
     log = (tmp_path / "oom" / "search.log").read_text()
     assert "out of memory in a pass of " in log and "architectures (" in log and "retrying with " in log

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from histories import assert_same_scores
 
 import prune_metantknas
 from search_lib.core.errors import UsageError
@@ -58,7 +59,8 @@ def _valid(geno: Genotype) -> None:
 
 def test_the_default_objective_gives_mains_history_and_genotype(tmp_path):
     _search(tmp_path / "default", argv=DEFAULT_ARGV)
-    assert scores_text(tmp_path / "default" / "history.jsonl") == (FIXTURE / "history.jsonl").read_text()
+    # recorded on another machine: κ's last digits may differ between CPUs (tests/histories.py), nothing else
+    assert_same_scores(scores_text(tmp_path / "default" / "history.jsonl"), FIXTURE / "history.jsonl")
     assert (tmp_path / "default" / "genotype.json").read_text() == (FIXTURE / "genotype.json").read_text()
     cost = json.loads((tmp_path / "default" / "cost.json").read_text())
     assert cost["objectives"] == ["kappa", "regions"] and set(cost["objective_seconds"]) == {"kappa", "regions"}

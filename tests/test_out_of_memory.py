@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from histories import assert_same_scores
 from test_batch_runs import ENV, REPO, two_ops  # noqa: F401  (two_ops is a fixture)
 from test_memory import KERNEL
 
@@ -23,7 +24,7 @@ import prune_metantknas
 from search_lib.core.pass_sizing import NOT_OUT_OF_MEMORY, OUT_OF_MEMORY, PassRecord, PassSizer, is_out_of_memory
 from search_lib.data import load_split
 from search_lib.search.kernels import KAPPA_SENTINEL, condition_number
-from search_lib.search.pruning import MEASURED_KEY, scores_text
+from search_lib.search.pruning import MEASURED_KEY
 from search_lib.search.scoring import CandidateScorer, PassCount
 from search_lib.search.search_config import SearchConfig
 
@@ -194,4 +195,4 @@ def test_a_search_killed_during_an_oversized_pass_restarts_below_it(tmp_path):
     assert max(r[MEASURED_KEY]["pass_size"] for r in history) == 4
     assert prune_metantknas.main([*argv, "--save_dir", str(tmp_path / "ref")]) == 0  # undisturbed
     assert (run / "genotype.json").read_bytes() == (tmp_path / "ref" / "genotype.json").read_bytes()
-    assert scores_text(run / "history.jsonl") == scores_text(tmp_path / "ref" / "history.jsonl")
+    assert_same_scores(run / "history.jsonl", tmp_path / "ref" / "history.jsonl")  # passes of 4: tests/histories.py

@@ -1,12 +1,13 @@
 """Thread counts: how many compute threads a run uses, and `ThreadTuner`, which chooses them by timing.
 
 A user who fixes the count (``--threads``, METANTKNAS_THREADS or OMP_NUM_THREADS) gets exactly that
-count and nothing tunes it. Otherwise a run starts with one thread per CPU of its affinity and, on the
-CPU, the search's passes go through a `ThreadTuner`, which drops threads when the run shares its cores with
-other busy processes (the search's numbers do not depend on the count). The training's steps and the
-few-shot test's forward passes do so only with --tune_threads: their float rounding depends on the count, so
-a tuned count makes their numbers depend on the machine's load; by default they keep the count they
-started with, and OpenMP's bounded spinning (`search_lib.core.openmp_env`) keeps runs side by side fair.
+count and nothing tunes it. Otherwise a run starts with one thread per CPU of its affinity and keeps that
+count: the float rounding of a training step depends on the thread count, and so do the last digits of the
+search's κ on some CPUs (measured on an AVX-512 AMD EPYC; not on the Intel machines measured before), so a
+count chosen by the machine's load would make the numbers depend on it. With --tune_threads the search's
+passes, the training's steps and the few-shot test's forward passes go through a `ThreadTuner`, which drops
+threads when the run shares its cores with other busy processes: faster on a shared box, load-dependent
+numbers. OpenMP's bounded spinning (`search_lib.core.openmp_env`) keeps fixed-count runs side by side fair.
 """
 
 from __future__ import annotations

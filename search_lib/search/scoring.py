@@ -11,8 +11,11 @@ first passes probe with one and two, their peak memory gives the cost of one mor
 takes the most that fit the memory budget (``--memory_budget``); an out-of-memory error (any of its faces,
 `search_lib.core.pass_sizing.OUT_OF_MEMORY`) halves the pass and retries it. A search keeps what its passes
 learned in its folder (`search_lib.core.pass_sizing.PassRecord`), also the size of a pass the process died in.
-On the CPU each pass runs through a `search_lib.core.threads.ThreadTuner`, which drops threads when the run
-shares its cores with other busy processes. Neither changes a score.
+With --tune_threads each CPU pass runs through a `search_lib.core.threads.ThreadTuner`, which drops threads when
+the run shares its cores with other busy processes. Neither changes a rank in the cases measured, but on some CPUs
+(AVX-512) both move κ's last digits (relative 1e-5): how many architectures share a pass and how many threads
+run it choose the kernels' summation order. While the budget leaves room, passes grow the same way in every run
+(1, 2, 8, 32, ...); a budget that binds sizes them from measured peaks.
 """
 
 from __future__ import annotations
@@ -108,9 +111,9 @@ class CandidateScorer:
         self.meter = MemoryMeter(device)
         self.sizer: PassSizer | None = None  # made at the first batched pass, when the networks and data are in memory
         self.passes = PassCount()
-        # one tuner per kind of pass (their times per architecture differ); CPU only, and not when the user fixed
-        # the thread count
-        tune = device.type == "cpu" and not threads_fixed(cfg.threads)
+        # one tuner per kind of pass (their times per architecture differ); CPU and --tune_threads only, and not
+        # when the user fixed the thread count: on some CPUs (AVX-512 ones, measured) κ's last digits depend on it
+        tune = device.type == "cpu" and cfg.tune_threads and not threads_fixed(cfg.threads)
         self.tuners = {kind: ThreadTuner(enabled=tune, period=8, probe_steps=1, trust_fair=True)
                        for kind in ("kernel", "regions", "proxy")}
         self._steps_seen = {kind: 0 for kind in self.tuners}  # each tuner's steps already reported by `measured`

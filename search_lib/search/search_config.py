@@ -27,7 +27,8 @@ EARLIER_FIELDS = {"lr_batches": "regions_batches", "lr_batch_size": "regions_bat
 
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
 NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "break_stale_lock", "train_after_search", "train",
-                   "candidates_per_pass", "original_flags", "memory_budget", "threads", "deterministic"}
+                   "candidates_per_pass", "original_flags", "memory_budget", "threads", "tune_threads",
+                   "deterministic"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -84,9 +85,11 @@ class SearchConfig:
         "to the process at the start, on the CPU the smaller of 4 GiB and half of the available memory",
         group=_SEARCH))
     threads: int | None = field(default=None, metadata=flag(
-        "torch / BLAS threads, fixed (default: one per CPU of the process's affinity, fewer while other busy "
-        "processes share the cores, which does not change a number; METANTKNAS_THREADS or OMP_NUM_THREADS also "
-        "fix it)", type=int, group=_SEARCH))
+        "torch / BLAS threads, fixed (default: one per CPU of the process's affinity, kept for the whole run; "
+        "METANTKNAS_THREADS or OMP_NUM_THREADS also fix it)", type=int, group=_SEARCH))
+    tune_threads: bool = field(default=False, metadata=flag(
+        "on the CPU, choose the thread count of the passes by timing them (fewer beside other busy processes): "
+        "faster on a shared box, but on some CPUs the last digits of κ then depend on its load", group=_SEARCH))
     deterministic: bool = field(default=True, metadata=flag(
         "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
         "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed "

@@ -172,9 +172,10 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
             break
     if main:
         run.write_config(cfg.to_dict())
-    tuned = session.device.type == "cpu" and not threads_fixed(cfg.threads)  # `CandidateScorer`'s tuners
+    # `CandidateScorer`'s tuners (--tune_threads): κ's last digits may then follow the load (some CPUs)
+    tuned = session.device.type == "cpu" and cfg.tune_threads and not threads_fixed(cfg.threads)
     session.record_provenance({"rand_seed": cfg.rand_seed}, {"mode": "tuned" if tuned else "fixed",
-                                                               "load_dependent": False})
+                                                               "load_dependent": tuned})
     search = PruningSearch(cfg, run, world, session.device)
     state = search.load_state() if old_cfg is not None else None
     start = state["round"] if state else 0
