@@ -175,7 +175,8 @@ def test_scoring_runs_in_full_float32_and_restores_the_flags(monkeypatch):
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
         scorer.close()
-    assert seen == [("ieee", "ieee")] * 2 and len(set(kappas)) == 1
+    # one κ, from passes of one and of two (its last digits may differ between them on some CPUs: tests/histories.py)
+    assert seen == [("ieee", "ieee")] * 2 and np.allclose(kappas, kappas[0], rtol=1e-4, atol=0)
 
 
 def test_the_supernet_reads_its_alphas_from_the_host_unless_they_changed_on_the_device(monkeypatch):

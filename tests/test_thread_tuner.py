@@ -266,8 +266,16 @@ def test_the_training_and_the_search_tune_unless_the_count_is_fixed(monkeypatch,
         assert prune_metantknas.main(["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2",
                                       "--image_size", "8", "--batch_size", "2", "--n_ways", "2", "--repeat", "1",
                                       "--prune_number", "7", "--regions_batch_size", "20", "--regions_batches", "1",
-                                      "--device", "cpu", "--rand_seed", "0", "--save_dir", str(tmp_path / "s")]) == 0
+                                      "--device", "cpu", "--rand_seed", "0", "--save_dir", str(tmp_path / "s"),
+                                      "--tune_threads"]) == 0
         kinds = [t for t in made if t.history]
         assert len(kinds) == 2 and all(len(t.counts) > 1 for t in kinds)  # kernel and regions passes, tuned
+        made.clear()
+        assert prune_metantknas.main(["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2",
+                                      "--image_size", "8", "--batch_size", "2", "--n_ways", "2", "--repeat", "1",
+                                      "--prune_number", "7", "--regions_batch_size", "20", "--regions_batches", "1",
+                                      "--device", "cpu", "--rand_seed", "0", "--save_dir", str(tmp_path / "f")]) == 0
+        kinds = [t for t in made if t.history]  # by default the count the search started with, kept
+        assert len(kinds) == 2 and all(t.counts == [torch.get_num_threads()] for t in kinds)
     finally:
         configure_threads(threads=before)  # torch's and the BLAS pools, as the other tests expect them

@@ -188,7 +188,8 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
     result = _result(cfg, geno, save_dir, start, False)
     if main:
         result.record.write(save_dir / "genotype.json")
-        cost = search_cost(cfg, read_jsonl(save_dir / "history.jsonl"))
+        history = save_dir / "history.jsonl"  # absent when no round ran (a space with one genotype left)
+        cost = search_cost(cfg, read_jsonl(history) if history.exists() else [])
         atomic_write_json(save_dir / COST_FILE, cost)
         log.info("search seconds: %.1f (%s)", cost["seconds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in cost["objective_seconds"].items()))
