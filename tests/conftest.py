@@ -38,6 +38,30 @@ def synthetic_tiered(tmp_path_factory):
                            images_per_class=SYNTH_IMAGES_PER_CLASS, image_size=SYNTH_IMAGE_SIZE, seed=1)
 
 
+# ---- a search of few candidates (tests/test_objectives.py, tests/test_proxy_study.py) ---------------------------
+
+TWO_OPS = ("skip_connect", "sep_conv_3x3")
+
+
+def two_op_search(mp: pytest.MonkeyPatch) -> None:
+    """Start every darts_fewshot search with two ops on the first edge of each cell and one on the others: one op
+    round of four candidates, then the edge round (a zero-cost objective's search in seconds)."""
+    import numpy as np
+
+    from search_lib.models.ops import space_ops
+    from search_lib.search.pruning import PruningSearch
+
+    ops = space_ops("darts_fewshot")
+
+    def initial_alive(self):
+        alive = np.zeros((2, len(self.keys), len(self.ops)), dtype=bool)
+        alive[:, :, ops.index(TWO_OPS[0])] = True
+        alive[:, 0, [ops.index(o) for o in TWO_OPS]] = True  # a choice on the first edge of each cell only
+        return alive
+
+    mp.setattr(PruningSearch, "initial_alive", initial_alive)
+
+
 # ---- the original repository's scripts (tests/test_original_flags.py, tests/test_original_runs.py) ----------
 
 _ORIGINAL = ("--gpu 0 --space darts_fewshot --max_nodes 3 --dataset {ds} --dartsbs 3 --seed -1 --only_lrs false "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import two_op_search
 from histories import assert_same_scores
 
 import prune_metantknas
@@ -35,14 +36,13 @@ DEFAULT_ARGV = ["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers"
 TINY = ["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2", "--image_size", "8", "--batch_size",
         "2", "--n_ways", "2", "--repeat", "1", "--prune_number", "1", "--device", "cpu",
         "--rand_seed", "0"]
-TWO_OPS = ("skip_connect", "sep_conv_3x3")
 
 
 @pytest.fixture
 def two_ops(monkeypatch):
     """Start the search with two ops on the first edge of each cell and one on the others: one op round of four
     candidates, then the edge round."""
-    _two_ops(monkeypatch)
+    two_op_search(monkeypatch)
 
 
 def _search(save: Path, *extra: str, argv=TINY) -> tuple[Genotype, list[dict]]:
@@ -84,27 +84,13 @@ def test_each_proxy_objective_finds_a_valid_genotype(name, two_ops, tmp_path):
 def naswot_run(tmp_path_factory):
     """A finished tiny naswot,synflow search with --combine log_rank (`two_ops`)."""
     mp = pytest.MonkeyPatch()
-    _two_ops(mp)
+    two_op_search(mp)
     try:
         save = tmp_path_factory.mktemp("naswot") / "run"
         geno, history = _search(save, "--objective", "naswot,synflow", "--combine", "log_rank")
     finally:
         mp.undo()
     return save, geno, history
-
-
-def _two_ops(mp: pytest.MonkeyPatch) -> None:
-    from search_lib.models.ops import space_ops
-
-    ops = space_ops("darts_fewshot")
-
-    def initial_alive(self):
-        alive = np.zeros((2, len(self.keys), len(self.ops)), dtype=bool)
-        alive[:, :, ops.index(TWO_OPS[0])] = True
-        alive[:, 0, [ops.index(o) for o in TWO_OPS]] = True  # a choice on the first edge of each cell only
-        return alive
-
-    mp.setattr(PruningSearch, "initial_alive", initial_alive)
 
 
 def test_a_recorded_proxy_is_the_proxy_of_the_masked_supernet_by_hand(naswot_run, two_ops):

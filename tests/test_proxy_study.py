@@ -32,6 +32,8 @@ from eval_lib.study.study_stats import (
 from eval_lib.study.study_table import format_table
 from eval_lib.study.study_trainings import seed_accuracy
 from search_lib.core.command_line import field_default, flag_fields
+from search_lib.models.genotypes import GenotypeRecord
+from search_lib.models.space import SearchSpace
 from search_lib.search.ranking import dense_rank
 from search_lib.search.search_config import SearchConfig
 
@@ -480,3 +482,122 @@ def test_fewer_train_seeds_summarise_the_first_trainings(two_trainings, tmp_path
     assert study_command.main([*argv, "--train_seeds", "2"]) == 0  # and back: nothing trained either
     assert json.loads((copy / "summary.json").read_text())["ceiling"] is not None
     assert study_command.main([*argv, "--train_seeds", "0"]) == 2
+
+
+# ---- --search_objectives: one search per objective beside the random architectures ----
+
+SEARCHED = ("kappa", "regions", "naswot")
+
+
+@pytest.fixture(scope="module")
+def searched(reference, synthetic_mini, tmp_path_factory):
+    """The tiny study's folder (copied) run again with --search_objectives kappa,regions,naswot (searches of few
+    candidates, `two_op_search`), killed during the second search's training and resumed; the calls of each run."""
+    import shutil
+
+    from conftest import two_op_search
+
+    from eval_lib.study import study_searches
+    from search_lib.search.pruning import PruningSearch
+
+    save_dir = tmp_path_factory.mktemp("study") / "searched"
+    shutil.copytree(reference, save_dir)
+    argv = _argv(synthetic_mini, save_dir, "--search_objectives", ",".join(SEARCHED))
+    calls: dict[str, list] = {"search": [], "train": []}
+    real_run, real_train = PruningSearch.run, study_searches.train_with_seeds
+    kill = [True]
+
+    def run(self, state):
+        calls["search"].append(self.cfg.objective)
+        return real_run(self, state)
+
+    def train(cfg, genotype, folder, **kw):
+        calls["train"].append(folder.name)
+        if len(calls["train"]) == 2 and kill[0]:
+            raise KeyboardInterrupt  # killed during the second search's training
+        return real_train(cfg, genotype, folder, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        two_op_search(mp)
+        mp.setattr(PruningSearch, "run", run)
+        mp.setattr(study_searches, "train_with_seeds", train)
+        assert study_command.main(argv) == 130
+        first = {k: list(v) for k, v in calls.items()}
+        kill[0] = False
+        for v in calls.values():
+            v.clear()
+        assert study_command.main(argv) == 0
+        second = {k: list(v) for k, v in calls.items()}
+        for v in calls.values():
+            v.clear()
+        assert study_command.main(argv) == 0  # finished: nothing searched or trained again
+        third = {k: list(v) for k, v in calls.items()}
+    return save_dir, argv, (first, second, third)
+
+
+def test_search_objectives_are_items_of_plus_joined_objectives(capsys, tmp_path):
+    items = StudyConfig(search_objectives="regions+kappa, naswot,log_rank:zico+naswot").search_items()
+    assert [(i.label, i.slug, i.objective, i.combine) for i in items] == [
+        ("kappa+regions", "kappa+regions", "kappa,regions", "rank"), ("naswot", "naswot", "naswot", "rank"),
+        ("log_rank:naswot+zico", "log_rank-naswot+zico", "naswot,zico", "log_rank")]
+    assert StudyConfig().search_items() == []
+    for bad, said in (("kappa,nasw0t", "valid: kappa, regions, grad_norm"), ("kappa,,naswot", "names no objective"),
+                      ("kappa+regions,regions+kappa", "twice"), ("log_rank:naswot", "several")):
+        assert study_command.main(["--save_dir", str(tmp_path / "s"), "--search_objectives", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--search_objectives" in err and said in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_search_objectives_give_one_row_per_objective(searched, reference):
+    save_dir, _, (first, second, third) = searched
+    # killed in the second search's training; the re-run searched only the third objective (the second's search
+    # was finished), trained the second and third; a third run did nothing
+    assert first["search"] == ["kappa", "regions"] and first["train"] == ["kappa", "regions"]
+    assert second["search"] == ["naswot"] and second["train"] == ["regions", "naswot"]
+    assert third == {"search": [], "train": []}
+    assert _records(save_dir) == _records(reference)  # the architectures were not studied again
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert [e["label"] for e in summary["searches"]] == list(SEARCHED) and (save_dir / "done").is_file()
+    randoms = [r["accuracy"]["test"] for r in _records(reference)]
+    for label, entry in zip(SEARCHED, summary["searches"]):
+        folder = save_dir / "searches" / label
+        geno = GenotypeRecord.from_json((folder / "search" / "genotype.json").read_text()).genotype
+        assert entry["genotype"] == str(geno.validate(SearchSpace("darts_fewshot", 3)))
+        cost = json.loads((folder / "search" / "cost.json").read_text())
+        assert entry["search_s"] == cost["seconds"] > 0 and cost["objectives"] == [label]
+        assert entry["objectives"] == [label] and entry["combine"] == "rank" and entry["trainings"] == 1
+        assert (folder / "train" / "done").is_file()
+        for s in ("1", "5"):
+            row = entry["shots"][s]
+            assert 0 <= row["percentile"] <= 100 and row["random_archs"] == 3
+            below = sum(r[s]["mean"] < row["mean"] for r in randoms) + 0.5 * sum(r[s]["mean"] == row["mean"]
+                                                                                  for r in randoms)
+            assert row["percentile"] == pytest.approx(100 * below / 3)
+            ci = row["ci95"]  # one training: the test episodes' interval
+            assert ci["low"] <= row["mean"] <= ci["high"] and "one training" in ci["method"]
+    table = (save_dir / "summary.txt").read_text()
+    assert "search objective" in table and all(f"  {label}: Genotype(" in table for label in SEARCHED)
+    assert sorted(table.splitlines()) == sorted(format_table(summary).splitlines())
+    assert (save_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_search_of_other_settings_is_refused(searched, capsys):
+    save_dir, argv, _ = searched
+    config = (save_dir / "searches" / "naswot" / "search" / "config.json").read_text()
+    capsys.readouterr()
+    assert study_command.main([*argv, "--prune_number", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prune_number: 1 -> 2" in err and "kappa" in err
+    assert (save_dir / "searches" / "naswot" / "search" / "config.json").read_text() == config
+
+
+def test_an_interval_over_several_trainings_is_a_t_interval():
+    from eval_lib.study.study_searches import accuracy_interval
+
+    per_seed = [60.0, 64.0, 65.0]
+    res = seed_accuracy([{"accuracy": {"test": {"5": {"mean": m, "ci95": 2.0}}}} for m in per_seed])["test"]["5"]
+    ci = accuracy_interval(res, 3)
+    half = scipy.stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3)
+    assert (ci["low"], ci["high"]) == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed) + half))
+    assert accuracy_interval({"mean": 60.0, "ci95": 2.0}, 1)["low"] == 58.0

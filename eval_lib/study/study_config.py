@@ -26,18 +26,25 @@ from search_lib.core.command_line import field_default, flag, flag_fields
 from search_lib.core.errors import GenotypeError, UsageError
 from search_lib.core.utils import refuse_empty_paths
 from search_lib.models.genotypes import PRESETS, Genotype, GenotypeRecord, random_genotype
+from search_lib.search.objectives import parse_objectives
 from search_lib.search.search_config import SearchConfig
 
-# The search's flags that make no sense in a study: every kernel type is computed, nothing is pruned.
-LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "prune_number", "ntk_type", "algorithm",
-            "candidates_per_pass", "rand_seed", "precision", "only_lrs")
+# The search's flags that make no sense in a study: its own folder and seed (--save_dir, --seed), the objectives
+# (--search_objectives names them per search), the training after the search (the study trains).
+LEFT_OUT = ("save_dir", "overwrite", "train_after_search", "rand_seed", "only_lrs", "objective", "combine")
 PROXY_FLAGS = tuple(f.name for f in flag_fields(SearchConfig) if f.name not in LEFT_OUT)
-# Flags that do not change the records: a study folder may be resumed with other values. --train_seeds is
-# among them because it only adds trainings (or leaves some out of the summary): a larger K on a finished
-# folder trains the missing seeds of every architecture, its first trainings and proxies kept.
+# The search's flags that only the searches of --search_objectives use (the proxies compute every kernel type,
+# one architecture per pass, and prune nothing); each search's own folder records and checks them.
+SEARCH_ONLY_FLAGS = ("prune_number", "ntk_type", "algorithm", "precision", "candidates_per_pass")
+# Flags that do not change the architectures' records: a study folder may be resumed with other values.
+# --train_seeds is among them because it only adds trainings (or leaves some out of the summary): a larger K on
+# a finished folder trains the missing seeds of every architecture, its first trainings and proxies kept.
+# --search_objectives only adds searches beside the architectures. "objective" and "combine" are keys of the
+# config.json of a study written before --search_objectives, when the study took the search's flags of them.
 NON_RESULT_KEYS = ("save_dir", "overwrite", "break_stale_lock", "shard", "summarize", "device", "top_k",
                    "bootstrap_resamples", "log_rank_members", "aug_num_workers", "aug_threads", "aug_episode_batch",
-                   "train_seeds")
+                   "train_seeds", "search_objectives", *SEARCH_ONLY_FLAGS, "objective", "combine")
+SEARCH_ITEM_SEP, SEARCH_OBJECTIVE_JOIN, LOG_RANK_PREFIX = ",", "+", "log_rank:"
 
 _ARCHS, _STUDY = "architectures", "study"
 
@@ -67,6 +74,12 @@ class StudyConfig:
         "trainings per architecture, each with its own seed (the first: --aug_seed); with 2 or more the summary "
         "measures the seed-to-seed ceiling, how well one training ranks the architectures against another; "
         "a larger value on a finished folder trains only the missing seeds", group=_STUDY))
+    search_objectives: str | None = field(default=None, metadata=flag(
+        "one search per comma item, on the study's data with its --seed and the search's flags (--prune_number "
+        "included), its genotype trained and tested with the study's training seeds beside the random "
+        "architectures: an item is an objective of the search's --objective, several joined by + (their ranks "
+        "summed, the search's rule), or log_rank:a+b+... (AZ-NAS's log-rank sum); e.g. "
+        "kappa+regions,naswot,log_rank:naswot+zico+swap", type=str, metavar="ITEMS", group=_STUDY))
     top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
     bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
     shard: str | None = field(default=None, metadata=flag(
@@ -121,6 +134,27 @@ class StudyConfig:
         return [int(base)] + [int(np.random.SeedSequence(int(base), spawn_key=(k,)).generate_state(1)[0])
                               for k in range(1, self.train_seeds)]
 
+    def search_items(self) -> list[SearchItem]:
+        """The searches of ``--search_objectives`` in the order given (none without it); a UsageError names a bad
+        item on one line and lists the valid objectives."""
+        if self.search_objectives is None:
+            return []
+        flag_name = "--search_objectives"
+        items: list[SearchItem] = []
+        for text in str(self.search_objectives).split(SEARCH_ITEM_SEP):
+            body = text.strip()
+            combine = "log_rank" if body.startswith(LOG_RANK_PREFIX) else "rank"
+            body = body.removeprefix(LOG_RANK_PREFIX).strip()
+            names = parse_objectives(body, flag=flag_name, sep=SEARCH_OBJECTIVE_JOIN)
+            if combine == "log_rank" and len(names) < 2:
+                raise UsageError(f"{flag_name}: {text.strip()!r} combines one objective; log_rank: sums the log "
+                                 f"ranks of several, e.g. log_rank:naswot+zico")
+            item = SearchItem(len(items), names, combine)
+            if any(i.slug == item.slug for i in items):
+                raise UsageError(f"{flag_name} names the search {item.label} twice; name each once")
+            items.append(item)
+        return items
+
     def shard_index(self) -> tuple[int, int]:
         """(i, n) of ``--shard i/n``; (0, 1) without it."""
         if self.shard is None:
@@ -148,6 +182,7 @@ class StudyConfig:
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
         self.shard_index()
+        self.search_items()
         check_proxy_names(self.zero_cost_proxies, ZERO_COST_PROXIES, "--zero_cost_proxies")
         self.check_log_rank_members()
         cfg = self.search_config().validate()
@@ -156,6 +191,31 @@ class StudyConfig:
             raise UsageError("the study correlates the proxies with the test split; give --aug_eval_splits test "
                              "(or test,val)")
         return self
+
+
+@dataclass(frozen=True)
+class SearchItem:
+    """One search of ``--search_objectives``: its objectives (in `OBJECTIVES`' order) and how they combine."""
+
+    index: int  # its place in --search_objectives (its shard: (number of architectures + index) % n)
+    objectives: tuple[str, ...]
+    combine: str  # rank or log_rank (the search's --combine)
+
+    @property
+    def label(self) -> str:
+        """The item as --search_objectives spells it (the objectives in their canonical order)."""
+        joined = SEARCH_OBJECTIVE_JOIN.join(self.objectives)
+        return LOG_RANK_PREFIX + joined if self.combine == "log_rank" else joined
+
+    @property
+    def slug(self) -> str:
+        """The folder name: the label with the log-rank prefix as ``log_rank-``."""
+        return self.label.replace(":", "-")
+
+    @property
+    def objective(self) -> str:
+        """The search's --objective."""
+        return ",".join(self.objectives)
 
 
 def result_keys(flags: dict) -> dict:

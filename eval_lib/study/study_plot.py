@@ -4,7 +4,9 @@ Top: one panel per proxy, the proxy against the test accuracy at the chosen shot
 Bottom: per number of shots a bar chart of Kendall τ and of the partial τ given #params (with their 95%
 intervals) per proxy, the seed-to-seed ceiling (how well one training ranks the architectures against
 another, with several trainings per architecture) a dashed line across the bars with its interval shaded,
-and a heatmap of the proxies' rank correlations with each other (Kendall τ).
+and a heatmap of the proxies' rank correlations with each other (Kendall τ); with --search_objectives a last
+panel: each search's mean accuracy (with its 95% interval) against the search's seconds, beside the random
+architectures' accuracy (their range shaded, their median dashed).
 """
 
 from __future__ import annotations
@@ -109,6 +111,29 @@ def _heatmap(fig, ax, summary: dict) -> None:
     fig.colorbar(image, ax=ax, shrink=0.7, pad=0.02).ax.tick_params(labelsize=7)
 
 
+def _searches(ax, searches: list[dict], shots: str) -> None:
+    """Accuracy against search cost, one point per search, the random architectures' range behind them."""
+    points = [(e["label"], e["search_s"], e["shots"][shots]) for e in searches if shots in e["shots"]]
+    ax.set_title(f"each search's genotype: {shots}-shot accuracy against the search's seconds\n(bars: 95% "
+                 f"intervals; shaded: the random architectures' range, dashed: their median)", fontsize=9)
+    ranged = next((row["random_accuracy"] for _, _, row in points if row.get("random_accuracy")), None)
+    if ranged:
+        ax.axhspan(ranged["min"], ranged["max"], color="0.5", alpha=0.15, lw=0)
+        ax.axhline(ranged["median"], color="0.35", ls="--", lw=1)
+    for label, seconds, row in points:
+        ci = row["ci95"]
+        err = None if ci["low"] is None else [[row["mean"] - ci["low"]], [ci["high"] - row["mean"]]]
+        ax.errorbar([seconds], [row["mean"]], yerr=err, fmt="o", ms=5, capsize=2.5)
+        ax.annotate(label, (seconds, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
+    times = [t for _, t, _ in points if t and t > 0]
+    if times and max(times) / min(times) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("search seconds (cost.json)", fontsize=8)
+    ax.set_ylabel(f"test {shots}-shot accuracy (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
     """The PNG: the scatter panels at ``shots``, the τ bar chart of every number of shots, the heatmap.
 
@@ -136,12 +161,16 @@ def study_png(records: list[dict], summary: dict, shots: str) -> bytes:
     fig.suptitle(f"Proxies at initialisation against few-shot accuracy ({len(records)} architectures; τ of the "
                  f"signed proxy, partial τ given #params; combinations on their own scale)", fontsize=11,
                  y=1 - 0.15 / height)
-    lower = fig.add_gridspec(1, len(all_shots) + 1, width_ratios=[1] * len(all_shots) + [1.35], left=0.085,
-                             right=0.965, top=split - 0.45 / height, bottom=1.5 / height, wspace=0.42)
-    panels = [fig.add_subplot(lower[0, k]) for k in range(len(all_shots) + 1)]
+    searches = summary.get("searches") or []
+    extra = [1.2] if searches else []
+    lower = fig.add_gridspec(1, len(all_shots) + 1 + len(extra), width_ratios=[1] * len(all_shots) + [1.35] + extra,
+                             left=0.085, right=0.965, top=split - 0.45 / height, bottom=1.5 / height, wspace=0.42)
+    panels = [fig.add_subplot(lower[0, k]) for k in range(len(all_shots) + 1 + len(extra))]
     for ax, s in zip(panels, all_shots):
         _bars(ax, summary, s, [p for p in names if p in summary["proxies"]])
-    _heatmap(fig, panels[-1], summary)
+    _heatmap(fig, panels[len(all_shots)], summary)
+    if searches:
+        _searches(panels[-1], searches, shots)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return buf.getvalue()

@@ -19,6 +19,8 @@ Files of a study folder (``--save_dir``):
                               (`eval_lib.study.study_trainings`)
     archs/<id>/record.json    its record, written when it is finished (with K > 1: every training's
                               accuracy under "trainings", their mean and spread under "accuracy")
+    searches/<slug>/          with --search_objectives: one search per item (search/), its genotype's trainings
+                              (train/, train_s<k>/) and its record.json (`eval_lib.study.study_searches`)
     study.jsonl               the records in id order
     summary.json              per proxy and shots: τ, ρ, partial τ and ρ given #params, 95% intervals,
                               top-k hit rates, the fraction of the ceiling; cost per architecture;
@@ -26,14 +28,17 @@ Files of a study folder (``--save_dir``):
                               accuracy; the seed-to-seed ceiling (None with --train_seeds 1)
     summary.txt               the same as the printed table
     study.png                 each proxy against the 5-shot test accuracy; τ and partial τ bars with the
-                              ceiling; heatmap
+                              ceiling; heatmap; with --search_objectives each search's accuracy against its
+                              seconds beside the random architectures' range
+    (summary.json's "searches": per item its genotype, seconds, mean accuracy with interval, percentile)
     study.log                 the log
     done                      every architecture has a record and the summary is written
 
 Re-running the same command continues with the next architecture without a record (an interrupted
 training resumes at its last epoch). A larger --train_seeds on an existing folder trains the missing seeds of
 every architecture (its proxies and first trainings kept); a smaller one summarises the first trainings.
-``--shard i/n`` processes the architectures whose index % n == i, so several processes (or GPUs) can share
+``--shard i/n`` processes the architectures whose index % n == i (and the searches whose index, counted on
+after the architectures, is), so several processes (or GPUs) can share
 one folder; whichever finds every record present writes the summary. ``--summarize`` rebuilds the summary
 from the records there.
 
@@ -52,8 +57,15 @@ import sys
 import time
 
 from eval_lib.study.proxies import BaselineData, KernelProxies, alive_mask, baselines
-from eval_lib.study.study_config import Arch, StudyConfig, architectures, result_keys
+from eval_lib.study.study_config import Arch, SearchItem, StudyConfig, architectures, result_keys
 from eval_lib.study.study_plot import study_png
+from eval_lib.study.study_searches import (
+    SEARCHES_DIR,
+    check_search_folder,
+    read_search_record,
+    study_search,
+    summarize_searches,
+)
 from eval_lib.study.study_stats import summarize
 from eval_lib.study.study_table import format_table
 from eval_lib.study.study_trainings import (
@@ -79,7 +91,7 @@ OUTPUTS = ("study.jsonl", "summary.json", "summary.txt", "study.png")
 def study_run_dir(path) -> RunDir:
     """The study folder: config.json, the records under archs/, study.jsonl, summary.json, summary.txt, study.png,
     study.log (``--overwrite`` removes them all, the archs/ folder included)."""
-    return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR), log_name="study.log", logger=log)
+    return RunDir(path, None, outputs=(*OUTPUTS, ARCHS_DIR, SEARCHES_DIR), log_name="study.log", logger=log)
 
 
 class StudyWork:
@@ -159,6 +171,7 @@ def run_study(cfg: StudyConfig) -> int:
         index, count = cfg.shard_index()
         todo = [a for a in archs if a.index % count == index
                 and (cfg.overwrite or training_count(read_record(run, a)) < cfg.train_seeds)]
+        searches = _searches_to_do(run, cfg, len(archs), (index, count))
         work = StudyWork(cfg, todo[0]) if todo else None  # loads the data: bad inputs fail before any write
         run.create()
         _hold_study(run, cfg)
@@ -166,7 +179,7 @@ def run_study(cfg: StudyConfig) -> int:
             run.clear()
             run.hold(shared=True)  # the other shards may join from here on
         run.write_config(cfg.flags())
-        if todo:  # e.g. a larger --train_seeds on a finished folder: it is not finished until they are trained
+        if todo or searches:  # e.g. a larger --train_seeds on a finished folder: not finished until they are trained
             run.unmark_done()
         with run.attach_log("metantknas", console=True):
             log.info("proxy study: %d architectures, %s in this process%s, %s, save_dir %s", len(archs),
@@ -174,8 +187,13 @@ def run_study(cfg: StudyConfig) -> int:
                      "one training each" if cfg.train_seeds == 1 else
                      f"{cfg.train_seeds} trainings each (seeds {', '.join(map(str, cfg.training_seeds()))})",
                      run.path)
+            if cfg.search_items():
+                log.info("searches (--search_objectives): %s; %d to do in this process",
+                         ", ".join(i.label for i in cfg.search_items()), len(searches))
             for n, arch in enumerate(todo, 1):
                 _study_one(run, work, arch, f"[{n}/{len(todo)}]")
+            for n, item in enumerate(searches, 1):
+                _search_one(run, cfg, item, f"[search {n}/{len(searches)}]")
             return write_outputs(run, cfg, archs)
     finally:
         run.release()
@@ -204,8 +222,50 @@ def _hold_study(run: RunDir, cfg: StudyConfig, early: bool = False) -> None:
 
 
 def _busy_architectures(run: RunDir) -> list[dict]:
-    """The holders of the architecture folders another process studies now (a probe: no lock is taken)."""
-    return [h for h in (FolderLock(d).holder() for d in sorted((run / ARCHS_DIR).glob("*"))) if h is not None]
+    """The holders of the architecture (and search) folders another process studies now (a probe: no lock is
+    taken)."""
+    folders = sorted((run / ARCHS_DIR).glob("*")) + sorted((run / SEARCHES_DIR).glob("*"))
+    return [h for h in (FolderLock(d).holder() for d in folders) if h is not None]
+
+
+def _searches_to_do(run: RunDir, cfg: StudyConfig, n_archs: int, shard: tuple[int, int]) -> list[SearchItem]:
+    """The searches of this shard without a record of --train_seeds trainings; every search folder's settings
+    checked first (a UsageError before any write)."""
+    index, count = shard
+    items = cfg.search_items()
+    if not cfg.overwrite:
+        for item in items:
+            check_search_folder(cfg, item, run / SEARCHES_DIR / item.slug)
+    return [i for i in items if (n_archs + i.index) % count == index
+            and (cfg.overwrite or training_count(read_search_record(run / SEARCHES_DIR / i.slug, i))
+                 < cfg.train_seeds)]
+
+
+def _search_one(run: RunDir, cfg: StudyConfig, item: SearchItem, step: str) -> None:
+    """Search with ``item``'s objectives and train its genotype, holding its folder's lock; skip it when another
+    process holds it or has finished it."""
+    folder = run / SEARCHES_DIR / item.slug
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder, break_stale=run.lock.break_stale)
+    holder = lock.acquire()
+    if holder is not None:
+        log.info("%s %s: another process works on it (%s); skipped", step, item.label, describe_holder(holder))
+        return
+    try:
+        old = None if cfg.overwrite else read_search_record(folder, item)
+        if training_count(old) >= cfg.train_seeds:
+            log.info("%s %s: finished by another process; skipped", step, item.label)
+            return
+        log.info("%s search with %s (%s)%s", step, item.label, "log-rank sum" if item.combine == "log_rank" else
+                 "ranks summed" if len(item.objectives) > 1 else "alone",
+                 "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)")
+        record = study_search(cfg, item, folder, run.path, old)
+        atomic_write_json(folder / "record.json", record)
+        acc = ", ".join(f"{s}-shot {r['mean']:.2f}" for s, r in record["accuracy"]["test"].items())
+        log.info("%s %s: %s; test %s (search %.1f s)", step, item.label, record["genotype"], acc,
+                 record["timings"]["search_s"])
+    finally:
+        lock.release()
 
 
 def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
@@ -260,9 +320,13 @@ def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bo
     # a record counts once it has the --train_seeds trainings of this study (those beyond are left out)
     records = [first_trainings(r, cfg) for r in (read_record(run, a) for a in archs)
                if training_count(r) >= cfg.train_seeds]
-    if len(records) < len(archs) and not partial:
-        log.info("%d of %d architectures have records of %d training(s); the process that finishes the last "
-                 "writes the summary (or run with --summarize)", len(records), len(archs), cfg.train_seeds)
+    items = cfg.search_items()
+    searched = [first_trainings(r, cfg) for r in (read_search_record(run / SEARCHES_DIR / i.slug, i) for i in items)
+                if training_count(r) >= cfg.train_seeds]
+    if (len(records) < len(archs) or len(searched) < len(items)) and not partial:
+        log.info("%d of %d architectures and %d of %d searches have records of %d training(s); the process that "
+                 "finishes the last writes the summary (or run with --summarize)", len(records), len(archs),
+                 len(searched), len(items), cfg.train_seeds)
         return 0
     if not records:
         raise UsageError(f"--save_dir {run.path} holds no architecture records of {cfg.train_seeds} training(s) yet; "
@@ -271,12 +335,14 @@ def _write_outputs(run: RunDir, cfg: StudyConfig, archs: list[Arch], partial: bo
     summary = summarize(records, shots=shots, top_k=cfg.top_k, seed=cfg.seed, n_resamples=cfg.bootstrap_resamples,
                         expected=len(archs), log_rank_members=cfg.log_rank_members,
                         training_seeds=cfg.training_seeds())
+    if items:
+        summary["searches"] = summarize_searches(searched, records, shots, cfg.train_seeds)
     atomic_write_text(run / "study.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_json(run / "summary.json", summary)
     table = format_table(summary)
     atomic_write_text(run / "summary.txt", table + "\n")
     atomic_write_bytes(run / "study.png", study_png(records, summary, "5" if "5" in shots else shots[-1]))
-    if len(records) == len(archs):
+    if len(records) == len(archs) and len(searched) == len(items):
         run.mark_done()
     print(table)
     print(f"outputs: {run.path} (study.jsonl, summary.json, summary.txt, study.png)")

@@ -1,7 +1,8 @@
 """The summary of a proxy study as a text table (summary.txt and the printed table; the numbers are
 `eval_lib.study.study_stats`'s): one line per proxy and number of shots, then the architectures' accuracy,
 the seed-to-seed ceiling or that none was measured, the rules of the combinations and of the intervals,
-and with several trainings per architecture each architecture's mean and spread."""
+with several trainings per architecture each architecture's mean and spread, and with --search_objectives one
+line per search and shots (`eval_lib.study.study_searches`)."""
 
 from __future__ import annotations
 
@@ -82,4 +83,30 @@ def format_table(summary: dict) -> str:
             lines.append(f"  {arch}  " + "  ".join(
                 f"{s}-shot {a['mean']:.2f} ± {a['std']:.2f} [{a['min']:.2f}, {a['max']:.2f}]"
                 for s, a in per_shots.items() if a.get("std") is not None))
+    if summary.get("searches"):
+        lines += search_lines(summary["searches"])
     return "\n".join(lines)
+
+
+def search_lines(searches: list[dict]) -> list[str]:
+    """The searches of --search_objectives: per search and shots the mean accuracy with its 95% interval, its
+    percentile among the random architectures and the search's seconds; then each search's genotype."""
+    rows = [("search objective", "shots", "accuracy [95% interval]", "percentile", "search s")]
+    for entry in searches:
+        for n, (s, row) in enumerate(entry["shots"].items()):
+            ci = row["ci95"]
+            interval = "[n/a]" if ci["low"] is None else f"[{ci['low']:.2f}, {ci['high']:.2f}]"
+            rows.append((entry["label"] if n == 0 else "", s, f"{row['mean']:.2f} {interval}",
+                         "n/a" if row["percentile"] is None else f"{row['percentile']:.0f}",
+                         _seconds(entry["search_s"]) if n == 0 else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    first = searches[0]
+    some = next(iter(first["shots"].values()), None)
+    method = some["ci95"]["method"] if some else "n/a"
+    randoms = some["random_archs"] if some else 0
+    lines = ["", f"searches (--search_objectives; the study's data, seed and search flags; each genotype trained "
+                 f"{first['trainings']} time(s); interval: {method}; percentile among the {randoms} random "
+                 f"architectures' mean accuracies):"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"  {entry['label']}: {entry['genotype']}" for entry in searches]
+    return lines

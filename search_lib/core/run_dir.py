@@ -292,7 +292,8 @@ class RunLog:
     """A file handler (and optionally a console handler) on a logger, removed again by ``close()``.
 
     With ``console`` the logger stops propagating while attached (no duplicate lines through a root
-    handler) and prints INFO lines itself; without it, records also reach the caller's own handlers.
+    handler) and prints INFO lines itself, unless a run around this one prints them already (a proxy study's
+    searches); without it, records also reach the caller's own handlers.
     """
 
     def __init__(self, path: Path, logger_name: str, console: bool, level: int):
@@ -305,8 +306,8 @@ class RunLog:
         handler.setLevel(level)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.handlers: list[logging.Handler] = [handler]
-        if console:
-            stream = logging.StreamHandler()
+        if console and not any(isinstance(h, _ConsoleHandler) for h in self.logger.handlers):
+            stream = _ConsoleHandler()
             stream.setLevel(logging.INFO)
             stream.setFormatter(logging.Formatter("%(message)s"))
             self.handlers.append(stream)
@@ -329,6 +330,10 @@ class RunLog:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A run log's console handler (one per logger: a run inside another prints through the outer one's)."""
 
 
 class _LogFileHandler(logging.StreamHandler):

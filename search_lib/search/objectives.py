@@ -38,18 +38,20 @@ LOG_RANK_KEY = "log_rank_sum"  # a candidate's combined score with --combine log
 WORST_CHANGE = 1e9
 
 
-def parse_objectives(text: str) -> tuple[str, ...]:
+def parse_objectives(text: str, flag: str = "--objective", sep: str = ",") -> tuple[str, ...]:
     """``--objective``'s comma list as objective names in `OBJECTIVES`' order; a UsageError names an unknown,
-    repeated or missing one and lists the valid names."""
-    names = [n.strip() for n in text.split(",")]
+    repeated or missing one and lists the valid names. ``flag`` and ``sep`` serve another flag's spelling of the
+    same list (the proxy study's ``--search_objectives`` joins the objectives of one search with ``+``)."""
+    names = [n.strip() for n in text.split(sep)]
     if not text.strip() or any(not n for n in names):
-        raise UsageError(f"--objective {text!r} names no objective (or an empty one); give a comma list of: "
+        kind = "comma" if sep == "," else repr(sep)
+        raise UsageError(f"{flag} {text!r} names no objective (or an empty one); give a {kind} list of: "
                          f"{', '.join(OBJECTIVES)}")
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise UsageError(f"--objective: unknown objective {unknown[0]!r}; valid: {', '.join(OBJECTIVES)}")
+        raise UsageError(f"{flag}: unknown objective {unknown[0]!r}; valid: {', '.join(OBJECTIVES)}")
     if len(set(names)) != len(names):
-        raise UsageError(f"--objective {text!r} names an objective twice; name each once")
+        raise UsageError(f"{flag} {text!r} names an objective twice; name each once")
     return tuple(n for n in OBJECTIVES if n in names)
 
 
