@@ -41,7 +41,8 @@ demo: $(STAMP)
 # other's) says how much ranking the training's noise leaves to find. Two trainings cost twice the training
 # time, so 24 architectures instead of the 32 of one training each: about 4.5 s of proxies and 2 x 27 s of
 # training and test per architecture on one core of a quiet machine (the one-training study's 17.1 CPU-min for
-# 32), about 12-13 min in all on 2 cores; 32 would pass 15 min, fewer epochs would make every
+# 32): 7 min 42 s measured on 2 quiet cores (12-13 min estimated from an earlier, slower machine, where 32
+# would pass 15 min); fewer epochs would make every
 # accuracy noisier. The first training of each is that of the one-training study (same seed, same folder).
 # Two shards of one thread each share the folder: both cores work without OpenMP threads waiting on each
 # other, and the records do not depend on the machine (a training's numbers depend on its thread count).
