@@ -217,6 +217,7 @@ def _peak_of(cmd) -> tuple[int, subprocess.CompletedProcess]:
     return usage.ru_maxrss * 1024, subprocess.CompletedProcess(cmd, proc.returncode, "", err)
 
 
+@pytest.mark.slow  # 22 s; the budget's pass sizing is covered by the fast tests above
 def test_a_tiny_32x32_search_stays_within_its_budget(tmp_path):
     cmd = [sys.executable, str(REPO / "prune_metantknas.py"), *TINY_32, "--memory_budget", f"{BUDGET // MiB}MiB",
            "--save_dir", str(tmp_path / "run")]

@@ -116,6 +116,7 @@ def _second_is_refused(first: _Background, folder: Path, cmd: list[str]) -> None
     assert took < LIMIT / 4  # at once: start-up and a look at the lock file, no work
 
 
+@pytest.mark.slow  # 30 s; the training's twin below goes through the same session lock by default
 def test_a_second_search_in_a_running_search_folder_exits_2_and_the_first_finishes(synthetic_mini, tmp_path):
     run = tmp_path / "run"
     first = _Background(_search_cmd(synthetic_mini, run), tmp_path, "first")

@@ -77,8 +77,8 @@ class StudyConfig:
     search_objectives: str | None = field(default=None, metadata=flag(
         "one search per comma item, on the study's data with its --seed and the search's flags (--prune_number "
         "included), its genotype trained and tested with the study's training seeds beside the random "
-        "architectures (default: no searches): an item is an objective of the search's --objective, several joined by + (their ranks "
-        "summed, the search's rule), or log_rank:a+b+... (AZ-NAS's log-rank sum); e.g. "
+        "architectures (default: no searches): an item is an objective of the search's --objective, several "
+        "joined by + (their ranks summed, the search's rule), or log_rank:a+b+... (AZ-NAS's log-rank sum); e.g. "
         "kappa+regions,naswot,log_rank:naswot+zico+swap", type=str, metavar="ITEMS", group=_STUDY))
     top_k: int = field(default=3, metadata=flag("k of the top-k hit rate", group=_STUDY))
     bootstrap_resamples: int = field(default=9999, metadata=flag("bootstrap resamples per interval", group=_STUDY))
