@@ -51,6 +51,7 @@ a lock of its own (``.summary.lock``), waited for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -241,57 +242,67 @@ def _searches_to_do(run: RunDir, cfg: StudyConfig, n_archs: int, shard: tuple[in
                  < cfg.train_seeds)]
 
 
-def _search_one(run: RunDir, cfg: StudyConfig, item: SearchItem, step: str) -> None:
-    """Search with ``item``'s objectives and train its genotype, holding its folder's lock; skip it when another
-    process holds it or has finished it."""
-    folder = run / SEARCHES_DIR / item.slug
+@contextlib.contextmanager
+def _unit_held(run: RunDir, folder, step: str, label: str):
+    """Hold the lock of a unit of work's folder (an architecture, a search) for the block; yields False, having
+    said so, when another process holds it: the unit is then skipped."""
     folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(folder, break_stale=run.lock.break_stale)
     holder = lock.acquire()
     if holder is not None:
-        log.info("%s %s: another process works on it (%s); skipped", step, item.label, describe_holder(holder))
+        log.info("%s %s: another process works on it (%s); skipped", step, label, describe_holder(holder))
+        yield False
         return
     try:
-        old = None if cfg.overwrite else read_search_record(folder, item)
-        if training_count(old) >= cfg.train_seeds:
-            log.info("%s %s: finished by another process; skipped", step, item.label)
+        yield True
+    finally:
+        lock.release()
+
+
+def _search_one(run: RunDir, cfg: StudyConfig, item: SearchItem, step: str) -> None:
+    """Search with ``item``'s objectives and train its genotype, holding its folder's lock; skip it when another
+    process holds it or has finished it."""
+    folder = run / SEARCHES_DIR / item.slug
+    with _unit_held(run, folder, step, item.label) as held:
+        old = None if not held or cfg.overwrite else read_search_record(folder, item)
+        if not held or _finished(old, cfg, step, item.label):
             return
         log.info("%s search with %s (%s)%s", step, item.label, "log-rank sum" if item.combine == "log_rank" else
-                 "ranks summed" if len(item.objectives) > 1 else "alone",
-                 "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)")
+                 "ranks summed" if len(item.objectives) > 1 else "alone", _adding(old))
         record = study_search(cfg, item, folder, run.path, old)
         atomic_write_json(folder / "record.json", record)
         acc = ", ".join(f"{s}-shot {r['mean']:.2f}" for s, r in record["accuracy"]["test"].items())
         log.info("%s %s: %s; test %s (search %.1f s)", step, item.label, record["genotype"], acc,
                  record["timings"]["search_s"])
-    finally:
-        lock.release()
 
 
 def _study_one(run: RunDir, work: StudyWork, arch: Arch, step: str) -> None:
     """Study ``arch`` holding its folder's lock; skip it when another process holds it or has finished it."""
     folder = run / ARCHS_DIR / arch.id
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(folder, break_stale=run.lock.break_stale)
-    holder = lock.acquire()
-    if holder is not None:
-        log.info("%s %s: another process studies it (%s); skipped", step, arch.id, describe_holder(holder))
-        return
-    try:
-        old = None if work.cfg.overwrite else read_record(run, arch)
-        if training_count(old) >= work.cfg.train_seeds:  # finished by another process since the list was made
-            log.info("%s %s: finished by another process; skipped", step, arch.id)
+    with _unit_held(run, folder, step, arch.id) as held:
+        old = None if not held or work.cfg.overwrite else read_record(run, arch)
+        if not held or _finished(old, work.cfg, step, arch.id):
             return
-        more = "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)"
-        log.info("%s %s: %s%s", step, arch.id, arch.genotype, more)
+        log.info("%s %s: %s%s", step, arch.id, arch.genotype, _adding(old))
         seeds = {"seed": work.cfg.seed, "arch_seed": arch.arch_seed, "training_seeds": work.cfg.training_seeds()}
         write_provenance(folder, build_record(work.device, {"mode": "fixed"}, seeds, work.cfg.proxy.deterministic),
                          log)  # its proxies' (each training writes its own in its folder)
         record = work.study(arch, folder, old)
         atomic_write_json(folder / "record.json", record)
         log.info("%s %s: %s", step, arch.id, _brief(record))
-    finally:
-        lock.release()
+
+
+def _finished(old: dict | None, cfg: StudyConfig, step: str, label: str) -> bool:
+    """True (said) when a unit's record already has this study's trainings: another process finished it since
+    the list of work was made."""
+    if training_count(old) >= cfg.train_seeds:
+        log.info("%s %s: finished by another process; skipped", step, label)
+        return True
+    return False
+
+
+def _adding(old: dict | None) -> str:
+    return "" if old is None else f" (its record has {training_count(old)} training(s); adding the others)"
 
 
 def _brief(record: dict) -> str:
