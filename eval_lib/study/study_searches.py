@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
+from eval_lib.fewshot.meta_test import mean_confidence_interval
 from eval_lib.study.study_config import SearchItem, StudyConfig
 from eval_lib.study.study_trainings import recorded_trainings, train_with_seeds, with_trainings
 from eval_lib.train.checkpoints import read_json
@@ -100,8 +101,8 @@ def study_search(cfg: StudyConfig, item: SearchItem, folder: Path, root: Path, r
 def accuracy_interval(result: dict, k: int) -> dict:
     """The 95% interval of a mean accuracy over ``k`` trainings (the module's docstring)."""
     mean = float(result["mean"])
-    if k > 1:
-        half = float(scipy.stats.t.ppf(0.975, k - 1)) * float(result["std"]) / np.sqrt(k)
+    if k > 1:  # the few-shot test's own Student-t interval, over the trainings' means instead of episodes
+        half = mean_confidence_interval(result["per_seed"])[1]
         method = f"t-interval over the {k} training means"
     else:
         half = result.get("ci95")

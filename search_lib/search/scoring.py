@@ -198,7 +198,7 @@ class CandidateScorer:
         batch, so the architectures of a pass could not share one."""
         assert self._proxy_net is not None, "the proxy network is made for the proxy objectives"
         self._proxy_net.net.set_alphas(*alphas_from_alive(alive))
-        with self._step("proxy", 1):  # through its thread tuner: oversubscribed OpenMP threads cost 100x here
+        with self._step("proxy", 1):  # through its own thread tuner (--tune_threads), as the kernel passes
             return ZERO_COST_PROXIES[name](self._proxy_net, self._inputs, self._targets)
 
     def proxies(self, names: list[str], alive: np.ndarray, bar=None) -> dict[str, tuple[float, float]]:
