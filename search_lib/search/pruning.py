@@ -188,8 +188,8 @@ class PruningSearch:
                 sentinels += [f"repeat {rep} {x}" for (k, _), x in zip(scores, labels) if k == KAPPA_SENTINEL]
                 for c, (kc, rc) in enumerate(rest):
                     kappas[rep, c], regions[rep, c] = kc, rc
-                    dk[rep, c] = round((k0 - kc) / k0, cfg.precision) if cfg.needs_kappa else 0.0
-                    dr[rep, c] = round((r0 - rc) / r0, cfg.precision) if r0 else 0.0
+                    dk[rep, c] = relative_change(k0, kc, cfg.precision, OBJECTIVES["kappa"]) if cfg.needs_kappa else 0.0
+                    dr[rep, c] = relative_change(r0, rc, cfg.precision, OBJECTIVES["regions"])
                 kfull.append(k0)
                 rfull.append(r0)
             for p in proxies:
@@ -317,9 +317,9 @@ class PruningSearch:
         for i, cand in enumerate(candidates):
             by_edge.setdefault((cand.cell, cand.edge), []).append(i)
         pruned = []
+        key = prune_key(self.cfg.combine)
         for (c, e), idxs in by_edge.items():
             n = min(self.cfg.prune_number, int(alive[c, e].sum()) - 1)
-            key = prune_key(self.cfg.combine)
             for i in sorted(idxs, key=lambda i: record["candidates"][i][key])[:n]:
                 alive[c, e, candidates[i].op] = False
                 record["candidates"][i]["pruned"] = True
@@ -335,8 +335,8 @@ class PruningSearch:
             g = next(k for k, (s, t) in enumerate(groups) if s <= cand.edge < t)
             by_group.setdefault((cand.cell, g), []).append(i)
         pruned = []
+        key = prune_key(self.cfg.combine)
         for idxs in by_group.values():
-            key = prune_key(self.cfg.combine)
             keep = sorted(idxs, key=lambda i: -record["candidates"][i][key])[:2]
             for i in idxs:
                 if i not in keep:
