@@ -69,6 +69,26 @@ def scores_text(path) -> str:
                    for r in read_jsonl(path))
 
 
+@dataclass
+class RoundValues:
+    """What a round's repeats measured (`PruningSearch.score_round`): arrays of repeats x candidates, ``*full``."""
+    kernel: bool  # κ and regions were measured
+    proxies: list[str]  # the zero-cost objectives measured
+    dk: np.ndarray
+    dr: np.ndarray
+    kappas: np.ndarray
+    regions: np.ndarray
+    kfull: list[float]
+    rfull: list[int]
+    pvalues: dict[str, np.ndarray]
+    dp: dict[str, np.ndarray]
+    pfull: dict[str, list[float]]
+    seconds: dict[str, float]  # each objective's seconds in the round
+    cand_seconds: dict[str, list[float]]  # a proxy's seconds per candidate, over the repeats
+    sentinels: list[str]
+    nonfinite: int
+
+
 # --------------------------------------------------------------------------------------------------
 # Candidates
 
@@ -154,9 +174,7 @@ class PruningSearch:
         proxies = [o for o in objectives if o not in KERNEL_OBJECTIVES]
         reps, n = cfg.repeat, len(candidates)
         kfull, rfull = [], []
-        dk = np.zeros((reps, n))
-        dr = np.zeros((reps, n))
-        kappas = np.zeros((reps, n))
+        dk, dr, kappas = (np.zeros((reps, n)) for _ in range(3))  # Δκ, Δregions, κ
         regions = np.zeros((reps, n), dtype=np.int64)
         pfull = {p: [] for p in proxies}
         pvalues = {p: np.zeros((reps, n)) for p in proxies}
@@ -202,19 +220,18 @@ class PruningSearch:
                     cand_seconds[p][c] += sc
                 nonfinite += sum(not math.isfinite(v) for v, _ in [proxy_scores[0][p], *rest])
         bar.close()
-        return self._round_record(scorer, candidates, round_idx, phase, dict(
+        return self._round_record(scorer, candidates, round_idx, phase, RoundValues(
             kernel=kernel, proxies=proxies, dk=dk, dr=dr, kappas=kappas, regions=regions, kfull=kfull, rfull=rfull,
             pvalues=pvalues, dp=dp, pfull=pfull, seconds=seconds, cand_seconds=cand_seconds, sentinels=sentinels,
             nonfinite=nonfinite))
 
     def _round_record(self, scorer: CandidateScorer, candidates: list[Candidate], round_idx: int, phase: str,
-                      v: dict) -> dict:
-        """A round's record from what its repeats measured (``v``, `score_round`'s arrays: rows repeats, columns
-        candidates): the objectives' changes, ranks and combination."""
+                      v: RoundValues) -> dict:
+        """A round's record from what its repeats measured (`RoundValues`): the objectives' changes, ranks and
+        combination."""
         cfg, objectives, n = self.cfg, self.cfg.objectives, len(candidates)
-        kernel, proxies, pvalues, sentinels, nonfinite = (v[k] for k in ("kernel", "proxies", "pvalues", "sentinels",
-                                                                         "nonfinite"))
-        kappas, regions, dk, dr, dp = (v[k] for k in ("kappas", "regions", "dk", "dr", "dp"))
+        kernel, proxies, pvalues, sentinels, nonfinite = v.kernel, v.proxies, v.pvalues, v.sentinels, v.nonfinite
+        kappas, regions, dk, dr, dp = v.kappas, v.regions, v.dk, v.dr, v.dp
         changes: dict[str, list[float]] = {}
         ranks: dict[str, list[int]] = {}
         if kernel:
@@ -256,18 +273,18 @@ class PruningSearch:
             log.warning("round %d: every candidate has the same score; ties are broken by candidate order", round_idx)
         out = {"round": round_idx, "phase": phase}
         if kernel:
-            out.update({"kappa_full": [float(k) if cfg.needs_kappa else None for k in v["kfull"]],
-                        "regions_full": [int(r) for r in v["rfull"]]})
+            out.update({"kappa_full": [float(k) if cfg.needs_kappa else None for k in v.kfull],
+                        "regions_full": [int(r) for r in v.rfull]})
         out["candidates"] = records
         for p in proxies:
-            out[f"{p}_full"] = [finite_or_none(x) for x in v["pfull"][p]]
+            out[f"{p}_full"] = [finite_or_none(x) for x in v.pfull[p]]
         if proxies:
             out["nonfinite_events"] = nonfinite
         measured = scorer.measured()
         # the seconds each objective cost: kept with the other numbers measured on this run, never in the scores
-        measured["objective_seconds"] = {o: round(x, 4) for o, x in v["seconds"].items()}
+        measured["objective_seconds"] = {o: round(x, 4) for o, x in v.seconds.items()}
         if proxies:
-            measured["candidate_seconds"] = {p: [round(x, 4) for x in v["cand_seconds"][p]] for p in proxies}
+            measured["candidate_seconds"] = {p: [round(x, 4) for x in v.cand_seconds[p]] for p in proxies}
         out.update({"sentinel_events": len(sentinels), "all_tied": all_tied, MEASURED_KEY: measured})
         return out
 
