@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from search_lib.data.synthetic import write_synthetic
 # started by tests inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The runs the tests start take turns at the cores among themselves only (search_lib.core.turns), not with the
+# user's own runs on this machine: a folder of the test session's own, which subprocesses inherit too.
+os.environ["METANTKNAS_TURNS_DIR"] = tempfile.mkdtemp(prefix="metantknas-test-turns-")
 
 # ---- synthetic data in the RFS file formats (session-wide; treat the folders as read-only) ----------------
 

@@ -1,4 +1,5 @@
-"""Comparing two search histories (history.jsonl without `measured`): exactly, or with κ's last digits free.
+"""Comparing two search histories (history.jsonl without `measured`): exactly, or with κ's last digits free;
+and two trainings' numbers (`training_numbers`).
 
 On some CPUs (measured on an AVX-512 AMD EPYC) the number of architectures in a kernel pass and the thread count
 choose the kernels' summation order, which moves κ by about 1e-5 relative (float32 gradients, a condition number
@@ -43,3 +44,11 @@ def assert_same_scores(a, b, rel: float = KAPPA_DIGITS) -> None:
     regions, the rounded Δ's), every float to ``rel``."""
     diffs = _differences(_records(a), _records(b), "history", rel)
     assert not diffs, f"{len(diffs)} differences, first: " + "; ".join(diffs[:3])
+
+
+def training_numbers(run: Path) -> tuple[list[dict], dict]:
+    """A training run's numbers, to compare exactly: metrics.jsonl without its timings, and results.json's
+    few-shot accuracies."""
+    metrics = [{k: v for k, v in json.loads(line).items() if k != "time"}
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return metrics, json.loads((run / "results.json").read_text())["fewshot"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from histories import training_numbers
 
 import eval_searched_arch
 import prune_metantknas
@@ -28,12 +29,6 @@ SEARCH = ["--dataset", "MetaDigits", "--ntk_channels", "4", "--ntk_layers", "2",
           "2", "--n_ways", "3", "--repeat", "1", "--prune_number", "3", "--lr_batch_size", "40", "--lr_batches", "1",
           "--device", "cpu", "--rand_seed", "4"]
 
-
-def _numbers(run: Path) -> tuple[list[dict], dict]:
-    """metrics.jsonl without its timings, and results.json's few-shot accuracies."""
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "time"}
-               for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return metrics, json.loads((run / "results.json").read_text())["fewshot"]
 
 
 def _train_subprocess(save_dir: Path) -> None:  # one epoch, two test episodes: the least that shows a change
@@ -54,7 +49,7 @@ def test_a_training_gives_the_same_numbers_alone_and_beside_busy_processes(tmp_p
         for proc in busy:
             proc.kill()
             proc.wait()
-    assert _numbers(tmp_path / "alone") == _numbers(tmp_path / "busy")
+    assert training_numbers(tmp_path / "alone") == training_numbers(tmp_path / "busy")
     results = json.loads((tmp_path / "busy" / "results.json").read_text())
     assert results["train"]["thread_mode"] == "fixed" and results["train"]["numbers_depend_on_load"] is False
     record = json.loads((tmp_path / "busy" / "provenance.json").read_text())
@@ -225,6 +220,6 @@ def test_on_cuda_two_searches_and_two_trainings_give_identical_numbers(tmp_path)
                                         "--save_dir", str(tmp_path / f"t{i}")]) == 0
     assert _history(tmp_path / "s0") == _history(tmp_path / "s1")
     assert (tmp_path / "s0" / "genotype.json").read_bytes() == (tmp_path / "s1" / "genotype.json").read_bytes()
-    assert _numbers(tmp_path / "t0") == _numbers(tmp_path / "t1")
+    assert training_numbers(tmp_path / "t0") == training_numbers(tmp_path / "t1")
     record = json.loads((tmp_path / "t0" / "provenance.json").read_text())
     assert record["environment"]["device"]["gpu"] and record["deterministic"]["cudnn_deterministic"]

@@ -45,6 +45,7 @@ from eval_lib.fewshot.classifiers import (
     predict_episodes,
 )
 from eval_lib.fewshot.inference import INFERENCE_MODES, inference_network
+from search_lib.core import turns
 from search_lib.core.errors import DataError, UsageError
 from search_lib.core.threads import ThreadTuner
 from search_lib.core.utils import resolve_device
@@ -206,7 +207,7 @@ class _Features:
             chunk = images[start:start + step].to(self.device, dtype=torch.float32, non_blocking=True)
             if self.inference == "fused":
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-            with self.tuner.step(chunk.shape[0]) if self.tuner is not None else nullcontext():
+            with turns.step(), self.tuner.step(chunk.shape[0]) if self.tuner is not None else nullcontext():
                 outs.append(self.net(chunk).float())
         return torch.cat(outs)
 
@@ -379,7 +380,7 @@ def _test_episodes(model: nn.Module, episode_dataset, settings: FewShotSettings,
     ways = queries = None
     bar = tqdm(total=len(episode_dataset), desc=desc, disable=None if progress else True, leave=False,
                dynamic_ncols=True)
-    for sx, sy, qx, qy in groups:
+    for sx, sy, qx, qy in turns.over(groups):  # an episode's features and classifier in one turn at the cores
         sx, qx = sx.to(torch.float64), qx.to(torch.float64)
         if settings.normalize:
             sx, qx = _l2_normalize_t(sx), _l2_normalize_t(qx)

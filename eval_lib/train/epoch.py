@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eval_lib.train.train_config import TrainConfig
+from search_lib.core import turns
 from search_lib.core.distributed import World
 from search_lib.core.errors import DataError, UsageError
 from search_lib.core.threads import ThreadTuner
@@ -118,18 +119,21 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, d
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
-    for batch in bar:
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with tuner.step(targets.shape[0]) if tuner is not None else nullcontext():
-            logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype, scaler)
-        n = targets.shape[0]
-        total_loss += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == targets).sum())
-        seen += n
-        if progress:
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    # each step with the fetching of its batch (an in-process loader's augmentation is CPU work too) holds the run's
+    # turn at the cores (search_lib.core.turns); closing() gives the turn back at once when a step raises
+    with closing(turns.over(bar)) as batches:
+        for batch in batches:
+            images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with tuner.step(targets.shape[0]) if tuner is not None else nullcontext():
+                logits, loss = train_step(model, images, targets, optimizer, criterion, amp_dtype, scaler)
+            n = targets.shape[0]
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(1) == targets).sum())
+            seen += n
+            if progress:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
     if seen == 0:
         raise DataError("the training loader yielded no images; lower --batch_size")
     if world is not None and world.active:

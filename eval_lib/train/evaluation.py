@@ -135,7 +135,8 @@ def evaluate_checkpoint(path: str | os.PathLike, cfg: TrainConfig | None = None)
     cfg.validate()
     if not cfg.eval_splits:
         raise UsageError("--eval_splits is empty; give test and/or val")
-    with run_session(cfg.device, cfg.threads, workers=cfg.workers, deterministic=cfg.deterministic) as session:
+    with run_session(cfg.device, cfg.threads, workers=cfg.workers, deterministic=cfg.deterministic,
+                     take_turns=cfg.take_turns) as session:
         return _evaluate_checkpoint(path, cfg, session)
 
 

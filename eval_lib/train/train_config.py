@@ -139,6 +139,9 @@ class TrainConfig:
         "on the CPU, choose the thread count of the training's steps and the test's forward passes by timing "
         "them (fewer beside other busy processes): faster on a shared box, but the numbers then depend on "
         "its load (results.json says so)", group=_TRAIN))
+    take_turns: bool = field(default=True, metadata=_after_search(
+        "on the CPU, take turns step by step with the toolkit's other CPU runs on this machine instead of "
+        "interleaving threads with them (search_lib.core.turns; waiting changes no number)", group=_TRAIN))
     deterministic: bool = field(default=True, metadata=_after_search(
         "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
         "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed",

@@ -102,7 +102,8 @@ def train_and_evaluate(cfg: TrainConfig, genotype: Genotype | None = None) -> di
     run = training_run_dir(cfg.save_dir or default_save_dir(cfg, genotype))
     # a folder another process trains in: exit 2 at once
     with run_session(cfg.device, cfg.threads, workers=cfg.workers, run=run, overwrite=cfg.overwrite,
-                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic) as session:
+                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic,
+                     take_turns=cfg.take_turns) as session:
         data = TrainingData.load(cfg)  # data errors surface before anything is written
         # the lock held from here to the end
         session.claim(overwrite=cfg.overwrite, verb="create", log="metantknas.eval", level=logging.INFO)
@@ -330,9 +331,11 @@ class TrainingRun:
 
     def _thread_mode(self) -> dict:
         """How the thread count was chosen: ``fixed`` at the start, or ``tuned`` by timing (--tune_threads), which
-        makes the numbers depend on the machine's load."""
+        makes the numbers depend on the machine's load; and the turns at the cores the run took (its steps that
+        waited for another run's, `search_lib.core.turns`)."""
         tuned = self.cfg.tunes_threads(self.device.type)
-        return {"thread_mode": "tuned" if tuned else "fixed", "numbers_depend_on_load": tuned}
+        turns = self.session.turns.record() if self.session is not None else None
+        return {"thread_mode": "tuned" if tuned else "fixed", "numbers_depend_on_load": tuned, "turns": turns}
 
     def _results(self, fewshot: dict, eval_time_s: float) -> dict:
         cfg = self.cfg

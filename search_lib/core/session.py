@@ -1,7 +1,8 @@
 """The set-up every run shares: the search, the training and the few-shot test of a checkpoint.
 
 `run_session` applies --deterministic (`search_lib.core.determinism`: before anything touches CUDA), resolves the
-device and joins the torchrun process group, sets the thread count, and, for a run
+device and joins the torchrun process group, sets the thread count, makes the run take turns at the cores with
+the toolkit's other CPU runs on the machine (`search_lib.core.turns`, --take_turns), and, for a run
 that writes a folder, takes the folder's lock at the first look (when the folder has one already: a second
 process is refused before any work) and releases it at the end. `RunSession.claim` is the run's first write:
 every rank has checked its inputs, rank 0 creates (or, with --overwrite, clears) the folder under the lock, and
@@ -24,7 +25,8 @@ from search_lib.core.determinism import deterministic_mode
 from search_lib.core.distributed import World
 from search_lib.core.provenance import build_record
 from search_lib.core.run_dir import RunDir, RunLog
-from search_lib.core.threads import configure_threads
+from search_lib.core.threads import available_cpus, configure_threads
+from search_lib.core.turns import Turns, open_turns, taking_turns
 from search_lib.core.utils import resolve_device
 
 
@@ -38,6 +40,7 @@ class RunSession:
     run: RunDir | None = None
     log: RunLog | None = None
     deterministic: bool = True
+    turns: Turns = field(default_factory=lambda: Turns(enabled=False))
     _closing: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def record_provenance(self, seeds: dict, threads: dict) -> None:
@@ -47,7 +50,8 @@ class RunSession:
             self.run.record_provenance(self.provenance(seeds, threads))
 
     def provenance(self, seeds: dict, threads: dict) -> dict:
-        return build_record(self.device, {"count": self.threads, **threads}, seeds, self.deterministic)
+        return build_record(self.device, {"count": self.threads, **threads, "turns": self.turns.settings()}, seeds,
+                            self.deterministic)
 
     def claim(self, *, overwrite: bool = False, verb: str = "write", log: str | None = None, console: bool = False,
               level: int = logging.DEBUG, reread: bool = False) -> bool:
@@ -75,18 +79,23 @@ class RunSession:
 @contextmanager
 def run_session(device: str, threads: int | None, *, workers: Callable[[str], int] | int = 0,
                 run: RunDir | None = None, overwrite: bool = False,
-                break_stale: bool = False, deterministic: bool = True) -> Iterator[RunSession]:
+                break_stale: bool = False, deterministic: bool = True,
+                take_turns: bool = True) -> Iterator[RunSession]:
     """Set up a run (see the module's text); ``workers``: the data-loader processes, or a function of the device
     type giving them (they get no compute threads). A folder another process holds: FolderInUse (exit 2) at
     once; ``break_stale`` (--break_stale_lock) takes over a lease that expired (network file systems);
-    ``deterministic``: --deterministic, for the session's life."""
+    ``deterministic``: --deterministic, for the session's life; ``take_turns``: --take_turns (a CPU run outside
+    torchrun takes turns at the cores with the toolkit's other runs on the machine, `search_lib.core.turns`)."""
     closing = ExitStack()
     closing.enter_context(deterministic_mode(deterministic))  # first: cuBLAS reads its setting when CUDA starts
     try:
         world, dev = distributed.init(resolve_device(device))
         loaders = workers(dev.type) if callable(workers) else workers
-        session = RunSession(world, dev, configure_threads(loaders, threads), run, deterministic=deterministic,
-                             _closing=closing)
+        count = configure_threads(loaders, threads)
+        session = RunSession(world, dev, count, run, deterministic=deterministic, _closing=closing,
+                             turns=closing.enter_context(taking_turns(open_turns(
+                                 take_turns, device_type=dev.type, distributed=world.active, threads=count,
+                                 cpus=available_cpus()))))
     except BaseException:
         closing.close()
         raise

@@ -7,7 +7,7 @@ search's κ on some CPUs (measured on an AVX-512 AMD EPYC; not on the Intel mach
 count chosen by the machine's load would make the numbers depend on it. With --tune_threads the search's
 passes, the training's steps and the few-shot test's forward passes go through a `ThreadTuner`, which drops
 threads when the run shares its cores with other busy processes: faster on a shared box, load-dependent
-numbers. OpenMP's bounded spinning (`search_lib.core.openmp_env`) keeps fixed-count runs side by side fair.
+numbers. Fixed-count runs side by side stay fair by taking turns at the cores (`search_lib.core.turns`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search_lib.core import turns
 from search_lib.core.errors import RunFailure, one_line
 from search_lib.core.memory import MemoryMeter, format_size, resolve_budget
 from search_lib.core.pass_sizing import PassRecord, PassSizer, is_out_of_memory
@@ -129,8 +130,9 @@ class CandidateScorer:
         scores) through its thread tuner (which only counts it when nothing is tuned). Passes of every size are
         timed, the first ones too: under load the choice must come before the large passes, and it rests on
         the share of its cores a pass got, which its size does not change (with ``trust_fair`` the times of two
-        counts are compared only on a box of more than two cores)."""
-        with full_float32(), self.tuners[kind].step(work):
+        counts are compared only on a box of more than two cores). The pass holds the run's turn at the cores
+        (`search_lib.core.turns`)."""
+        with full_float32(), turns.step(), self.tuners[kind].step(work):
             yield
 
     # ---- one repeat ----

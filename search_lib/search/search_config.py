@@ -28,7 +28,7 @@ EARLIER_FIELDS = {"lr_batches": "regions_batches", "lr_batch_size": "regions_bat
 # Keys that do not change what a search computes: a save_dir may be resumed with other values.
 NON_RESULT_KEYS = {"save_dir", "device", "overwrite", "break_stale_lock", "train_after_search", "train",
                    "candidates_per_pass", "original_flags", "memory_budget", "threads", "tune_threads",
-                   "deterministic"}
+                   "deterministic", "take_turns"}
 
 _DATA, _SPACE, _SEARCH, _KERNEL = "data", "search space", "search", "kernel"
 
@@ -90,6 +90,9 @@ class SearchConfig:
     tune_threads: bool = field(default=False, metadata=flag(
         "on the CPU, choose the thread count of the passes by timing them (fewer beside other busy processes): "
         "faster on a shared box, but on some CPUs the last digits of κ then depend on its load", group=_SEARCH))
+    take_turns: bool = field(default=True, metadata=flag(
+        "on the CPU, take turns pass by pass with the toolkit's other CPU runs on this machine instead of "
+        "interleaving threads with them (search_lib.core.turns; waiting changes no number)", group=_SEARCH))
     deterministic: bool = field(default=True, metadata=flag(
         "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
         "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed "

@@ -112,10 +112,11 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     read before the lock could be taken is read again once it is held.
     """
     cfg.validate()
-    # --threads fixes the count; else the passes tune it (CPU; the numbers do not depend on it); a folder another
-    # process runs in: exit 2 at once
+    # the thread count fixed at the start (--tune_threads: chosen by timing the passes); a folder another process
+    # runs in: exit 2 at once
     with run_session(cfg.device, cfg.threads, run=search_run_dir(cfg.save_dir), overwrite=cfg.overwrite,
-                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic) as session:
+                     break_stale=cfg.break_stale_lock, deterministic=cfg.deterministic,
+                     take_turns=cfg.take_turns) as session:
         return _run_search(cfg, session)
 
 
@@ -189,7 +190,7 @@ def _run_search(cfg: SearchConfig, session: RunSession) -> SearchResult:
     if main:
         result.record.write(save_dir / "genotype.json")
         history = save_dir / "history.jsonl"  # absent when no round ran (a space with one genotype left)
-        cost = search_cost(cfg, read_jsonl(history) if history.exists() else [])
+        cost = search_cost(cfg, read_jsonl(history) if history.exists() else []) | {"turns": session.turns.record()}
         atomic_write_json(save_dir / COST_FILE, cost)
         log.info("search seconds: %.1f (%s)", cost["seconds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in cost["objective_seconds"].items()))
