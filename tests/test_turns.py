@@ -176,6 +176,19 @@ def test_a_planted_default_folder_turns_them_off_with_a_warning(plant, tmp_path,
     assert "will not take turns" in caplog.text and turns.TURNS_ENV in caplog.text
 
 
+def test_a_named_folder_that_cannot_be_used_turns_them_off_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(turns.TURNS_ENV, str(tmp_path / "missing"))
+    with caplog.at_level(logging.WARNING, logger="metantknas.turns"):
+        assert not open_turns(True, device_type="cpu", distributed=False, threads=1, cpus=2).enabled
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(turns.TURNS_ENV, str(tmp_path / "file"))
+    assert not open_turns(True, device_type="cpu", distributed=False, threads=1, cpus=2).enabled
+    os.symlink(tmp_path / "elsewhere", tmp_path / "slot0")  # a planted link is not followed
+    monkeypatch.setenv(turns.TURNS_ENV, str(tmp_path))
+    assert not open_turns(True, device_type="cpu", distributed=False, threads=1, cpus=2).enabled
+    assert caplog.text.count("will not take turns") == 3 and not (tmp_path / "elsewhere").exists()
+
+
 def test_the_default_folder_is_private(tmp_path, monkeypatch):
     monkeypatch.delenv(turns.TURNS_ENV, raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

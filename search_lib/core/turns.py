@@ -87,14 +87,17 @@ class Turns:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (t := ref()) is not None and t._forget())
 
-    def _open(self) -> list[int]:
+    def open(self) -> list[int]:
+        """The lock files' descriptors (opened once; `open_turns` opens them at the start, so that a folder
+        that cannot be used is found then and not in the middle of a run). Read-only: ``flock`` needs no more,
+        and another user's lock files in a shared folder open as well as one's own."""
         if self._fds is None:
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             names = ["door"] + [f"slot{i}" for i in range(self.slots)]
             fds: list[int] = []
             try:
                 for name in names:
-                    fds.append(os.open(self.folder / name, flags, 0o600))
+                    fds.append(os.open(self.folder / name, flags, 0o644))
             except BaseException:
                 for fd in fds:
                     os.close(fd)
@@ -109,7 +112,7 @@ class Turns:
                 os.close(fd)
 
     def _acquire(self) -> int:
-        door, *slots = self._open()
+        door, *slots = self.open()
         fcntl.flock(door, fcntl.LOCK_EX)
         try:
             for fd in slots:
@@ -177,11 +180,14 @@ _current: Turns = _OFF
 
 def open_turns(enabled: bool, *, device_type: str, distributed: bool, threads: int, cpus: int) -> Turns:
     """The session's `Turns`: off on a GPU, for a torchrun rank and with --no-take_turns; a folder that cannot
-    be used safely turns them off with a warning (the run goes on: only its speed beside other runs changes)."""
+    be used safely, or whose lock files cannot be opened, turns them off with a warning (the run goes on: only
+    its speed beside other runs changes)."""
     if not enabled or device_type != "cpu" or distributed:
         return Turns(enabled=False)
     try:
-        return Turns(slots=cpus // max(1, threads))
+        turns = Turns(slots=cpus // max(1, threads))
+        turns.open()
+        return turns
     except OSError as exc:
         log.warning("runs on this machine will not take turns at the cores (%s); set %s to a private folder",
                     one_line(exc, 160), TURNS_ENV)
