@@ -14,6 +14,7 @@ import torch
 
 from eval_lib.fewshot.meta_test import BACKENDS, CLASSIFIERS, INFERENCE_MODES, PROTO_RULES, FewShotSettings
 from eval_lib.train.tensorboard_log import require_tensorboard
+from search_lib.core import determinism, turns
 from search_lib.core.command_line import flag, flag_fields
 from search_lib.core.distributed import launched_size
 from search_lib.core.errors import UsageError
@@ -139,13 +140,8 @@ class TrainConfig:
         "on the CPU, choose the thread count of the training's steps and the test's forward passes by timing "
         "them (fewer beside other busy processes): faster on a shared box, but the numbers then depend on "
         "its load (results.json says so)", group=_TRAIN))
-    take_turns: bool = field(default=True, metadata=_after_search(
-        "on the CPU, take turns step by step with the toolkit's other CPU runs on this machine instead of "
-        "interleaving threads with them (search_lib.core.turns; waiting changes no number)", group=_TRAIN))
-    deterministic: bool = field(default=True, metadata=_after_search(
-        "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
-        "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed",
-        group=_TRAIN))
+    take_turns: bool = field(default=True, metadata=_after_search(turns.flag_help("step"), group=_TRAIN))
+    deterministic: bool = field(default=True, metadata=_after_search(determinism.FLAG_HELP, group=_TRAIN))
     amp: str | None = field(default=None, metadata=_after_search(
         "mixed precision of the training: bf16, fp16 (with a gradient scaler) or none (float32); default on "
         "CUDA bf16 where the GPU runs it natively (Ampere and later), else fp16; none on the CPU",

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
+FLAG_HELP = ("deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
+             "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed")
 CUBLAS_WORKSPACE = ":4096:8"  # cuBLAS's deterministic workspace setting (its documentation's larger one)
 
 logger = logging.getLogger("metantknas")

@@ -150,9 +150,6 @@ class Turns:
     def over(self, iterable: Iterable) -> Iterator:
         """``iterable``'s items, each fetched and used (the loop's body) while this process holds a slot: an
         in-process loader's work is part of the step."""
-        if not self.enabled:
-            yield from iterable
-            return
         items = iter(iterable)
         while True:
             with self.step():
@@ -174,8 +171,13 @@ class Turns:
         self._forget()
 
 
-_OFF = Turns(enabled=False)
-_current: Turns = _OFF
+_current = Turns(enabled=False)
+
+
+def flag_help(unit: str) -> str:
+    """--take_turns's help, one text for the search (``unit`` "pass") and the training ("step")."""
+    return (f"on the CPU, take turns {unit} by {unit} with the toolkit's other CPU runs on this machine instead of "
+            "interleaving threads with them (search_lib.core.turns; waiting changes no number)")
 
 
 def open_turns(enabled: bool, *, device_type: str, distributed: bool, threads: int, cpus: int) -> Turns:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 
+from search_lib.core import determinism, turns
 from search_lib.core.command_line import flag
 from search_lib.core.errors import UsageError
 from search_lib.core.memory import parse_size
@@ -90,13 +91,9 @@ class SearchConfig:
     tune_threads: bool = field(default=False, metadata=flag(
         "on the CPU, choose the thread count of the passes by timing them (fewer beside other busy processes): "
         "faster on a shared box, but on some CPUs the last digits of κ then depend on its load", group=_SEARCH))
-    take_turns: bool = field(default=True, metadata=flag(
-        "on the CPU, take turns pass by pass with the toolkit's other CPU runs on this machine instead of "
-        "interleaving threads with them (search_lib.core.turns; waiting changes no number)", group=_SEARCH))
+    take_turns: bool = field(default=True, metadata=flag(turns.flag_help("pass"), group=_SEARCH))
     deterministic: bool = field(default=True, metadata=flag(
-        "deterministic kernels on CUDA (torch's deterministic algorithms, warn-only; cuDNN without autotuning; "
-        "cuBLAS's fixed workspace), recorded in provenance.json; --no-deterministic trades them for speed "
-        "(the CPU's numbers are the same either way)", group=_SEARCH))
+        determinism.FLAG_HELP + " (the CPU's numbers are the same either way)", group=_SEARCH))
     ntk_type: str = field(default="MetaNTK_anl", metadata=flag("kernel to rank by", choices=NTK_TYPES,
                                                                group=_KERNEL))
     ntk_channels: int = field(default=48, metadata=flag("supernet channels C", group=_KERNEL))
